@@ -1,0 +1,119 @@
+"""Cross-rank signalling helpers for the Triton kernels, and the error word that turns hangs into errors.
+
+Protocol: a writer stores its data, `tl.debug_barrier()`, then raises a flag with a release atomic at
+system scope; a reader spins with acquire atomics until the flag reaches the value it expects. Flags
+carry rising epochs (one per call), so nothing is ever reset.
+
+Every wait is bounded: on the GPU by `%globaltimer`, under the interpreter by a spin count. A wait that
+runs out records (phase, rank, peer) in the error word and returns False; the kernel then skips the rest
+of its work and the host raises `PeerTimeoutError` naming the rank and phase.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import _env
+
+# phase codes written into the error word
+PHASES = {
+    1: "normal barrier",
+    2: "notify (count exchange)",
+    3: "dispatch receive",
+    4: "combine receive",
+    5: "low-latency dispatch receive",
+    6: "low-latency combine receive",
+    7: "low-latency barrier",
+}
+PHASE_BARRIER, PHASE_NOTIFY, PHASE_DISPATCH, PHASE_COMBINE = 1, 2, 3, 4
+PHASE_LL_DISPATCH, PHASE_LL_COMBINE, PHASE_LL_BARRIER = 5, 6, 7
+
+# interpreter: one spin of a wait loop costs tens of microseconds, so a spin budget stands in for time
+_INTERPRET_SPINS_PER_SECOND = 2000
+
+
+class PeerTimeoutError(RuntimeError):
+    pass
+
+
+@triton.jit
+def now_ns(USE_TIMER: tl.constexpr):
+    if USE_TIMER:
+        t = tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=tl.int64, is_pure=False,
+                                      pack=1)
+    else:
+        t = tl.full((), 0, tl.int64)
+    return t
+
+
+@triton.jit
+def load_acquire(ptr):
+    return tl.atomic_add(ptr, 0, sem="acquire", scope="sys")
+
+
+@triton.jit
+def signal(ptr, value):
+    """Publish `value` at `ptr` (release, system scope): everything this CTA stored before is visible first."""
+    tl.debug_barrier()
+    tl.atomic_xchg(ptr, value, sem="release", scope="sys")
+
+
+@triton.jit
+def wait_ge(ptr, target, budget, USE_TIMER: tl.constexpr):
+    """Spin until *ptr >= target. `budget` is nanoseconds (GPU) or spins (interpreter).
+    Returns the last value read; the caller compares it with `target` to learn whether it timed out."""
+    v = load_acquire(ptr)
+    start = now_ns(USE_TIMER)
+    spins = 0
+    alive = True
+    while (v < target) & alive:
+        v = load_acquire(ptr)
+        spins += 1
+        if USE_TIMER:
+            alive = (now_ns(USE_TIMER) - start) < budget
+        else:
+            alive = spins < budget
+    return v
+
+
+@triton.jit
+def record_timeout(err_ptr, phase, rank, peer):
+    """First timeout wins: error word = [phase, rank, peer, 1]."""
+    old = tl.atomic_cas(err_ptr + 3, 0, 1, sem="relaxed", scope="sys")
+    if old == 0:
+        tl.store(err_ptr, phase)
+        tl.store(err_ptr + 1, rank)
+        tl.store(err_ptr + 2, peer)
+
+
+def wait_budget() -> int:
+    """Budget argument of `wait_ge` for this process."""
+    seconds = _env.timeout_seconds()
+    if _env.interpret_mode():
+        return max(1, int(seconds * _INTERPRET_SPINS_PER_SECOND))
+    return int(seconds * 1e9)
+
+
+def use_timer() -> bool:
+    return not _env.interpret_mode()
+
+
+class ErrorWord:
+    """int32[4] the kernels write on timeout; host-visible without a device sync (pinned memory on GPU)."""
+
+    def __init__(self, device: torch.device):
+        if device.type == "cuda":
+            self.host = torch.zeros(4, dtype=torch.int32, pin_memory=True)
+        else:
+            self.host = torch.zeros(4, dtype=torch.int32)
+        # kernels get the address through an int64 tensor on their own device
+        self.address = torch.tensor([self.host.data_ptr()], dtype=torch.int64, device=device)
+
+    def check(self) -> None:
+        """Raise if a kernel recorded a timeout (cheap: reads host memory)."""
+        if int(self.host[3]) != 0:
+            phase, rank, peer = (int(v) for v in self.host[:3])
+            raise PeerTimeoutError(f"flashep: rank {rank} timed out after {_env.timeout_seconds():g} s waiting for "
+                                   f"rank {peer} in phase '{PHASES.get(phase, phase)}' (a peer stopped answering "
+                                   f"or skipped a collective call)")

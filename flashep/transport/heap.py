@@ -1,0 +1,117 @@
+"""A symmetric heap: one byte buffer per rank, mapped into every peer, carved into named regions.
+
+GPU: torch symmetric memory (CUDA backend, NVLink peers, multicast never mapped).
+CPU: a twin over named POSIX shared memory, one segment per rank, so that the same Triton kernels run
+across processes under TRITON_INTERPRET=1 (CI).
+
+Kernels receive `peer_bases` (int64 [R] tensor of each rank's base address) and byte offsets, and form
+peer pointers as `tl.load(peer_bases + p) + offset`.
+"""
+from __future__ import annotations
+
+import uuid
+from multiprocessing import shared_memory
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from .. import _env
+
+ALIGN = 128
+
+
+class SymmetricHeap:
+    def __init__(self, group: dist.ProcessGroup, nbytes: int, device: torch.device):
+        if nbytes <= 0:
+            raise ValueError(f"symmetric heap size must be > 0, got {nbytes}")
+        self.group = group
+        self.rank = dist.get_rank(group)
+        self.world_size = dist.get_world_size(group)
+        self.device = device
+        self.nbytes = _align(nbytes)
+        self._segments: list[shared_memory.SharedMemory] = []
+        if device.type == "cuda":
+            self.local, bases = self._map_cuda()
+        else:
+            self.local, bases = self._map_shared_memory()
+        self.peer_bases = torch.tensor(bases, dtype=torch.int64, device=device)
+        self.local.zero_()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        dist.barrier(group)  # everybody's memory is zeroed before anybody writes into it
+
+    def _map_cuda(self):
+        import torch.distributed._symmetric_memory as symm_mem
+
+        if not _env.multicast_disabled():
+            raise RuntimeError("NVLink multicast guards are not set (NCCL_NVLS_ENABLE=0, "
+                               "TORCH_SYMM_MEM_DISABLE_MULTICAST=1, NVSHMEM_DISABLE_NVLS=1)")
+        local = symm_mem.empty(self.nbytes, dtype=torch.uint8, device=self.device)
+        handle = symm_mem.rendezvous(local, self.group)
+        if handle.multicast_ptr != 0:
+            raise RuntimeError("symmetric memory mapped a multicast address although multicast must stay off")
+        # torch >= 2.11 sub-allocates from a pool: the tensor need not sit at the allocation base
+        offset = local.data_ptr() - handle.buffer_ptrs[self.rank]
+        bases = [p + offset for p in handle.buffer_ptrs]
+        if any(p == offset for p in handle.buffer_ptrs):
+            raise RuntimeError("a peer's symmetric buffer is not load/store reachable")
+        self._handle = handle
+        return local, bases
+
+    def _map_shared_memory(self):
+        name = f"flashep_{uuid.uuid4().hex[:16]}_{self.rank}"
+        mine = shared_memory.SharedMemory(name=name, create=True, size=self.nbytes)
+        names: list[Optional[str]] = [None] * self.world_size
+        dist.all_gather_object(names, name, group=self.group)
+        segments = []
+        for r, n in enumerate(names):
+            segments.append(mine if r == self.rank else shared_memory.SharedMemory(name=n))
+        self._segments = segments
+        self._owned = mine
+        views = [torch.frombuffer(s.buf, dtype=torch.uint8, count=self.nbytes) for s in segments]
+        self._views = views
+        dist.barrier(self.group)  # every rank has opened every segment: the names can go
+        mine.unlink()
+        return views[self.rank], [v.data_ptr() for v in views]
+
+    def view(self, offset: int, shape, dtype: torch.dtype) -> torch.Tensor:
+        """This rank's region at byte `offset` as a tensor."""
+        numel = 1
+        for s in shape:
+            numel *= s
+        end = offset + numel * dtype.itemsize
+        if offset % dtype.itemsize or end > self.nbytes:
+            raise ValueError(f"region [{offset}, {end}) does not fit the {self.nbytes}-byte heap")
+        return self.local[offset:end].view(dtype).view(shape)
+
+    def close(self) -> None:
+        self._views = []
+        self.local = None
+        for s in self._segments:
+            try:
+                s.close()
+            except BufferError:  # a tensor view is still alive; the mapping goes with the process
+                pass
+        self._segments = []
+
+
+class Layout:
+    """A bump allocator of byte offsets, identical on every rank (same calls, same order)."""
+
+    def __init__(self, start: int = 0):
+        self.size = _align(start)
+        self.regions: dict[str, tuple[int, int]] = {}
+
+    def add(self, name: str, nbytes: int) -> int:
+        offset = self.size
+        self.regions[name] = (offset, nbytes)
+        self.size = _align(offset + nbytes)
+        return offset
+
+    def __getitem__(self, name: str) -> int:
+        return self.regions[name][0]
+
+
+def _align(n: int) -> int:
+    return -(-n // ALIGN) * ALIGN
