@@ -28,11 +28,15 @@ def select_backends(buffer) -> tuple[Backend, Backend]:
         if choice == "triton":
             raise RuntimeError(f"FLASHEP_BACKEND=triton is not usable here: {why}")
         return collective, collective
-    from .triton_low_latency import TritonLowLatencyBackend
-    from .triton_normal import TritonNormalBackend
+    normal = low_latency = collective
+    if not buffer.is_internode:
+        from .triton_normal import TritonNormalBackend
 
-    normal = collective if buffer.is_internode else TritonNormalBackend(buffer)
-    low_latency = TritonLowLatencyBackend(buffer) if buffer.low_latency_mode else collective
+        normal = TritonNormalBackend(buffer)
+    if buffer.low_latency_mode:
+        from .triton_low_latency import TritonLowLatencyBackend
+
+        low_latency = TritonLowLatencyBackend(buffer)
     return normal, low_latency
 
 
