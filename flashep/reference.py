@@ -235,21 +235,25 @@ def low_latency_combine(expert_outputs: Sequence[torch.Tensor], handles: Sequenc
     num_ranks = len(topk_idxs)
     experts_per_rank = num_experts // num_ranks
     rows = _expert_rows(handles, topk_idxs, num_experts)
+    hidden = expert_outputs[0].size(-1)
+    device = expert_outputs[0].device
     results = []
     for home in range(num_ranks):
-        idx, weights = topk_idxs[home], topk_weights[home]
+        idx, weights = topk_idxs[home].cpu(), topk_weights[home].to(device)
         num_tokens, num_topk = idx.shape
-        hidden = expert_outputs[0].size(-1)
-        acc = torch.zeros(num_tokens, hidden, dtype=torch.float32, device=expert_outputs[0].device)
+        acc = torch.zeros(num_tokens, hidden, dtype=torch.float32, device=device)
         for k in range(num_topk):
-            for token in range(num_tokens):
-                expert = int(idx[token, k])
-                if expert < 0:
+            for owner in range(num_ranks):
+                tokens = ((idx[:, k] >= owner * experts_per_rank) & (idx[:, k] < (owner + 1) * experts_per_rank))
+                tokens = tokens.nonzero().flatten()
+                if tokens.numel() == 0:
                     continue
-                owner = expert // experts_per_rank
-                row = rows[(expert, home, token)]
-                y = expert_outputs[owner][expert % experts_per_rank, row].float()
-                acc[token] = acc[token] + weights[token, k] * y
+                experts = idx[tokens, k]
+                local = (experts % experts_per_rank).to(device)
+                row = torch.tensor([rows[(int(e), home, int(t))] for e, t in zip(experts, tokens)], device=device)
+                y = expert_outputs[owner][local, row].float()
+                tokens = tokens.to(device)
+                acc[tokens] = acc[tokens] + weights[tokens, k:k + 1] * y
         results.append(acc.to(torch.bfloat16))
     return results
 

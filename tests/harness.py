@@ -1,0 +1,187 @@
+"""Multi-process test harness: run a function on N ranks of a fresh process group, plus shared helpers.
+
+`run_ranks(world_size, fn, *args)` spawns one process per rank (gloo on CPU, NCCL with one GPU per rank),
+calls `fn(rank, world_size, group, *args)` in each and returns the per-rank results. A failure or a
+timeout on any rank kills the others and raises `RankFailure` with that rank's traceback.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+import pickle
+import queue
+import random
+import socket
+import time
+import traceback
+from datetime import timedelta
+from typing import Any, Callable, Optional
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+DEFAULT_TIMEOUT_S = 600
+
+TRITON_NORMAL = "flashep.backends.triton_normal"
+TRITON_LOW_LATENCY = "flashep.backends.triton_low_latency"
+
+
+class RankFailure(AssertionError):
+    """A rank raised, crashed or did not finish in time."""
+
+
+def run_ranks(world_size: int, fn: Callable, *args, backend: str = "collective", device: str = "cpu",
+              env: Optional[dict] = None, timeout: float = DEFAULT_TIMEOUT_S) -> list:
+    """Run `fn(rank, world_size, group, *args)` on `world_size` spawned ranks -> [result of rank r].
+
+    `fn` must be a module-level function and results must pickle. `backend` sets FLASHEP_BACKEND; the
+    Triton backend on CPU also gets TRITON_INTERPRET=1. `env` adds variables. The children inherit the
+    environment at spawn time, so it is set here and restored afterwards.
+    """
+    overrides = {"FLASHEP_BACKEND": backend}
+    if backend == "triton" and device == "cpu":
+        overrides["TRITON_INTERPRET"] = "1"
+    overrides.update(env or {})
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    port = _free_port()
+    with _environ(overrides):
+        procs = [ctx.Process(target=_rank_main, args=(rank, world_size, port, device, timeout, fn, args, results),
+                             daemon=True) for rank in range(world_size)]
+        for p in procs:
+            p.start()
+    outputs: dict[int, Any] = {}
+    deadline = time.monotonic() + timeout
+    finished = False
+    try:
+        while len(outputs) < world_size:
+            try:
+                kind, rank, payload = results.get(timeout=0.5)
+            except queue.Empty:
+                _check_alive(procs, outputs, deadline, timeout)
+                continue
+            if kind == "error":
+                raise RankFailure(f"rank {rank} of {world_size} ({backend}, {device}) failed:\n{payload}")
+            outputs[rank] = pickle.loads(payload)
+        finished = True
+    finally:
+        _stop(procs, grace_s=30 if finished else 0)
+    return [outputs[r] for r in range(world_size)]
+
+
+def _rank_main(rank, world_size, port, device, timeout, fn, args, results):
+    try:
+        if device == "cuda":
+            torch.cuda.set_device(rank)
+            dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
+                                    timeout=timedelta(seconds=timeout), device_id=torch.device("cuda", rank))
+        else:
+            torch.set_num_threads(1)  # ranks share the CPU cores: intra-op thread pools would only contend
+            dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
+                                    timeout=timedelta(seconds=timeout))
+        out = fn(rank, world_size, dist.group.WORLD, *args)
+        payload = pickle.dumps(out)  # by value: no shared-memory handles that die with this process
+    except BaseException:
+        results.put(("error", rank, traceback.format_exc()))
+        return
+    results.put(("ok", rank, payload))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _check_alive(procs, outputs, deadline, timeout):
+    for rank, p in enumerate(procs):
+        if rank not in outputs and p.exitcode is not None:
+            raise RankFailure(f"rank {rank} exited with code {p.exitcode} without reporting a result")
+    if time.monotonic() > deadline:
+        missing = [r for r in range(len(procs)) if r not in outputs]
+        raise RankFailure(f"ranks {missing} did not finish within {timeout} s")
+
+
+def _stop(procs, grace_s: float):
+    """Let finished ranks leave the process group, then end whatever is left."""
+    end = time.monotonic() + grace_s
+    for p in procs:
+        p.join(timeout=max(0.0, end - time.monotonic()))
+    for p in procs:
+        if p.is_alive():
+            p.terminate()
+    for p in procs:
+        p.join(timeout=5)
+        if p.is_alive():
+            p.kill()
+            p.join()
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def _environ(overrides: dict):
+    saved = {key: os.environ.get(key) for key in overrides}
+    os.environ.update({k: str(v) for k, v in overrides.items()})
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+# ---- parametrization ----------------------------------------------------------------------------------------
+def triton_available(*modules: str) -> bool:
+    return all(importlib.util.find_spec(m) is not None for m in modules)
+
+
+def backend_params(*triton_modules: str) -> list:
+    """`collective` always; `triton` when the given Triton backend modules exist."""
+    missing = [m for m in triton_modules if importlib.util.find_spec(m) is None]
+    skip = pytest.mark.skipif(bool(missing), reason=f"Triton backend not present yet ({', '.join(missing)})")
+    return [pytest.param("collective", id="collective"), pytest.param("triton", id="triton", marks=skip)]
+
+
+def gpu_world(world_size: int):
+    """A GPU world size: marked gpu, skipped when fewer GPUs are visible."""
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return pytest.param(world_size, id=f"gpu{world_size}", marks=[
+        pytest.mark.gpu, pytest.mark.skipif(count < world_size, reason=f"needs {world_size} GPUs, found {count}")])
+
+
+# ---- seeds and data -----------------------------------------------------------------------------------------
+def fresh_seed() -> int:
+    """A new seed per run (FLASHEP_TEST_SEED reproduces one); printed so a failure can be replayed."""
+    fixed = os.environ.get("FLASHEP_TEST_SEED")
+    seed = int(fixed) if fixed else random.SystemRandom().randrange(2**31)
+    print(f"seed={seed} (rerun with FLASHEP_TEST_SEED={seed})")
+    return seed
+
+
+def generator(seed: int, *keys: int) -> torch.Generator:
+    """A CPU generator for (seed, rank, ...): every rank can regenerate any rank's inputs."""
+    mixed = seed
+    for key in keys:
+        mixed = (mixed * 1_000_003 + key + 1) % (2**63 - 1)
+    return torch.Generator().manual_seed(mixed)
+
+
+def assert_same(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
+    """Bit-exact equality (fp8 compared as bytes; values elsewhere, so -0.0 == 0.0)."""
+    assert isinstance(actual, torch.Tensor), f"{what}: expected a tensor, got {type(actual).__name__}"
+    assert actual.dtype == expected.dtype, f"{what}: dtype {actual.dtype}, expected {expected.dtype}"
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)}, expected {tuple(expected.shape)}"
+    a, e = actual.detach().cpu(), expected.detach().cpu()
+    if a.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+        a, e = a.view(torch.uint8), e.view(torch.uint8)
+    if not torch.equal(a, e):
+        wrong = a != e
+        first = tuple(wrong.nonzero()[0].tolist())
+        raise AssertionError(f"{what}: {int(wrong.sum())} of {a.numel()} elements differ; first at {first}: "
+                             f"got {a[first].item()}, expected {e[first].item()}")
