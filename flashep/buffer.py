@@ -87,6 +87,13 @@ class Buffer:
         """Names of the backends in use: normal mode / low-latency mode."""
         return f"{self._normal.name}/{self._low_latency.name}"
 
+    def buffer_bytes(self) -> dict:
+        """Communication buffer bytes this rank holds now, per mode: {"normal": n, "low_latency": n}.
+        Backends map their buffers at first use and may grow them; each reports its `nbytes` (0 if none)."""
+        normal = getattr(self._normal, "nbytes", 0)
+        low_latency = 0 if self._low_latency is self._normal else getattr(self._low_latency, "nbytes", 0)
+        return {"normal": normal, "low_latency": low_latency}
+
     @staticmethod
     def set_num_sms(new_num_sms: int) -> None:
         check_int("new_num_sms", new_num_sms, minimum=2)
