@@ -1,0 +1,101 @@
+"""What every measuring step of one rank needs: the group, the timer, the check log, the progress display."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+from .checks import CheckLog
+from .options import Options
+from .results import OpResult
+from .timing import Timer
+
+
+class Progress:
+    """Progress of the run on rank 0: a rich progress bar on a terminal, one line per step otherwise
+    (logs). Other ranks stay quiet."""
+
+    def __init__(self, enabled: bool, total: int):
+        self.enabled = enabled
+        self.total = max(total, 1)
+        self.done = 0
+        self.started = time.monotonic()
+        self._bar = None
+        if not enabled:
+            return
+        from rich.console import Console
+
+        self.console = Console(stderr=True)
+        if not self.console.is_terminal:  # logs
+            self.console = Console(stderr=True, width=180)
+        if self.console.is_terminal:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress as Bar, TextColumn, \
+                TimeElapsedColumn
+
+            self._bar = Bar(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                            TimeElapsedColumn(), console=self.console, transient=True)
+            self._bar.start()
+            self._task = self._bar.add_task("starting", total=self.total)
+
+    def step(self, description: str) -> None:
+        """A new step of the current configuration."""
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.update(self._task, description=description)
+        else:
+            elapsed = time.monotonic() - self.started
+            self.console.print(f"[{self.done + 1}/{self.total} {elapsed:6.1f}s] {description}", highlight=False)
+
+    def advance(self) -> None:
+        """The current configuration is finished."""
+        self.done += 1
+        if self._bar is not None:
+            self._bar.update(self._task, completed=self.done)
+
+    def note(self, text: str) -> None:
+        if self.enabled:
+            self.console.print(text, highlight=False)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+            self._bar = None
+
+
+@dataclass
+class RankContext:
+    rank: int
+    group: dist.ProcessGroup
+    device: torch.device
+    options: Options
+    timer: Timer
+    progress: Progress
+    checks: CheckLog
+    card: Optional[str]  # GPU name, None on CPU
+    backends: dict = field(default_factory=dict)  # Buffer kind -> "normal backend/low-latency backend"
+    buffer_bytes: dict = field(default_factory=dict)  # Buffer kind -> bytes of communication buffer
+
+    @property
+    def world(self) -> int:
+        return dist.get_world_size(self.group)
+
+    def seed_for(self, salt: int) -> int:
+        """A seed per rank and configuration, derived from the run's seed."""
+        return (self.options.seed * 1_000_003 + self.rank * 7919 + salt) % 2**62
+
+    def note_buffer(self, kind: str, buffer, part: str) -> None:
+        """Remember the backends of a Buffer and the bytes its `part` ("normal" or "low_latency") holds."""
+        self.backends[kind] = buffer.backend_name
+        self.buffer_bytes[kind] = buffer.buffer_bytes()[part]
+
+    def measure(self, result: OpResult, fn: Callable[[], object], patterns: Sequence[str]) -> None:
+        """End-to-end time of `fn`, and on GPUs the time of its kernels whose names contain `patterns`."""
+        result.e2e_us = self.timer.end_to_end_us(fn)
+        profile = self.timer.profile(fn)
+        if profile is not None:
+            result.kernel_us = profile.per_call_us(patterns)
+            result.kernels = profile.breakdown(patterns)
