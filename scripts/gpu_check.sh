@@ -1,0 +1,116 @@
+#!/usr/bin/env bash
+# flashep on a GPU machine in one call: versions and topology, the GPU test suite, the benchmark.
+#
+#   scripts/gpu_check.sh [PHASE ...] [-- BENCH_ARGS ...]
+#
+# Phases (default: tests bench):
+#   tests   pytest -m gpu -x -q
+#   bench   python -m flashep.bench on 2 GPUs, then on 4 GPUs (where there are 4)
+#   quick   the same with --quick (few iterations)
+#   sweep   normal mode over 256..16384 tokens per rank on 4 GPUs (or all there are), with a plot
+# Arguments after `--` go to every benchmark run (e.g. -- --backend triton --num-sms 24,12).
+#
+# Needs torch and triton installed (no network, no pip install: the repository is put on PYTHONPATH).
+# Writes logs and JSON into $OUT (or bench/results/<date>-<host>/), at most 8 files, and ends with a
+# short summary. Time limits per phase (seconds) can be changed with TESTS_TIMEOUT, BENCH_TIMEOUT and
+# SWEEP_TIMEOUT. Exit status: 0 when every phase passed.
+set -uo pipefail
+
+cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1
+# never NVLink multicast: it can take a shared host's GPUs out of service
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+PYTHON="${PYTHON:-python3}"
+TESTS_TIMEOUT="${TESTS_TIMEOUT:-270}"
+BENCH_TIMEOUT="${BENCH_TIMEOUT:-140}"
+SWEEP_TIMEOUT="${SWEEP_TIMEOUT:-300}"
+
+phases=()
+bench_args=()
+while [ $# -gt 0 ]; do
+  if [ "$1" = "--" ]; then shift; bench_args=("$@"); break; fi
+  case "$1" in
+    tests|bench|quick|sweep) phases+=("$1") ;;
+    *) echo "gpu_check.sh: unknown phase '$1' (tests, bench, quick, sweep)" >&2; exit 2 ;;
+  esac
+  shift
+done
+[ ${#phases[@]} -eq 0 ] && phases=(tests bench)
+
+OUT="${OUT:-bench/results/$(date -u +%Y%m%d-%H%M%S)-$(hostname -s)}"
+mkdir -p "$OUT"
+summary=()
+failed=0
+
+note() { summary+=("$1"); }
+
+# runs "$@" under `timeout LIMIT`, output teed into LOG; records PASS / FAIL / TIMEOUT for NAME
+run_phase() {
+  local name="$1" limit="$2" log="$3"; shift 3
+  echo "=== $name: $* (limit ${limit}s)"
+  timeout --kill-after=10 "$limit" "$@" 2>&1 | tee "$log"
+  local rc=${PIPESTATUS[0]}
+  local verdict="PASS"
+  if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then verdict="TIMEOUT after ${limit}s"; failed=1
+  elif [ "$rc" -ne 0 ]; then verdict="FAIL (exit $rc)"; failed=1; fi
+  note "$name: $verdict; log $log"
+  return 0
+}
+
+echo "=== versions"
+"$PYTHON" - <<'EOF'
+import sys, torch
+try:
+    import triton
+    triton_version = triton.__version__
+except ImportError:
+    triton_version = "not installed"
+print(f"python {sys.version.split()[0]}, torch {torch.__version__} (CUDA {torch.version.cuda}), triton {triton_version}")
+for i in range(torch.cuda.device_count()):
+    print(f"GPU {i}: {torch.cuda.get_device_name(i)}")
+EOF
+nvidia-smi --query-gpu=index,name,driver_version,memory.total --format=csv,noheader 2>/dev/null
+echo "=== nvidia-smi topo -m"
+nvidia-smi topo -m 2>/dev/null || echo "(nvidia-smi topo unavailable)"
+num_gpus=$("$PYTHON" -c "import torch; print(torch.cuda.device_count())")
+echo "=== $num_gpus GPUs visible; phases: ${phases[*]}; results in $OUT"
+
+bench_on() {  # bench_on NAME NUM_GPUS LIMIT EXTRA_ARGS...
+  local name="$1" gpus="$2" limit="$3"; shift 3
+  if [ "$num_gpus" -lt "$gpus" ]; then note "$name: SKIPPED (needs $gpus GPUs, $num_gpus visible)"; return; fi
+  local devices
+  devices=$(seq -s, 0 $((gpus - 1)))
+  CUDA_VISIBLE_DEVICES="$devices" run_phase "$name" "$limit" "$OUT/$name.log" \
+    "$PYTHON" -m flashep.bench "$@" "${bench_args[@]}"
+}
+
+for phase in "${phases[@]}"; do
+  case "$phase" in
+    tests)
+      run_phase tests "$TESTS_TIMEOUT" "$OUT/tests.log" "$PYTHON" -m pytest -m gpu -x -q ;;
+    bench|quick)
+      quick=()
+      [ "$phase" = quick ] && quick=(--quick)
+      bench_on "${phase}_2gpu" 2 "$BENCH_TIMEOUT" "${quick[@]}" --json "$OUT/${phase}_2gpu.json"
+      bench_on "${phase}_4gpu" 4 "$BENCH_TIMEOUT" "${quick[@]}" --json "$OUT/${phase}_4gpu.json" ;;
+    sweep)
+      gpus=$(( num_gpus >= 4 ? 4 : num_gpus ))
+      bench_on sweep "$gpus" "$SWEEP_TIMEOUT" --mode normal --sweep --json "$OUT/sweep.json" \
+        --plot "$OUT/sweep.png" ;;
+  esac
+done
+
+echo
+echo "=== summary ($OUT)"
+for line in "${summary[@]}"; do
+  echo "$line"
+  log="${line##*; log }"
+  [ -f "$log" ] || continue
+  case "$line" in
+    tests:*) grep -E "passed|failed|error" "$log" | tail -n 1 | sed 's/^/    /' ;;
+    *) grep -E "^flashep\.bench: " "$log" | sed 's/^/    /' ;;
+  esac
+done
+[ "$failed" -eq 0 ] && echo "gpu_check: ALL PASSED" || echo "gpu_check: SOMETHING FAILED"
+exit "$failed"
