@@ -1,0 +1,360 @@
+"""Normal mode inside one NVLink domain: the host side of the Triton kernels in `kernels/normal.py`.
+
+Two symmetric heaps per backend, both mapped lazily at the first call that needs them (every rank
+reaches it collectively):
+- the signal heap (flags and notify slots, a few KiB): fixed layout for the Buffer's lifetime, so a
+  flag is always a flag and epochs stay valid across data-heap growth;
+- the data heap: two halves (the kernels of epoch e use half e % 2) of row records. Its size is
+  max(num_nvl_bytes, need). A non-cached dispatch without `num_worst_tokens` knows every rank's row
+  counts after notify, so all ranks grow it together when a call needs more; calls without a host sync
+  (worst-token and cached dispatch, combine) raise instead, naming the bytes needed.
+
+Tile shape and warps: FLASHEP_TILE_TOKENS (rows per tile, default 8), FLASHEP_TILE_HIDDEN (2-byte
+elements per tile row, default 2048) and FLASHEP_NUM_WARPS (default 8), or the attributes of the same
+names in lower case.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import triton
+
+from ..kernels import normal as kernels
+from ..kernels.sync import ErrorWord, use_timer, wait_budget
+from ..transport.heap import Layout, SymmetricHeap
+from .base import Backend, DispatchResult, Routing
+
+_LAYOUT_BLOCK_T = 128
+_NOTIFY_BLOCK_T = 256
+
+
+class TritonNormalBackend(Backend):
+    name = "triton"
+
+    def __init__(self, buffer):
+        self.group = buffer.group
+        self.rank = buffer.rank
+        self.num_ranks = buffer.group_size
+        self.device = buffer.device
+        self.num_nvl_bytes = buffer.num_nvl_bytes
+        self.tile_tokens = _env_power_of_two("FLASHEP_TILE_TOKENS", 8)
+        self.tile_hidden = _env_power_of_two("FLASHEP_TILE_HIDDEN", 2048)
+        self.num_warps = _env_power_of_two("FLASHEP_NUM_WARPS", 8)
+        self.signal_layout = _SignalLayout(self.num_ranks)
+        self.signal_heap: Optional[SymmetricHeap] = None
+        self.data_heap: Optional[SymmetricHeap] = None
+        self.epoch = torch.zeros(1, dtype=torch.int64, device=self.device)
+        self.errors = ErrorWord(self.device)
+        self._unmapped_buffer: Optional[torch.Tensor] = None
+        self._dummy = {dtype: torch.empty(1, dtype=dtype, device=self.device)
+                       for dtype in (torch.int32, torch.int64, torch.float32, torch.bfloat16)}
+
+    # ---- memory -----------------------------------------------------------------------------------------
+    @property
+    def raw_buffer(self) -> Optional[torch.Tensor]:
+        """This rank's data heap (`Buffer.get_local_buffer_tensor`); before the first call maps it, a
+        placeholder that Buffer may set."""
+        return self.data_heap.local if self.data_heap is not None else self._unmapped_buffer
+
+    @raw_buffer.setter
+    def raw_buffer(self, placeholder: torch.Tensor) -> None:
+        self._unmapped_buffer = placeholder
+
+    @property
+    def nbytes(self) -> int:
+        """Symmetric memory this backend holds on each rank."""
+        return sum(h.nbytes for h in (self.signal_heap, self.data_heap) if h is not None)
+
+    def _map_signals(self) -> None:
+        if self.signal_heap is None:
+            _refuse_while_capturing(self.device)
+            self.signal_heap = SymmetricHeap(self.group, self.signal_layout.nbytes, self.device)
+
+    def _reserve(self, half_bytes: int, agreed: bool, what: str) -> None:
+        """Make each half of the data heap hold `half_bytes`. `agreed`: every rank computed the same value
+        (after a host sync), so all may grow the heap together."""
+        need = 2 * _round_up(half_bytes, kernels.RECORD_ALIGN)
+        heap = self.data_heap
+        if heap is not None and heap.nbytes >= need:
+            return
+        if agreed:
+            self._map_data(max(self.num_nvl_bytes, need + need // 4))  # headroom for the next calls
+            return
+        if heap is None:
+            _refuse_while_capturing(self.device)
+            self._map_data(max(self.num_nvl_bytes, _all_ranks_max(need, self.group, self.device)))
+            return
+        raise RuntimeError(f"flashep: this {what} needs {need} bytes of normal-mode buffer per rank, but only "
+                           f"{heap.nbytes} are mapped; create the Buffer with num_nvl_bytes >= {need} (a "
+                           f"non-cached dispatch without num_worst_tokens grows the buffer by itself)")
+
+    def _map_data(self, nbytes: int) -> None:
+        old = self.data_heap
+        if old is not None:  # nobody may still read or write the old heap
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            dist.barrier(self.group)
+            self.data_heap = None
+            old.close()
+        self.data_heap = SymmetricHeap(self.group, nbytes, self.device)
+
+    def _half(self) -> int:
+        return self.data_heap.nbytes // 2 // kernels.RECORD_ALIGN * kernels.RECORD_ALIGN
+
+    # ---- layout -----------------------------------------------------------------------------------------
+    def get_dispatch_layout(self, topk_idx: torch.Tensor, num_experts: int):
+        self.errors.check()
+        num_tokens, num_topk = topk_idx.shape
+        per_rank = torch.zeros(self.num_ranks, dtype=torch.int32, device=self.device)
+        per_expert = torch.zeros(num_experts, dtype=torch.int32, device=self.device)
+        in_rank = torch.empty(num_tokens, self.num_ranks, dtype=torch.bool, device=self.device)
+        if num_tokens > 0:
+            grid = (triton.cdiv(num_tokens, _LAYOUT_BLOCK_T),)
+            kernels.ep_layout_kernel[grid](topk_idx, per_rank, per_expert, in_rank.view(torch.uint8), num_tokens,
+                                           num_topk, num_experts // self.num_ranks, NUM_RANKS=self.num_ranks,
+                                           R_PAD=self._rank_pad, K_PAD=_pow2(num_topk), BLOCK_T=_LAYOUT_BLOCK_T,
+                                           num_warps=4)
+        return per_rank, per_expert, in_rank
+
+    # ---- dispatch ---------------------------------------------------------------------------------------
+    def dispatch(self, x, x_scales, topk_idx, topk_weights, num_tokens_per_rank, is_token_in_rank,
+                 num_tokens_per_expert, expert_alignment, num_worst_tokens, num_channels, cached):
+        self.errors.check()
+        _check_channels(num_channels)
+        if cached is not None:
+            return self._cached_dispatch(x, x_scales, cached, num_channels)
+        self._map_signals()
+        num_ranks, hidden = self.num_ranks, x.size(1)
+        num_topk = topk_idx.size(1) if topk_idx is not None else 0
+        num_local = num_tokens_per_expert.size(0) // num_ranks
+        rank_prefix, send_prefix, recv_prefix, recv_experts, summary = self._notify(
+            is_token_in_rank, num_tokens_per_expert, num_channels)
+        record = _dispatch_record_bytes(x, x_scales, num_topk)
+        # the same rows may come back through a bf16 combine or be re-sent in bf16 with the handle
+        bf16_record = _dispatch_record_bytes(torch.empty(0, hidden, dtype=torch.bfloat16), None, num_topk)
+        combine_record = _combine_record_bytes(hidden, num_topk)
+        if num_worst_tokens > 0:
+            num_rows, combine_rows = num_worst_tokens, None
+            home_bound = x.size(0) * num_ranks  # rows this rank's combine can receive at most
+            self._reserve(max(num_rows * max(record, bf16_record), home_bound * combine_record), agreed=False,
+                          what="dispatch with num_worst_tokens")
+            per_expert_list = []
+        else:
+            host = summary.cpu()  # the one host synchronisation of normal mode
+            self.errors.check()
+            prefix = host[: num_ranks * num_ranks].view(num_ranks, num_ranks).to(torch.int64)
+            sends = prefix - torch.cat([prefix.new_zeros(1, num_ranks), prefix[:-1]])  # n(s -> j)
+            recv_rows, home_rows = sends.sum(0), sends.sum(1)
+            num_rows, combine_rows = int(recv_rows[self.rank]), int(home_rows[self.rank])
+            self._reserve(max(int(recv_rows.max()) * max(record, bf16_record), int(home_rows.max()) * combine_record),
+                          agreed=True, what="dispatch")
+            per_expert_list = [-(-int(c) // expert_alignment) * expert_alignment
+                               for c in host[num_ranks * num_ranks:].tolist()]
+        out = _DispatchOutputs(x, x_scales, topk_idx, num_rows, self.device)
+        send_head = torch.empty(x.size(0), num_ranks, dtype=torch.int32, device=self.device)
+        self._launch_dispatch(x, x_scales, topk_idx, topk_weights, is_token_in_rank, rank_prefix, send_prefix,
+                              recv_prefix, out, send_head, num_local, num_channels, record,
+                              write_send_head=True, worst=num_worst_tokens > 0)
+        self.epoch.add_(1)
+        rank_prefix._flashep_full = True  # read back by handles.from_tuple
+        rank_prefix._flashep_home_rows = combine_rows  # exact combine size when known (None: bounded by T * R)
+        routing = Routing(rank_prefix, send_prefix, recv_prefix, out.src_idx, is_token_in_rank, send_head,
+                          full_matrix=True)
+        return DispatchResult(out.x, out.scales, out.topk_idx, out.topk_weights, per_expert_list, routing)
+
+    def _cached_dispatch(self, x, x_scales, routing: Routing, num_channels: int) -> DispatchResult:
+        _check_routing(routing)
+        self._map_signals()
+        num_rows = routing.num_recv_rows
+        record = _dispatch_record_bytes(x, x_scales, 0)
+        self._reserve(num_rows * record, agreed=False, what="cached dispatch")
+        out = _DispatchOutputs(x, x_scales, None, num_rows, self.device)
+        num_local = 1  # no top-k to rewrite
+        self._launch_dispatch(x, x_scales, None, None, routing.is_token_in_rank, routing.rank_prefix_matrix,
+                              routing.channel_prefix_matrix, routing.recv_channel_prefix_matrix, out,
+                              routing.send_head, num_local, num_channels, record, write_send_head=False, worst=False)
+        self.epoch.add_(1)
+        return DispatchResult(out.x, out.scales, None, None, None, None)
+
+    def _notify(self, is_token_in_rank, num_tokens_per_expert, num_channels):
+        num_ranks = self.num_ranks
+        num_local = num_tokens_per_expert.size(0) // num_ranks
+        num_tokens = is_token_in_rank.size(0)
+        summary = torch.empty(num_ranks * num_ranks + num_local, dtype=torch.int32, device=self.device)
+        rank_prefix = summary[: num_ranks * num_ranks].view(num_ranks, num_ranks)
+        recv_experts = summary[num_ranks * num_ranks:]
+        send_prefix = torch.empty(num_ranks, num_channels, dtype=torch.int32, device=self.device)
+        recv_prefix = torch.empty(num_ranks, num_channels, dtype=torch.int32, device=self.device)
+        layout = self.signal_layout
+        kernels.ep_notify_kernel[(1,)](
+            is_token_in_rank.view(torch.uint8), num_tokens_per_expert, self.signal_heap.peer_bases,
+            layout.notify_flags, layout.slots, self.epoch, self.errors.address,
+            send_prefix, rank_prefix, recv_prefix, recv_experts,
+            self.rank, num_tokens, num_channels, _tokens_per_channel(num_tokens, num_channels), num_local,
+            wait_budget(),
+            NUM_RANKS=num_ranks, R_PAD=self._rank_pad, C_PAD=_pow2(num_channels), L_BLOCK=min(1024, _pow2(num_local)),
+            BLOCK_T=_NOTIFY_BLOCK_T, MAX_C=kernels.MAX_CHANNELS, MAX_L=kernels.MAX_LOCAL_EXPERTS,
+            USE_TIMER=use_timer(), num_warps=4)
+        return rank_prefix, send_prefix, recv_prefix, recv_experts, summary
+
+    def _launch_dispatch(self, x, x_scales, topk_idx, topk_weights, is_token_in_rank, rank_prefix, send_prefix,
+                         recv_prefix, out: "_DispatchOutputs", send_head, num_local, num_channels, record_bytes,
+                         write_send_head: bool, worst: bool) -> None:
+        num_tokens = x.size(0)
+        words = x.view(torch.int32)
+        row_words = words.size(1)
+        lane_words = _round_up(-(-row_words // kernels.LANES), 16)
+        num_scales = x_scales.size(1) if x_scales is not None else 0
+        scales = x_scales.view(torch.int32) if x_scales is not None else self._dummy[torch.int32]
+        num_topk = topk_idx.size(1) if topk_idx is not None else 0
+        int32, int64, f32 = (self._dummy[d] for d in (torch.int32, torch.int64, torch.float32))
+        layout = self.signal_layout
+        kernels.ep_dispatch_kernel[(2 * num_channels,)](
+            words, scales, scales.stride(0) if x_scales is not None else 0,
+            scales.stride(1) if x_scales is not None else 0,
+            topk_idx if topk_idx is not None else int64, topk_weights if topk_weights is not None else f32,
+            is_token_in_rank.view(torch.uint8), rank_prefix, send_prefix, recv_prefix,
+            out.x.view(torch.int32), out.scales.view(torch.int32) if out.scales is not None else int32,
+            out.topk_idx if out.topk_idx is not None else int64,
+            out.topk_weights if out.topk_weights is not None else f32, out.src_idx, send_head,
+            self.data_heap.peer_bases, self._half(), self.signal_heap.peer_bases, layout.dispatch_flags, self.epoch,
+            self.errors.address,
+            self.rank, num_tokens, num_channels, _tokens_per_channel(num_tokens, num_channels), num_local,
+            num_scales, num_topk, self._half() // record_bytes, out.x.size(0), wait_budget(),
+            NUM_RANKS=self.num_ranks, R_PAD=self._rank_pad, ROW_WORDS=row_words, LANE_WORDS=lane_words,
+            RECORD_WORDS=record_bytes // 4, S_PAD=_pow2(num_scales), K_PAD=_pow2(num_topk), BLOCK_T=self.tile_tokens,
+            BLOCK_W=min(max(self.tile_hidden // 2, 16), _pow2(lane_words)), MAX_C=kernels.MAX_CHANNELS,
+            HAS_SCALES=x_scales is not None, HAS_TOPK=topk_idx is not None, WRITE_SEND_HEAD=write_send_head,
+            WORST=worst, USE_TIMER=use_timer(), num_warps=self.num_warps)
+
+    # ---- combine ----------------------------------------------------------------------------------------
+    def combine(self, x, routing, topk_weights, bias0, bias1):
+        self.errors.check()
+        _check_routing(routing)
+        num_channels = routing.channel_prefix_matrix.size(1)
+        _check_channels(num_channels)
+        self._map_signals()
+        num_tokens, hidden = routing.num_tokens, x.size(1)
+        num_topk = topk_weights.size(1) if topk_weights is not None else 0
+        record_bytes = _combine_record_bytes(hidden, num_topk)
+        home_rows = getattr(routing.rank_prefix_matrix, "_flashep_home_rows", None)
+        if home_rows is None:
+            home_rows = num_tokens * self.num_ranks
+        self._reserve(home_rows * record_bytes, agreed=False, what="combine")
+        combined = torch.empty(num_tokens, hidden, dtype=torch.bfloat16, device=self.device)
+        combined_weights = (torch.empty(num_tokens, num_topk, dtype=torch.float32, device=self.device)
+                            if topk_weights is not None else None)
+        lane_elems = _round_up(-(-hidden // kernels.LANES), 32)
+        bf16, f32 = self._dummy[torch.bfloat16], self._dummy[torch.float32]
+        kernels.ep_combine_kernel[(2 * num_channels,)](
+            x, topk_weights if topk_weights is not None else f32, bias0 if bias0 is not None else bf16,
+            bias1 if bias1 is not None else bf16, routing.is_token_in_rank.view(torch.uint8), routing.send_head,
+            routing.rank_prefix_matrix, routing.channel_prefix_matrix, routing.recv_channel_prefix_matrix,
+            combined, combined_weights if combined_weights is not None else f32,
+            self.data_heap.peer_bases, self._half(), self.signal_heap.peer_bases, self.signal_layout.combine_flags,
+            self.epoch, self.errors.address,
+            self.rank, num_tokens, num_channels, _tokens_per_channel(num_tokens, num_channels), num_topk,
+            self._half() // record_bytes, wait_budget(),
+            NUM_RANKS=self.num_ranks, R_PAD=self._rank_pad, HIDDEN=hidden, LANE_ELEMS=lane_elems,
+            RECORD_ELEMS=record_bytes // 2, K_PAD=_pow2(num_topk), BLOCK_T=self.tile_tokens,
+            BLOCK_H=min(max(self.tile_hidden, 32), _pow2(lane_elems)), MAX_C=kernels.MAX_CHANNELS,
+            HAS_WEIGHTS=topk_weights is not None, HAS_BIAS0=bias0 is not None, HAS_BIAS1=bias1 is not None,
+            USE_TIMER=use_timer(), num_warps=self.num_warps)
+        self.epoch.add_(1)
+        return combined, combined_weights
+
+    # ---- lifetime ---------------------------------------------------------------------------------------
+    def destroy(self) -> None:
+        for heap in (self.data_heap, self.signal_heap):
+            if heap is not None:
+                heap.close()
+        self.data_heap = self.signal_heap = None
+
+    @property
+    def _rank_pad(self) -> int:
+        return _pow2(self.num_ranks)
+
+
+class _SignalLayout:
+    """Byte offsets in the signal heap (identical on every rank)."""
+
+    def __init__(self, num_ranks: int):
+        slot_ints = kernels.MAX_CHANNELS + kernels.MAX_LOCAL_EXPERTS + num_ranks
+        flags_per_kind = num_ranks * kernels.MAX_CHANNELS * kernels.LANES * 8
+        layout = Layout()
+        self.notify_flags = layout.add("notify_flags", num_ranks * 8)
+        self.dispatch_flags = layout.add("dispatch_flags", flags_per_kind)
+        self.combine_flags = layout.add("combine_flags", flags_per_kind)
+        self.slots = layout.add("notify_slots", num_ranks * slot_ints * 4)
+        self.nbytes = layout.size
+
+
+class _DispatchOutputs:
+    """Output tensors of one dispatch with `num_rows` rows."""
+
+    def __init__(self, x, x_scales, topk_idx, num_rows: int, device):
+        self.x = torch.empty(num_rows, x.size(1), dtype=x.dtype, device=device)
+        self.scales = (torch.empty(num_rows, x_scales.size(1), dtype=x_scales.dtype, device=device)
+                       if x_scales is not None else None)
+        self.topk_idx = self.topk_weights = None
+        if topk_idx is not None:
+            self.topk_idx = torch.empty(num_rows, topk_idx.size(1), dtype=topk_idx.dtype, device=device)
+            self.topk_weights = torch.empty(num_rows, topk_idx.size(1), dtype=torch.float32, device=device)
+        self.src_idx = torch.empty(num_rows, dtype=torch.int32, device=device)
+
+
+def _dispatch_record_bytes(x: torch.Tensor, x_scales: Optional[torch.Tensor], num_topk: int) -> int:
+    """Row, scales, top-k ids, top-k weights, source index: all 4-byte words."""
+    row_bytes = x.size(1) * x.element_size()
+    num_scales = x_scales.size(1) if x_scales is not None else 0
+    return _round_up(row_bytes + 4 * (num_scales + 2 * num_topk + 1), kernels.RECORD_ALIGN)
+
+
+def _combine_record_bytes(hidden: int, num_topk: int) -> int:
+    return _round_up(2 * hidden + 4 * num_topk, kernels.RECORD_ALIGN)
+
+
+def _check_channels(num_channels: int) -> None:
+    if num_channels > kernels.MAX_CHANNELS:
+        raise ValueError(f"config.num_sms must be <= {2 * kernels.MAX_CHANNELS} for the Triton normal kernels, "
+                         f"got {2 * num_channels}")
+
+
+def _check_routing(routing: Routing) -> None:
+    if not routing.full_matrix:
+        raise ValueError("handle: the Triton normal kernels need a handle made by this backend's dispatch (its "
+                         "rank_prefix_matrix must hold every rank's counts)")
+
+
+def _refuse_while_capturing(device: torch.device) -> None:
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError("flashep: the normal-mode buffer is mapped at the first normal-mode call, which cannot "
+                           "happen inside CUDA-graph capture: make one dispatch (and combine) before capturing")
+
+
+def _all_ranks_max(value: int, group, device: torch.device) -> int:
+    t = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return int(t.item())
+
+
+def _tokens_per_channel(num_tokens: int, num_channels: int) -> int:
+    return max(1, -(-num_tokens // num_channels))  # as handles.channel_prefix_matrix
+
+
+def _pow2(n: int) -> int:
+    return max(2, triton.next_power_of_2(max(1, n)))
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def _env_power_of_two(name: str, default: int) -> int:
+    value = int(os.environ.get(name, default))
+    if value < 1 or value & (value - 1):
+        raise ValueError(f"{name} must be a power of two, got {value}")
+    return value

@@ -1,0 +1,659 @@
+"""Triton kernels of normal (throughput) mode inside one NVLink domain.
+
+Kernels (profilers find them by name: exactly one name holds "notify", one "dispatch", one "combine"):
+- `ep_layout_kernel`: per-rank and per-expert counts and `is_token_in_rank` from `topk_idx`.
+- `ep_notify_kernel`: one program; sends every peer its per-channel token counts, the counts for its
+  experts and this rank's send totals, waits for every peer's, and builds the routing prefix matrices.
+- `ep_dispatch_kernel`, `ep_combine_kernel`: grid = num_sms programs. Program p serves channel p // 2
+  and hidden "lane" p % 2 (the two programs of a channel move the two halves of each row; lane 0 also
+  moves the small per-row fields). Every program first publishes "epoch e, 0 rows" to every peer, then
+  alternates between pushing one tile of its own rows to the peers (NVLink stores at their final
+  places, then a progress flag) and consuming one tile of what the peers pushed to it (non-blocking
+  while it still has rows to push, blocking afterwards). So all programs drive NVLink, and the local
+  copy / reduction overlaps with it. Pushes never wait, so the kernels cannot deadlock as long as
+  every rank runs them (a wait only depends on the same program id on a peer, which only depends on
+  lower program ids there; that also holds when the interpreter runs programs one after another).
+
+Flags hold `(epoch << 32) | rows`. Every program observes every peer's flag of the current epoch, even
+when no rows flow, which keeps peers at most one operation apart (docs/design.md, "Symmetric heap and
+signalling"); data lives in half `epoch % 2` of the data heap.
+
+Heap regions (byte offsets from the backend):
+- signal heap: notify flags int64[R] (one per source), dispatch flags int64[R, MAX_CHANNELS, 2]
+  (source, channel, lane), combine flags int64[R, MAX_CHANNELS, 2] (sender, channel, lane), notify
+  slots int32[R, slot_ints] (one per source).
+- data heap, per half, one record per row. Dispatch record (4-byte words): the row, its scales, top-k
+  ids, top-k weights (float bits), source token index. Combine record: the bf16 row, then the float32
+  weights.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .sync import PHASE_COMBINE, PHASE_DISPATCH, PHASE_NOTIFY, load_acquire, record_timeout, signal, wait_ge
+
+MAX_CHANNELS = 128  # num_sms <= 256
+MAX_LOCAL_EXPERTS = 1024
+LANES = 2  # programs per channel
+RECORD_ALIGN = 64  # bytes; keeps record strides divisible by 16 elements for vectorised access
+
+_phase_dispatch = tl.constexpr(PHASE_DISPATCH)
+_phase_combine = tl.constexpr(PHASE_COMBINE)
+_phase_notify = tl.constexpr(PHASE_NOTIFY)
+
+
+# ---------------------------------------------------------------- small helpers
+@triton.jit
+def _heap_ptr(bases_ptr, rank, byte_offset, DTYPE: tl.constexpr, ALIGN: tl.constexpr):
+    """Typed pointer to `byte_offset` in `rank`'s heap (`bases_ptr`: int64 base address per rank)."""
+    ptr = (tl.load(bases_ptr + rank) + byte_offset).to(tl.pointer_type(DTYPE))
+    return tl.multiple_of(ptr, ALIGN)
+
+
+@triton.jit
+def _pick(vec, ranks, j):
+    """vec[j] of a [R_PAD] vector."""
+    return tl.sum(tl.where(ranks == j, vec, 0), axis=0)
+
+
+@triton.jit
+def _column(tile, ranks, j):
+    """Column j of a [N, R_PAD] tile."""
+    return tl.sum(tl.where(ranks[None, :] == j, tile, 0), axis=1)
+
+
+@triton.jit
+def _rows_arrived(value, e):
+    """Rows published in a flag for epoch e; a later epoch means the peer already finished epoch e."""
+    rows = (value & 0xFFFFFFFF).to(tl.int32)
+    return tl.where((value >> 32) > e, 0x7FFFFFFF, rows)
+
+
+@triton.jit
+def _poll(flag_ptr, e, need, arrived, failed, blocking, err_ptr, phase, rank, peer, budget, USE_TIMER: tl.constexpr):
+    """Refresh `arrived` (rows the peer published for epoch e, -1 before its first flag of e) unless it
+    already covers `need`. Blocking polls wait (bounded) and record a timeout. -> (arrived, failed)."""
+    if (arrived < need) & (failed == 0):
+        target = (e << 32) | need.to(tl.int64)
+        if blocking:
+            value = wait_ge(flag_ptr, target, budget, USE_TIMER)
+            if value < target:
+                record_timeout(err_ptr, phase, rank, peer)
+                failed = 1
+        else:
+            value = load_acquire(flag_ptr)
+        if (value >= (e << 32)) & (failed == 0):
+            arrived = _rows_arrived(value, e)
+    return arrived, failed
+
+
+@triton.jit
+def _source_block(rank_prefix_ptr, recv_prefix_ptr, src, rank, num_ranks, channel, num_channels, valid):
+    """Rows that `src` sends to `rank` in `channel`: (count, first row in rank's receive order, position
+    of the channel's first row among all rows from src)."""
+    prev = tl.load(rank_prefix_ptr + tl.maximum(src - 1, 0) * num_ranks + rank, mask=valid & (src > 0), other=0)
+    total = tl.load(rank_prefix_ptr + src * num_ranks + rank, mask=valid, other=0) - prev
+    begin = tl.load(recv_prefix_ptr + src * num_channels + channel, mask=valid, other=0)
+    has_next = valid & (channel + 1 < num_channels)
+    end = tl.load(recv_prefix_ptr + src * num_channels + channel + 1, mask=has_next, other=0)
+    end = tl.where(has_next, end, total)
+    return end - begin, prev + begin, begin
+
+
+@triton.jit
+def _to_bf16(x):
+    """float32 -> bfloat16 rounded to nearest even, as torch does (NaN -> 0x7FC0). Spelled out with
+    integer ops because the Triton interpreter's float cast truncates."""
+    bits = x.to(tl.uint32, bitcast=True)
+    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+    return tl.where(x != x, 0x7FC0, rounded).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+
+# ---------------------------------------------------------------- layout
+@triton.jit(do_not_specialize=["num_tokens", "num_topk", "experts_per_rank"])
+def ep_layout_kernel(topk_ptr, per_rank_ptr, per_expert_ptr, in_rank_ptr, num_tokens, num_topk, experts_per_rank,
+                     NUM_RANKS: tl.constexpr, R_PAD: tl.constexpr, K_PAD: tl.constexpr, BLOCK_T: tl.constexpr):
+    toks = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    tok_ok = toks < num_tokens
+    ks = tl.arange(0, K_PAD)
+    ranks = tl.arange(0, R_PAD)
+    rank_ok = ranks < NUM_RANKS
+    experts = tl.load(topk_ptr + toks[:, None].to(tl.int64) * num_topk + ks[None, :],
+                      mask=tok_ok[:, None] & (ks < num_topk)[None, :], other=-1)
+    chosen = experts >= 0
+    tl.atomic_add(per_expert_ptr + experts, 1, mask=chosen, sem="relaxed")
+    owner = tl.where(chosen, experts // experts_per_rank, -1)
+    hit = tl.zeros([BLOCK_T, R_PAD], tl.int32)
+    for j in tl.static_range(NUM_RANKS):
+        column = tl.max((owner == j).to(tl.int32), axis=1)
+        hit = tl.where(ranks[None, :] == j, column[:, None], hit)
+    tile_ok = tok_ok[:, None] & rank_ok[None, :]
+    tl.store(in_rank_ptr + toks[:, None].to(tl.int64) * NUM_RANKS + ranks[None, :], hit.to(tl.int8), mask=tile_ok)
+    tl.atomic_add(per_rank_ptr + ranks, tl.sum(hit, axis=0), mask=rank_ok, sem="relaxed")
+
+
+# ---------------------------------------------------------------- notify
+@triton.jit(do_not_specialize=["notify_flags_offset", "slots_offset", "rank", "num_tokens", "num_channels",
+                               "tokens_per_channel", "num_local_experts", "budget"])
+def ep_notify_kernel(in_rank_ptr, expert_counts_ptr, signal_bases_ptr, notify_flags_offset, slots_offset,
+                     epoch_ptr, err_addr_ptr, send_prefix_ptr, rank_prefix_ptr, recv_prefix_ptr, recv_expert_ptr,
+                     rank, num_tokens, num_channels, tokens_per_channel, num_local_experts, budget,
+                     NUM_RANKS: tl.constexpr, R_PAD: tl.constexpr, C_PAD: tl.constexpr, L_BLOCK: tl.constexpr,
+                     BLOCK_T: tl.constexpr, MAX_C: tl.constexpr, MAX_L: tl.constexpr, USE_TIMER: tl.constexpr):
+    """Slot of source s on each rank (int32): [0, MAX_C) tokens per channel sent to that rank,
+    [MAX_C, MAX_C + MAX_L) selections of that rank's experts, then s's send totals to every rank."""
+    SLOT_INTS: tl.constexpr = MAX_C + MAX_L + NUM_RANKS
+    e = tl.load(epoch_ptr) + 1
+    zero = tl.full((), 0, tl.int32)
+    ranks = tl.arange(0, R_PAD)
+    rank_ok = ranks < NUM_RANKS
+    my_slot = slots_offset + rank * (SLOT_INTS * 4)
+    # my slot on every peer, as a vector of pointers (one lane per peer)
+    slot_on_peer = (tl.load(signal_bases_ptr + ranks, mask=rank_ok, other=0) + my_slot).to(tl.pointer_type(tl.int32))
+
+    totals = tl.zeros([R_PAD], tl.int32)
+    channel = zero
+    while channel < num_channels:
+        first = channel * tokens_per_channel
+        last = tl.minimum(first + tokens_per_channel, num_tokens)
+        count = tl.zeros([R_PAD], tl.int32)
+        start = first
+        while start < last:
+            toks = start + tl.arange(0, BLOCK_T)
+            tile_ok = (toks < last)[:, None] & rank_ok[None, :]
+            sent = tl.load(in_rank_ptr + toks[:, None].to(tl.int64) * NUM_RANKS + ranks[None, :], mask=tile_ok,
+                           other=0)
+            count += tl.sum(sent.to(tl.int32), axis=0)
+            start += BLOCK_T
+        totals += count
+        tl.store(send_prefix_ptr + ranks * num_channels + channel, totals, mask=rank_ok)
+        tl.store(slot_on_peer + channel, count, mask=rank_ok)
+        channel += 1
+    for peer in tl.static_range(NUM_RANKS):
+        slot = _heap_ptr(signal_bases_ptr, peer, my_slot, tl.int32, 4)
+        l0 = zero
+        while l0 < num_local_experts:
+            experts = l0 + tl.arange(0, L_BLOCK)
+            ok = experts < num_local_experts
+            counts = tl.load(expert_counts_ptr + peer * num_local_experts + experts, mask=ok, other=0)
+            tl.store(slot + MAX_C + experts, counts, mask=ok)
+            l0 += L_BLOCK
+        tl.store(slot + MAX_C + MAX_L + ranks, totals, mask=rank_ok)
+        signal(_heap_ptr(signal_bases_ptr, peer, notify_flags_offset + rank * 8, tl.int64, 8), e << 32)
+
+    err_ptr = tl.load(err_addr_ptr).to(tl.pointer_type(tl.int32))
+    failed = tl.load(err_ptr + 3, volatile=True)
+    flags = _heap_ptr(signal_bases_ptr, rank, notify_flags_offset, tl.int64, 8)
+    for src in tl.static_range(NUM_RANKS):
+        if failed == 0:
+            value = wait_ge(flags + src, e << 32, budget, USE_TIMER)
+            if value < (e << 32):
+                record_timeout(err_ptr, _phase_notify, rank, src)
+                failed = 1
+    if failed == 0:
+        slots = _heap_ptr(signal_bases_ptr, rank, slots_offset, tl.int32, 4)
+        src_slots = slots + ranks[:, None] * SLOT_INTS
+        channels = tl.arange(0, C_PAD)
+        chan_ok = rank_ok[:, None] & (channels < num_channels)[None, :]
+        per_channel = tl.load(src_slots + channels[None, :], mask=chan_ok, other=0, cache_modifier=".cg")
+        tl.store(recv_prefix_ptr + ranks[:, None] * num_channels + channels[None, :],
+                 tl.cumsum(per_channel, axis=1) - per_channel, mask=chan_ok)
+        pair_ok = rank_ok[:, None] & rank_ok[None, :]
+        sends = tl.load(src_slots + MAX_C + MAX_L + ranks[None, :], mask=pair_ok, other=0, cache_modifier=".cg")
+        tl.store(rank_prefix_ptr + ranks[:, None] * NUM_RANKS + ranks[None, :], tl.cumsum(sends, axis=0),
+                 mask=pair_ok)
+        l0 = zero
+        while l0 < num_local_experts:
+            experts = l0 + tl.arange(0, L_BLOCK)
+            ok = experts < num_local_experts
+            counts = tl.load(src_slots + MAX_C + experts[None, :], mask=rank_ok[:, None] & ok[None, :], other=0,
+                             cache_modifier=".cg")
+            tl.store(recv_expert_ptr + experts, tl.sum(counts, axis=0), mask=ok)
+            l0 += L_BLOCK
+
+
+# ---------------------------------------------------------------- dispatch
+@triton.jit
+def _localize(ids, weights, rank, num_local_experts):
+    """Global expert ids -> this rank's local ids, -1 elsewhere; weights of -1 entries become 0."""
+    first = rank * num_local_experts
+    mine = (ids >= first) & (ids < first + num_local_experts)
+    return tl.where(mine, ids - first, -1), tl.where(mine, weights, 0.0)
+
+
+@triton.jit
+def _dispatch_send_tile(start, last, sent, prev_channel, block_start, e, half_offset, lane, channel,
+                        x_ptr, scales_ptr, scale_stride_t, scale_stride_s, topk_ptr, weights_ptr, in_rank_ptr,
+                        recv_x_ptr, recv_scales_ptr, recv_topk_ptr, recv_weights_ptr, recv_src_ptr, send_head_ptr,
+                        data_bases_ptr, signal_bases_ptr, flags_offset, rank, num_local_experts, num_scales, num_topk,
+                        capacity, num_out_rows,
+                        NUM_RANKS: tl.constexpr, R_PAD: tl.constexpr, ROW_WORDS: tl.constexpr,
+                        LANE_WORDS: tl.constexpr, RECORD_WORDS: tl.constexpr, S_PAD: tl.constexpr,
+                        K_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_W: tl.constexpr, MAX_C: tl.constexpr,
+                        HAS_SCALES: tl.constexpr, HAS_TOPK: tl.constexpr, WRITE_SEND_HEAD: tl.constexpr):
+    """Push tokens [start, start + BLOCK_T) of this channel: lane columns to every destination, lane 0
+    also the per-row fields. Rows for this rank go straight into the output tensors. -> new `sent`."""
+    ranks = tl.arange(0, R_PAD)
+    rank_ok = ranks < NUM_RANKS
+    toks = start + tl.arange(0, BLOCK_T)
+    tok_ok = toks < last
+    tile_ok = tok_ok[:, None] & rank_ok[None, :]
+    toks64 = toks.to(tl.int64)
+    chosen = tl.load(in_rank_ptr + toks64[:, None] * NUM_RANKS + ranks[None, :], mask=tile_ok, other=0).to(tl.int32)
+    pos = prev_channel[None, :] + sent[None, :] + tl.cumsum(chosen, axis=0) - 1  # rank among tokens sent to j
+    sent += tl.sum(chosen, axis=0)
+    if WRITE_SEND_HEAD:
+        if lane == 0:
+            tl.store(send_head_ptr + toks64[:, None] * NUM_RANKS + ranks[None, :], tl.where(chosen != 0, pos, -1),
+                     mask=tile_ok)
+    rows = block_start[None, :] + pos  # final row on destination j
+    col_begin = lane * LANE_WORDS
+    for c0 in range(0, LANE_WORDS, BLOCK_W):
+        cols = col_begin + c0 + tl.arange(0, BLOCK_W)
+        col_ok = (cols < col_begin + LANE_WORDS) & (cols < ROW_WORDS)
+        data = tl.load(x_ptr + toks64[:, None] * ROW_WORDS + cols[None, :], mask=tok_ok[:, None] & col_ok[None, :])
+        for step in tl.static_range(NUM_RANKS):  # self first, then the peers in ring order (spreads the links)
+            dst = (rank + step) % NUM_RANKS
+            dst_rows = _column(rows, ranks, dst).to(tl.int64)
+            dst_ok = (_column(chosen, ranks, dst) != 0)[:, None] & col_ok[None, :]
+            if step == 0:
+                tl.store(recv_x_ptr + dst_rows[:, None] * ROW_WORDS + cols[None, :], data,
+                         mask=dst_ok & (dst_rows < num_out_rows)[:, None])
+            else:
+                region = _heap_ptr(data_bases_ptr, dst, half_offset, tl.int32, 16)
+                tl.store(region + dst_rows[:, None] * RECORD_WORDS + cols[None, :], data,
+                         mask=dst_ok & (dst_rows < capacity)[:, None])
+    if lane == 0:
+        ks = tl.arange(0, K_PAD)
+        k_ok = tok_ok[:, None] & (ks < num_topk)[None, :]
+        ss = tl.arange(0, S_PAD)
+        s_ok = tok_ok[:, None] & (ss < num_scales)[None, :]
+        if HAS_TOPK:
+            ids = tl.load(topk_ptr + toks64[:, None] * num_topk + ks[None, :], mask=k_ok, other=-1).to(tl.int32)
+            weights = tl.load(weights_ptr + toks64[:, None] * num_topk + ks[None, :], mask=k_ok, other=0.0)
+        if HAS_SCALES:
+            scales = tl.load(scales_ptr + toks64[:, None] * scale_stride_t + ss[None, :] * scale_stride_s, mask=s_ok)
+        for step in tl.static_range(NUM_RANKS):
+            dst = (rank + step) % NUM_RANKS
+            dst_rows = _column(rows, ranks, dst).to(tl.int64)
+            row_ok = _column(chosen, ranks, dst) != 0
+            if step == 0:
+                row_ok = row_ok & (dst_rows < num_out_rows)
+                tl.store(recv_src_ptr + dst_rows, toks, mask=row_ok)
+                if HAS_TOPK:
+                    local, local_weights = _localize(ids, weights, rank, num_local_experts)
+                    tl.store(recv_topk_ptr + dst_rows[:, None] * num_topk + ks[None, :],
+                             local.to(recv_topk_ptr.dtype.element_ty), mask=row_ok[:, None] & k_ok)
+                    tl.store(recv_weights_ptr + dst_rows[:, None] * num_topk + ks[None, :], local_weights,
+                             mask=row_ok[:, None] & k_ok)
+                if HAS_SCALES:
+                    tl.store(recv_scales_ptr + dst_rows[:, None] * num_scales + ss[None, :], scales,
+                             mask=row_ok[:, None] & s_ok)
+            else:
+                row_ok = row_ok & (dst_rows < capacity)
+                region = _heap_ptr(data_bases_ptr, dst, half_offset, tl.int32, 16)
+                record = region + dst_rows * RECORD_WORDS + ROW_WORDS
+                if HAS_SCALES:
+                    tl.store(record[:, None] + ss[None, :], scales, mask=row_ok[:, None] & s_ok)
+                record += num_scales
+                if HAS_TOPK:
+                    tl.store(record[:, None] + ks[None, :], ids, mask=row_ok[:, None] & k_ok)
+                    tl.store(record[:, None] + num_topk + ks[None, :], weights.to(tl.int32, bitcast=True),
+                             mask=row_ok[:, None] & k_ok)
+                tl.store(record + 2 * num_topk, toks, mask=row_ok)
+    for step in tl.static_range(1, NUM_RANKS):
+        dst = (rank + step) % NUM_RANKS
+        flag = _heap_ptr(signal_bases_ptr, dst, flags_offset + ((rank * MAX_C + channel) * 2 + lane) * 8, tl.int64, 8)
+        signal(flag, (e << 32) | _pick(sent, ranks, dst).to(tl.int64))
+    return sent
+
+
+@triton.jit
+def _dispatch_copy_tile(row0, begin, end, region, lane, recv_x_ptr, recv_scales_ptr, recv_topk_ptr, recv_weights_ptr,
+                        recv_src_ptr, rank, num_local_experts, num_scales, num_topk, capacity, num_out_rows,
+                        ROW_WORDS: tl.constexpr, LANE_WORDS: tl.constexpr, RECORD_WORDS: tl.constexpr,
+                        S_PAD: tl.constexpr, K_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_W: tl.constexpr,
+                        HAS_SCALES: tl.constexpr, HAS_TOPK: tl.constexpr):
+    """Copy received rows row0 + [begin, end) from the local receive region into the outputs."""
+    idx = begin + tl.arange(0, BLOCK_T)
+    rows = row0 + idx
+    row_ok = (idx < end) & (rows < capacity) & (rows < num_out_rows)
+    rows64 = rows.to(tl.int64)
+    col_begin = lane * LANE_WORDS
+    for c0 in range(0, LANE_WORDS, BLOCK_W):
+        cols = col_begin + c0 + tl.arange(0, BLOCK_W)
+        ok = row_ok[:, None] & ((cols < col_begin + LANE_WORDS) & (cols < ROW_WORDS))[None, :]
+        data = tl.load(region + rows64[:, None] * RECORD_WORDS + cols[None, :], mask=ok, cache_modifier=".cg")
+        tl.store(recv_x_ptr + rows64[:, None] * ROW_WORDS + cols[None, :], data, mask=ok)
+    if lane == 0:
+        record = region + rows64 * RECORD_WORDS + ROW_WORDS
+        if HAS_SCALES:
+            ss = tl.arange(0, S_PAD)
+            s_ok = row_ok[:, None] & (ss < num_scales)[None, :]
+            scales = tl.load(record[:, None] + ss[None, :], mask=s_ok, cache_modifier=".cg")
+            tl.store(recv_scales_ptr + rows64[:, None] * num_scales + ss[None, :], scales, mask=s_ok)
+        record += num_scales
+        if HAS_TOPK:
+            ks = tl.arange(0, K_PAD)
+            k_ok = row_ok[:, None] & (ks < num_topk)[None, :]
+            ids = tl.load(record[:, None] + ks[None, :], mask=k_ok, other=-1, cache_modifier=".cg")
+            bits = tl.load(record[:, None] + num_topk + ks[None, :], mask=k_ok, other=0, cache_modifier=".cg")
+            local, weights = _localize(ids, bits.to(tl.float32, bitcast=True), rank, num_local_experts)
+            tl.store(recv_topk_ptr + rows64[:, None] * num_topk + ks[None, :],
+                     local.to(recv_topk_ptr.dtype.element_ty), mask=k_ok)
+            tl.store(recv_weights_ptr + rows64[:, None] * num_topk + ks[None, :], weights, mask=k_ok)
+        src_idx = tl.load(record + 2 * num_topk, mask=row_ok, cache_modifier=".cg")
+        tl.store(recv_src_ptr + rows64, src_idx, mask=row_ok)
+
+
+DISPATCH_NO_SPECIALIZE = ["scale_stride_t", "scale_stride_s", "rank", "num_tokens", "num_channels",
+                          "tokens_per_channel", "num_local_experts", "num_scales", "num_topk", "capacity",
+                          "num_out_rows", "budget"]
+
+
+@triton.jit(do_not_specialize=DISPATCH_NO_SPECIALIZE)
+def ep_dispatch_kernel(x_ptr, scales_ptr, scale_stride_t, scale_stride_s, topk_ptr, weights_ptr, in_rank_ptr,
+                       rank_prefix_ptr, send_prefix_ptr, recv_prefix_ptr,
+                       recv_x_ptr, recv_scales_ptr, recv_topk_ptr, recv_weights_ptr, recv_src_ptr, send_head_ptr,
+                       data_bases_ptr, half_bytes, signal_bases_ptr, flags_offset, epoch_ptr, err_addr_ptr,
+                       rank, num_tokens, num_channels, tokens_per_channel, num_local_experts, num_scales, num_topk,
+                       capacity, num_out_rows, budget,
+                       NUM_RANKS: tl.constexpr, R_PAD: tl.constexpr, ROW_WORDS: tl.constexpr,
+                       LANE_WORDS: tl.constexpr, RECORD_WORDS: tl.constexpr, S_PAD: tl.constexpr,
+                       K_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_W: tl.constexpr, MAX_C: tl.constexpr,
+                       HAS_SCALES: tl.constexpr, HAS_TOPK: tl.constexpr, WRITE_SEND_HEAD: tl.constexpr,
+                       WORST: tl.constexpr, USE_TIMER: tl.constexpr):
+    """Rows are 4-byte words (`x_ptr`/`recv_x_ptr` are int32 views). Row j of the receive order sits at
+    the same index in the receive region and in `recv_x`."""
+    pid = tl.program_id(0)
+    channel = pid // 2
+    lane = pid % 2
+    e = tl.load(epoch_ptr) + 1
+    half_offset = (e % 2) * half_bytes
+    ranks = tl.arange(0, R_PAD)
+    rank_ok = ranks < NUM_RANKS
+    err_ptr = tl.load(err_addr_ptr).to(tl.pointer_type(tl.int32))
+    failed = tl.load(err_ptr + 3, volatile=True)
+    zero = tl.full((), 0, tl.int32)
+
+    # ---- push state: this channel's tokens, in order
+    first = channel * tokens_per_channel
+    last = tl.minimum(first + tokens_per_channel, num_tokens)
+    prev_channel = tl.load(send_prefix_ptr + ranks * num_channels + channel - 1, mask=rank_ok & (channel > 0),
+                           other=0)
+    block_start = tl.load(rank_prefix_ptr + (rank - 1) * NUM_RANKS + ranks, mask=rank_ok & (rank > 0), other=0)
+    sent = tl.zeros([R_PAD], tl.int32)
+    next_token = first
+    for step in tl.static_range(1, NUM_RANKS):  # "epoch e, nothing yet": what peers wait for if no row flows
+        dst = (rank + step) % NUM_RANKS
+        signal(_heap_ptr(signal_bases_ptr, dst, flags_offset + ((rank * MAX_C + channel) * 2 + lane) * 8,
+                         tl.int64, 8), e << 32)
+
+    # ---- receive state: channel `channel` of every peer, peers in ring order
+    region = _heap_ptr(data_bases_ptr, rank, half_offset, tl.int32, 16)
+    flags = _heap_ptr(signal_bases_ptr, rank, flags_offset, tl.int64, 8)
+    if WORST:  # rows past the valid prefix: top-k -1 and source index -1
+        num_valid = tl.load(rank_prefix_ptr + (NUM_RANKS - 1) * NUM_RANKS + rank)
+        ks = tl.arange(0, K_PAD)
+        r0 = num_valid + pid * BLOCK_T
+        while r0 < num_out_rows:
+            tail = r0 + tl.arange(0, BLOCK_T)
+            tail_ok = tail < num_out_rows
+            tl.store(recv_src_ptr + tail, -1, mask=tail_ok)
+            if HAS_TOPK:
+                tl.store(recv_topk_ptr + tail[:, None].to(tl.int64) * num_topk + ks[None, :],
+                         tl.full([BLOCK_T, K_PAD], -1, recv_topk_ptr.dtype.element_ty),
+                         mask=tail_ok[:, None] & (ks < num_topk)[None, :])
+            r0 += 2 * num_channels * BLOCK_T
+    peer_step = zero + 1
+    src = (rank + peer_step) % NUM_RANKS
+    count, row0, _ = _source_block(rank_prefix_ptr, recv_prefix_ptr, src, rank, NUM_RANKS, channel, num_channels,
+                                   peer_step < NUM_RANKS)
+    copied = zero
+    arrived = zero - 1
+
+    while (next_token < last) | (peer_step < NUM_RANKS):
+        if next_token < last:
+            sent = _dispatch_send_tile(
+                next_token, last, sent, prev_channel, block_start, e, half_offset, lane, channel,
+                x_ptr, scales_ptr, scale_stride_t, scale_stride_s, topk_ptr, weights_ptr, in_rank_ptr,
+                recv_x_ptr, recv_scales_ptr, recv_topk_ptr, recv_weights_ptr, recv_src_ptr, send_head_ptr,
+                data_bases_ptr, signal_bases_ptr, flags_offset, rank, num_local_experts, num_scales, num_topk,
+                capacity, num_out_rows, NUM_RANKS, R_PAD, ROW_WORDS, LANE_WORDS, RECORD_WORDS, S_PAD, K_PAD,
+                BLOCK_T, BLOCK_W, MAX_C, HAS_SCALES, HAS_TOPK, WRITE_SEND_HEAD)
+            next_token += BLOCK_T
+        if peer_step < NUM_RANKS:
+            blocking = next_token >= last  # nothing left to push: wait for the peers
+            need = tl.minimum(count, copied + BLOCK_T)
+            flag = flags + (src * MAX_C + channel) * 2 + lane
+            arrived, failed = _poll(flag, e, need, arrived, failed, blocking, err_ptr, _phase_dispatch, rank, src,
+                                    budget, USE_TIMER)
+            if (arrived >= need) & (failed == 0):
+                if need > copied:
+                    _dispatch_copy_tile(row0, copied, need, region, lane, recv_x_ptr, recv_scales_ptr, recv_topk_ptr,
+                                        recv_weights_ptr, recv_src_ptr, rank, num_local_experts, num_scales,
+                                        num_topk, capacity, num_out_rows, ROW_WORDS, LANE_WORDS, RECORD_WORDS, S_PAD,
+                                        K_PAD, BLOCK_T, BLOCK_W, HAS_SCALES, HAS_TOPK)
+                copied = need
+                if copied >= count:  # this peer is done: next one
+                    peer_step += 1
+                    src = (rank + peer_step) % NUM_RANKS
+                    count, row0, _ = _source_block(rank_prefix_ptr, recv_prefix_ptr, src, rank, NUM_RANKS, channel,
+                                                   num_channels, peer_step < NUM_RANKS)
+                    copied = zero
+                    arrived = zero - 1
+            if failed != 0:
+                peer_step = zero + NUM_RANKS
+
+
+# ---------------------------------------------------------------- combine
+@triton.jit
+def _combine_send_tile(begin, end, x_row0, slot0, home, e, half_offset, lane, channel, x_ptr, weights_ptr,
+                       data_bases_ptr, signal_bases_ptr, flags_offset, rank, num_topk, capacity,
+                       HIDDEN: tl.constexpr, LANE_ELEMS: tl.constexpr, RECORD_ELEMS: tl.constexpr,
+                       K_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, MAX_C: tl.constexpr,
+                       HAS_WEIGHTS: tl.constexpr):
+    """Push rows x_row0 + [begin, end) of x to `home`'s combine region at slots slot0 + [begin, end)."""
+    idx = begin + tl.arange(0, BLOCK_T)
+    slots = (slot0 + idx).to(tl.int64)
+    row_ok = (idx < end) & (slots < capacity)
+    rows = (x_row0 + idx).to(tl.int64)
+    region = _heap_ptr(data_bases_ptr, home, half_offset, tl.bfloat16, 16)
+    col_begin = lane * LANE_ELEMS
+    for c0 in range(0, LANE_ELEMS, BLOCK_H):
+        cols = col_begin + c0 + tl.arange(0, BLOCK_H)
+        ok = row_ok[:, None] & ((cols < col_begin + LANE_ELEMS) & (cols < HIDDEN))[None, :]
+        data = tl.load(x_ptr + rows[:, None] * HIDDEN + cols[None, :], mask=ok)
+        tl.store(region + slots[:, None] * RECORD_ELEMS + cols[None, :], data, mask=ok)
+    if HAS_WEIGHTS:
+        if lane == 0:
+            ks = tl.arange(0, K_PAD)
+            k_ok = row_ok[:, None] & (ks < num_topk)[None, :]
+            weights = tl.load(weights_ptr + rows[:, None] * num_topk + ks[None, :], mask=k_ok)
+            weight_region = _heap_ptr(data_bases_ptr, home, half_offset + HIDDEN * 2, tl.float32, 4)
+            tl.store(weight_region + slots[:, None] * (RECORD_ELEMS // 2) + ks[None, :], weights, mask=k_ok)
+    flag = _heap_ptr(signal_bases_ptr, home, flags_offset + ((rank * MAX_C + channel) * 2 + lane) * 8, tl.int64, 8)
+    signal(flag, (e << 32) | end.to(tl.int64))
+
+
+@triton.jit
+def _combine_home_block(rank_prefix_ptr, recv_prefix_ptr, home, rank, channel, num_channels, valid,
+                        NUM_RANKS: tl.constexpr, R_PAD: tl.constexpr):
+    """Rows of `home`'s channel `channel` held here: (count, first row in x, first slot on home)."""
+    count, x_row0, begin = _source_block(rank_prefix_ptr, recv_prefix_ptr, home, rank, NUM_RANKS, channel,
+                                         num_channels, valid)
+    ranks = tl.arange(0, R_PAD)
+    # slots on `home` start with the rows of lower ranks: sum over j < rank of n(home -> j)
+    row_ok = valid & (ranks < rank)
+    upto = tl.load(rank_prefix_ptr + home * NUM_RANKS + ranks, mask=row_ok, other=0)
+    before = tl.load(rank_prefix_ptr + (home - 1) * NUM_RANKS + ranks, mask=row_ok & (home > 0), other=0)
+    return count, x_row0, tl.sum(upto - before, axis=0) + begin
+
+
+@triton.jit
+def _combine_reduce_tile(start, last, arrived, failed, blocking, e, half_offset, lane, channel,
+                         x_ptr, weights_ptr, bias0_ptr, bias1_ptr, in_rank_ptr, send_head_ptr, out_ptr,
+                         out_weights_ptr, chan_start, slot_base, self_row0, flags, data_bases_ptr, err_ptr,
+                         rank, num_topk, budget,
+                         NUM_RANKS: tl.constexpr, R_PAD: tl.constexpr, HIDDEN: tl.constexpr,
+                         LANE_ELEMS: tl.constexpr, RECORD_ELEMS: tl.constexpr, K_PAD: tl.constexpr,
+                         BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, MAX_C: tl.constexpr,
+                         HAS_WEIGHTS: tl.constexpr, HAS_BIAS0: tl.constexpr, HAS_BIAS1: tl.constexpr,
+                         USE_TIMER: tl.constexpr):
+    """Reduce tokens [start, start + BLOCK_T) once every peer's rows for them arrived.
+    -> (reduced?, arrived, failed)."""
+    ranks = tl.arange(0, R_PAD)
+    rank_ok = ranks < NUM_RANKS
+    toks = start + tl.arange(0, BLOCK_T)
+    tok_ok = toks < last
+    tile_ok = tok_ok[:, None] & rank_ok[None, :]
+    toks64 = toks.to(tl.int64)
+    chosen = tl.load(in_rank_ptr + toks64[:, None] * NUM_RANKS + ranks[None, :], mask=tile_ok, other=0).to(tl.int32)
+    head = tl.load(send_head_ptr + toks64[:, None] * NUM_RANKS + ranks[None, :], mask=tile_ok, other=0)
+    need = tl.max(tl.where(chosen != 0, head - chan_start[None, :] + 1, 0), axis=0)
+    for step in tl.static_range(1, NUM_RANKS):
+        peer = (rank + step) % NUM_RANKS
+        peer_arrived, failed = _poll(flags + (peer * MAX_C + channel) * 2 + lane, e, _pick(need, ranks, peer),
+                                     _pick(arrived, ranks, peer), failed, blocking, err_ptr, _phase_combine, rank,
+                                     peer, budget, USE_TIMER)
+        arrived = tl.where(ranks == peer, peer_arrived, arrived)
+    waiting = (arrived < need) & rank_ok & (ranks != rank)
+    ready = (tl.sum(waiting.to(tl.int32), axis=0) == 0) & (failed == 0)
+    if ready:
+        region = _heap_ptr(data_bases_ptr, rank, half_offset, tl.bfloat16, 16)
+        col_begin = lane * LANE_ELEMS
+        # staged row of token t from peer j: slot_base[j] + send_head[t, j]; own row: self_row0 + send_head[t, rank]
+        for c0 in range(0, LANE_ELEMS, BLOCK_H):
+            cols = col_begin + c0 + tl.arange(0, BLOCK_H)
+            ok = tok_ok[:, None] & ((cols < col_begin + LANE_ELEMS) & (cols < HIDDEN))[None, :]
+            acc = tl.zeros([BLOCK_T, BLOCK_H], tl.float32)
+            if HAS_BIAS0:
+                acc += tl.load(bias0_ptr + toks64[:, None] * HIDDEN + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+            if HAS_BIAS1:
+                acc += tl.load(bias1_ptr + toks64[:, None] * HIDDEN + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+            for j in tl.static_range(NUM_RANKS):  # canonical order: destination ranks ascending
+                row = _column(head, ranks, j).to(tl.int64)
+                has = ok & (_column(chosen, ranks, j) != 0)[:, None]
+                if j == rank:
+                    part = tl.load(x_ptr + (self_row0 + row)[:, None] * HIDDEN + cols[None, :], mask=has, other=0.0)
+                else:
+                    slot = _pick(slot_base, ranks, j) + row
+                    part = tl.load(region + slot[:, None] * RECORD_ELEMS + cols[None, :], mask=has, other=0.0,
+                                   cache_modifier=".cg")
+                acc += part.to(tl.float32)
+            tl.store(out_ptr + toks64[:, None] * HIDDEN + cols[None, :], _to_bf16(acc), mask=ok)
+        if HAS_WEIGHTS:
+            if lane == 0:
+                ks = tl.arange(0, K_PAD)
+                ok = tok_ok[:, None] & (ks < num_topk)[None, :]
+                weight_region = _heap_ptr(data_bases_ptr, rank, half_offset + HIDDEN * 2, tl.float32, 4)
+                acc_w = tl.zeros([BLOCK_T, K_PAD], tl.float32)
+                for j in tl.static_range(NUM_RANKS):
+                    row = _column(head, ranks, j).to(tl.int64)
+                    has = ok & (_column(chosen, ranks, j) != 0)[:, None]
+                    if j == rank:
+                        part = tl.load(weights_ptr + (self_row0 + row)[:, None] * num_topk + ks[None, :], mask=has,
+                                       other=0.0)
+                    else:
+                        slot = _pick(slot_base, ranks, j) + row
+                        part = tl.load(weight_region + slot[:, None] * (RECORD_ELEMS // 2) + ks[None, :], mask=has,
+                                       other=0.0, cache_modifier=".cg")
+                    acc_w += part
+                tl.store(out_weights_ptr + toks64[:, None] * num_topk + ks[None, :], acc_w, mask=ok)
+    return ready, arrived, failed
+
+
+COMBINE_NO_SPECIALIZE = ["rank", "num_tokens", "num_channels", "tokens_per_channel", "num_topk", "capacity", "budget"]
+
+
+@triton.jit(do_not_specialize=COMBINE_NO_SPECIALIZE)
+def ep_combine_kernel(x_ptr, weights_ptr, bias0_ptr, bias1_ptr, in_rank_ptr, send_head_ptr,
+                      rank_prefix_ptr, send_prefix_ptr, recv_prefix_ptr, out_ptr, out_weights_ptr,
+                      data_bases_ptr, half_bytes, signal_bases_ptr, flags_offset, epoch_ptr, err_addr_ptr,
+                      rank, num_tokens, num_channels, tokens_per_channel, num_topk, capacity, budget,
+                      NUM_RANKS: tl.constexpr, R_PAD: tl.constexpr, HIDDEN: tl.constexpr, LANE_ELEMS: tl.constexpr,
+                      RECORD_ELEMS: tl.constexpr, K_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
+                      BLOCK_H: tl.constexpr, MAX_C: tl.constexpr, HAS_WEIGHTS: tl.constexpr,
+                      HAS_BIAS0: tl.constexpr, HAS_BIAS1: tl.constexpr, USE_TIMER: tl.constexpr):
+    """Push: the rows this rank received from `home` go back to `home`'s combine region, at slot
+    sum_{j < rank} n(home -> j) + send_head_home[t, rank]. Reduce: for this rank's own tokens,
+    bias0 + bias1 + rows of destination ranks ascending, in float32, rounded once to bf16."""
+    pid = tl.program_id(0)
+    channel = pid // 2
+    lane = pid % 2
+    e = tl.load(epoch_ptr) + 1
+    half_offset = (e % 2) * half_bytes
+    ranks = tl.arange(0, R_PAD)
+    rank_ok = ranks < NUM_RANKS
+    err_ptr = tl.load(err_addr_ptr).to(tl.pointer_type(tl.int32))
+    failed = tl.load(err_ptr + 3, volatile=True)
+    zero = tl.full((), 0, tl.int32)
+
+    # ---- push state: homes in ring order
+    for step in tl.static_range(1, NUM_RANKS):
+        home = (rank + step) % NUM_RANKS
+        signal(_heap_ptr(signal_bases_ptr, home, flags_offset + ((rank * MAX_C + channel) * 2 + lane) * 8,
+                         tl.int64, 8), e << 32)
+    send_step = zero + 1
+    home = (rank + send_step) % NUM_RANKS
+    send_count, x_row0, slot0 = _combine_home_block(rank_prefix_ptr, recv_prefix_ptr, home, rank, channel,
+                                                    num_channels, send_step < NUM_RANKS, NUM_RANKS, R_PAD)
+    pushed = zero
+
+    # ---- reduce state: this rank's tokens of channel `channel`
+    first = channel * tokens_per_channel
+    last = tl.minimum(first + tokens_per_channel, num_tokens)
+    # position of the channel's first token among the tokens sent to j, and the channel's count to j
+    chan_start = tl.load(send_prefix_ptr + ranks * num_channels + channel - 1, mask=rank_ok & (channel > 0), other=0)
+    chan_total = tl.load(send_prefix_ptr + ranks * num_channels + channel, mask=rank_ok, other=0) - chan_start
+    upto = tl.load(rank_prefix_ptr + rank * NUM_RANKS + ranks, mask=rank_ok, other=0)
+    before = tl.load(rank_prefix_ptr + (rank - 1) * NUM_RANKS + ranks, mask=rank_ok & (rank > 0), other=0)
+    sent_to = upto - before  # n(rank -> j)
+    slot_base = tl.cumsum(sent_to, axis=0) - sent_to  # where peer j's rows start in my combine region
+    self_row0 = _pick(before, ranks, rank)
+    flags = _heap_ptr(signal_bases_ptr, rank, flags_offset, tl.int64, 8)
+    arrived = tl.full([R_PAD], -1, tl.int32)
+    next_token = first
+    synced = zero
+
+    while (send_step < NUM_RANKS) | (next_token < last) | (synced == 0):
+        if send_step < NUM_RANKS:
+            if pushed < send_count:
+                end = tl.minimum(pushed + BLOCK_T, send_count)
+                _combine_send_tile(pushed, end, x_row0, slot0, home, e, half_offset, lane, channel, x_ptr,
+                                   weights_ptr, data_bases_ptr, signal_bases_ptr, flags_offset, rank, num_topk,
+                                   capacity, HIDDEN, LANE_ELEMS, RECORD_ELEMS, K_PAD, BLOCK_T, BLOCK_H, MAX_C,
+                                   HAS_WEIGHTS)
+                pushed = end
+            if pushed >= send_count:
+                send_step += 1
+                home = (rank + send_step) % NUM_RANKS
+                send_count, x_row0, slot0 = _combine_home_block(rank_prefix_ptr, recv_prefix_ptr, home, rank,
+                                                                channel, num_channels, send_step < NUM_RANKS,
+                                                                NUM_RANKS, R_PAD)
+                pushed = zero
+        blocking = send_step >= NUM_RANKS  # nothing left to push: wait for the peers
+        if next_token < last:
+            ready, arrived, failed = _combine_reduce_tile(
+                next_token, last, arrived, failed, blocking, e, half_offset, lane, channel,
+                x_ptr, weights_ptr, bias0_ptr, bias1_ptr, in_rank_ptr, send_head_ptr, out_ptr, out_weights_ptr,
+                chan_start, slot_base, self_row0, flags, data_bases_ptr, err_ptr, rank, num_topk, budget,
+                NUM_RANKS, R_PAD, HIDDEN, LANE_ELEMS, RECORD_ELEMS, K_PAD, BLOCK_T, BLOCK_H, MAX_C, HAS_WEIGHTS,
+                HAS_BIAS0, HAS_BIAS1, USE_TIMER)
+            if ready:
+                next_token += BLOCK_T
+        else:
+            # every peer's final flag of this epoch, even when it sent nothing
+            if synced == 0:
+                for step in tl.static_range(1, NUM_RANKS):
+                    peer = (rank + step) % NUM_RANKS
+                    peer_arrived, failed = _poll(flags + (peer * MAX_C + channel) * 2 + lane, e,
+                                                 _pick(chan_total, ranks, peer), _pick(arrived, ranks, peer), failed,
+                                                 blocking, err_ptr, _phase_combine, rank, peer, budget, USE_TIMER)
+                    arrived = tl.where(ranks == peer, peer_arrived, arrived)
+                done = tl.sum(((arrived < chan_total) & rank_ok & (ranks != rank)).to(tl.int32), axis=0) == 0
+                if done | (failed != 0):
+                    synced = zero + 1
+        if failed != 0:
+            next_token = last
