@@ -1,0 +1,331 @@
+"""Low-latency mode on Triton kernels over NVLink symmetric memory (kernels in flashep.kernels.low_latency).
+
+Each operation is one send launch and one receive launch of the same kernel. The send phase stores every
+message straight into the destination's region of a symmetric heap and raises flags; the receive phase
+(the hook, or run right away) waits for the flags and builds the outputs. Nothing in the data path syncs
+with the host, so calls can be captured in CUDA graphs once the heap exists.
+
+The heap is this backend's own (separate from normal mode's), allocated at the first low-latency call or in
+`clean_low_latency_buffer`, sized for (T_max, hidden, top-k capacity), and re-allocated collectively when a
+later call needs more: every rank makes the same low-latency calls with the same sizes, so every rank takes
+the same decision.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.distributed as dist
+
+from .. import _env
+from ..kernels import low_latency as kernels
+from ..kernels.sync import PHASE_LL_COMBINE, PHASE_LL_DISPATCH, ErrorWord, use_timer, wait_budget
+from ..transport.heap import Layout, SymmetricHeap
+from .base import Backend, LowLatencyDispatchResult
+
+TOPK_LIMIT = 32  # largest top-k the message slots hold
+MAX_GROUPS = kernels.MAX_GROUPS.value  # flags per (half, source rank): upper bound of programs per peer
+SCAN = 64  # top-k rows read per step when counting or packing
+SLOT_ATTR = "_flashep_topk_slot"  # int8 [L, R * T_max] attached to src_info: k of each received row
+
+
+@dataclass(frozen=True)
+class Tuning:
+    """Launch shapes. Env: FLASHEP_LL_SEND_PROGRAMS, FLASHEP_LL_RECV_PROGRAMS, FLASHEP_LL_BLOCK_H,
+    FLASHEP_LL_TILE_TOKENS, FLASHEP_LL_TILE_ROWS, FLASHEP_LL_NUM_WARPS. Every rank must use the same
+    FLASHEP_LL_SEND_PROGRAMS (it fixes how many flags a receiver waits for)."""
+
+    send_programs: int = 128  # programs of each send kernel, spread over the destination ranks
+    recv_programs: int = 128  # programs of each receive kernel (at least one per local expert / token)
+    block_h: int = 1024  # hidden elements per tile (a multiple of 512: FP8 scales pack 4 groups per int32)
+    tile_tokens: int = 4  # tokens per tile in the dispatch send and the combine receive
+    tile_rows: int = 4  # rows per tile in the dispatch receive and the combine send
+    num_warps: int = 8
+
+    @staticmethod
+    def from_env() -> "Tuning":
+        values = {}
+        for field, env in (("send_programs", "FLASHEP_LL_SEND_PROGRAMS"), ("recv_programs", "FLASHEP_LL_RECV_PROGRAMS"),
+                           ("block_h", "FLASHEP_LL_BLOCK_H"), ("tile_tokens", "FLASHEP_LL_TILE_TOKENS"),
+                           ("tile_rows", "FLASHEP_LL_TILE_ROWS"), ("num_warps", "FLASHEP_LL_NUM_WARPS")):
+            if os.environ.get(env):
+                values[field] = int(os.environ[env])
+        tuning = Tuning(**values)
+        for name in ("block_h", "tile_tokens", "tile_rows", "num_warps"):
+            value = getattr(tuning, name)
+            if value < 1 or value & (value - 1):
+                raise ValueError(f"low-latency tuning: {name} must be a power of two, got {value}")
+        if tuning.block_h < 512:
+            raise ValueError(f"low-latency tuning: block_h must be >= 512, got {tuning.block_h}")
+        if tuning.send_programs < 1 or tuning.recv_programs < 1:
+            raise ValueError("low-latency tuning: send_programs and recv_programs must be >= 1")
+        return tuning
+
+
+@dataclass(frozen=True)
+class Capacity:
+    num_max_tokens: int
+    hidden: int
+    topk: int
+
+    def covers(self, other: "Capacity") -> bool:
+        return (self.num_max_tokens >= other.num_max_tokens and self.hidden >= other.hidden
+                and self.topk >= other.topk)
+
+    def union(self, other: "Capacity") -> "Capacity":
+        return Capacity(max(self.num_max_tokens, other.num_max_tokens), max(self.hidden, other.hidden),
+                        max(self.topk, other.topk))
+
+
+class Regions:
+    """Byte offsets inside the heap. Every region but the flags holds two halves (operation epoch % 2).
+
+    flags: int64 [2, R, G] for dispatch and for combine (G = flags per source rank), int64 [2] publish.
+    data: per dispatch message (source rank, slot < T) a record of 2 * hidden bytes: the BF16 row, or the
+    FP8 row followed by its 4-byte scales. meta: per message `meta` int32: the top-k expert ids, then the
+    source token index at position `topk`. combine: per (token, k) a BF16 row. publish: per (token, k) this
+    rank's expert ids, read by the owners when a handle lost its per-row top-k slots.
+    """
+
+    def __init__(self, num_ranks: int, capacity: Capacity):
+        slots = num_ranks * capacity.num_max_tokens
+        self.capacity = capacity
+        self.row_bytes = 2 * capacity.hidden
+        self.groups = min(MAX_GROUPS, capacity.num_max_tokens)
+        self.meta = -(-(capacity.topk + 1) // 4) * 4
+        flag_bytes = 2 * num_ranks * self.groups * 8
+        layout = Layout()
+        self.dispatch_flags = layout.add("flags", 2 * flag_bytes + 2 * 8)
+        self.combine_flags = self.dispatch_flags + flag_bytes
+        self.publish_flags = self.combine_flags + flag_bytes
+        self.flags_end = layout.size
+        self.data = layout.add("data", 2 * slots * self.row_bytes)
+        self.meta_records = layout.add("meta", 2 * slots * self.meta * 4)
+        self.combine = layout.add("combine", 2 * capacity.num_max_tokens * capacity.topk * self.row_bytes)
+        self.publish = layout.add("publish", 2 * capacity.num_max_tokens * capacity.topk * 4)
+        self.nbytes = layout.size
+
+
+def heap_bytes(num_ranks: int, num_max_tokens: int, hidden: int, num_experts: int) -> int:
+    """Bytes of symmetric memory this backend uses per rank for these sizes (top-k up to min(32, E))."""
+    return Regions(num_ranks, Capacity(num_max_tokens, hidden, min(TOPK_LIMIT, num_experts))).nbytes
+
+
+class TritonLowLatencyBackend(Backend):
+    name = "triton"
+
+    def __init__(self, buffer):
+        self.group = buffer.group
+        self.rank = buffer.rank
+        self.num_ranks = buffer.group_size
+        self.device = buffer.device
+        self.tuning = Tuning.from_env()
+        self.heap: Optional[SymmetricHeap] = None
+        self.regions: Optional[Regions] = None
+        self.epoch = torch.zeros(1, dtype=torch.int64, device=self.device)
+        self.error = ErrorWord(self.device)
+        self._combine_buffer: Optional[torch.Tensor] = None
+        self._no_i32 = torch.zeros(1, dtype=torch.int32, device=self.device)
+        self._no_i64 = torch.zeros(1, dtype=torch.int64, device=self.device)
+        self._no_i8 = torch.zeros(1, dtype=torch.int8, device=self.device)
+
+    # ---- heap --------------------------------------------------------------------------------------------------
+    def _ensure_heap(self, num_max_tokens: int, hidden: int, num_experts: int, topk: int) -> Regions:
+        need = Capacity(num_max_tokens, hidden, max(topk, min(TOPK_LIMIT, num_experts)))
+        if self.regions is not None and self.regions.capacity.covers(need):
+            return self.regions
+        _refuse_in_capture("allocate the low-latency symmetric heap")
+        capacity = need if self.regions is None else self.regions.capacity.union(need)
+        if self.heap is not None:  # no peer may still write into the old heap
+            self._synchronize()
+            dist.barrier(self.group)
+            self.heap.close()
+        regions = Regions(self.num_ranks, capacity)
+        self.heap = SymmetricHeap(self.group, regions.nbytes, self.device)  # zeroed, then a barrier
+        if any(int(b) % 128 for b in self.heap.peer_bases.tolist()):
+            raise RuntimeError("the symmetric heap is not 128-byte aligned")
+        self.regions = regions
+        self.epoch.zero_()  # fresh flags (all zero) on every rank: epochs restart together
+        return regions
+
+    def _synchronize(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def _after_launch(self) -> None:
+        # the interpreter runs kernels synchronously: a timeout is known right away
+        if self.device.type == "cpu":
+            self.error.check()
+
+    def _common(self, regions: Regions) -> dict:
+        return dict(heap_bases=self.heap.peer_bases, epoch_ptr=self.epoch, error_address=self.error.address,
+                    rank=self.rank, budget=wait_budget(), R=self.num_ranks, R_PAD=_pow2(self.num_ranks),
+                    T_CAP=regions.capacity.num_max_tokens, K_CAP=regions.capacity.topk, G_STRIDE=regions.groups,
+                    ROW_BYTES=regions.row_bytes,
+                    USE_TIMER=use_timer(), EXACT_CASTS=_env.interpret_mode(), num_warps=self.tuning.num_warps)
+
+    # ---- dispatch ----------------------------------------------------------------------------------------------
+    def low_latency_dispatch(self, x, topk_idx, num_max_tokens, num_experts, use_fp8, round_scale, use_ue8m0,
+                             cumulative_local_expert_recv_stats, dispatch_wait_recv_cost_stats):
+        self.error.check()
+        num_tokens, hidden = x.shape
+        topk = topk_idx.size(1)
+        regions = self._ensure_heap(num_max_tokens, hidden, num_experts, topk)
+        num_ranks, num_local = self.num_ranks, num_experts // self.num_ranks
+        rows = num_ranks * num_max_tokens
+        dev = self.device
+        recv_x = torch.empty((num_local, rows, hidden), dtype=torch.float8_e4m3fn if use_fp8 else torch.bfloat16,
+                             device=dev)
+        num_scales = hidden // 512 if use_ue8m0 else hidden // 128
+        scales = None
+        if use_fp8:  # column-major in the last two dims: allocated [L, S, rows], returned transposed
+            scales = torch.empty((num_local, num_scales, rows), dtype=torch.int32 if use_ue8m0 else torch.float32,
+                                 device=dev)
+        recv_count = torch.empty(num_local, dtype=torch.int32, device=dev)
+        src_info = torch.empty((num_local, rows), dtype=torch.int32, device=dev)
+        layout_range = torch.empty((num_local, num_ranks), dtype=torch.int64, device=dev)
+        topk_slot = torch.empty((num_local, rows), dtype=torch.int8, device=dev)
+        row_msg = torch.empty((num_local, rows), dtype=torch.int32, device=dev)  # receive-phase scratch
+        setattr(src_info, SLOT_ATTR, topk_slot)
+
+        groups, tokens_per_group = self._dispatch_groups(num_max_tokens, regions)
+        parts = max(1, min(8, -(-self.tuning.recv_programs // num_local)))
+        block_h = self.tuning.block_h
+        args = dict(
+            x_ptr=x, topk_ptr=topk_idx, num_tokens=num_tokens,
+            recv_x=recv_x.view(torch.uint8) if use_fp8 else recv_x,
+            recv_scales=scales.view(torch.int32) if use_fp8 else self._no_i32,
+            recv_count=recv_count, src_info=src_info, topk_slot=topk_slot, layout_range=layout_range, row_msg=row_msg,
+            expert_stats=_or(cumulative_local_expert_recv_stats, self._no_i32),
+            wait_stats=_or(dispatch_wait_recv_cost_stats, self._no_i64),
+            num_local=num_local, rows_per_expert=rows, tokens_per_group=tokens_per_group, num_groups=groups,
+            num_parts=parts, off_data=regions.data, off_meta=regions.meta_records, off_flags=regions.dispatch_flags,
+            H=hidden, K=topk, K_PAD=_pow2(topk), META=regions.meta, G_PAD=_pow2(groups), NUM_SCALES=num_scales, SCALES_PAD=_pow2(num_scales), USE_FP8=use_fp8, ROUND_SCALE=round_scale,
+            UE8M0=use_ue8m0, HAS_EXPERT_STATS=cumulative_local_expert_recv_stats is not None,
+            HAS_WAIT_STATS=dispatch_wait_recv_cost_stats is not None,
+            TILE_T=min(self.tuning.tile_tokens, _pow2(tokens_per_group)),
+            TILE_R=self.tuning.tile_rows, BLOCK_H=block_h, SCAN=SCAN, PHASE_CODE=PHASE_LL_DISPATCH,
+            **self._common(regions))
+        kernels.ep_ll_dispatch_kernel[(num_ranks * groups,)](PHASE=kernels.SEND.value, **args)
+        self.epoch.add_(1)
+        self._after_launch()
+        receive = self._receive_on_this_stream(
+            lambda: kernels.ep_ll_dispatch_kernel[(num_local * parts,)](PHASE=kernels.RECEIVE.value, **args))
+        return LowLatencyDispatchResult(recv_x=recv_x, recv_x_scales=scales.transpose(1, 2) if use_fp8 else None,
+                                        recv_count=recv_count, src_info=src_info, layout_range=layout_range,
+                                        receive=receive)
+
+    def _dispatch_groups(self, num_max_tokens: int, regions: Regions) -> tuple[int, int]:
+        """Token groups per destination (the same on every rank: it depends on T_max and R only)."""
+        groups = max(1, min(regions.groups, num_max_tokens, -(-self.tuning.send_programs // self.num_ranks)))
+        tokens_per_group = -(-num_max_tokens // groups)
+        return -(-num_max_tokens // tokens_per_group), tokens_per_group
+
+    # ---- combine -----------------------------------------------------------------------------------------------
+    def low_latency_combine(self, x, topk_idx, topk_weights, handle, zero_copy, out, combine_wait_recv_cost_stats):
+        self.error.check()
+        src_info, layout_range, num_max_tokens, hidden, num_experts = handle
+        num_ranks, num_local = self.num_ranks, num_experts // self.num_ranks
+        rows = num_ranks * num_max_tokens
+        _check_handle(src_info, layout_range, num_local, num_ranks, rows, self.device)
+        num_tokens, topk = topk_idx.shape
+        regions = self._ensure_heap(num_max_tokens, hidden, num_experts, topk)
+        source = self._zero_copy_source(num_max_tokens, hidden, num_experts) if zero_copy else x
+        topk_slot = getattr(src_info, SLOT_ATTR, None)
+        if topk_slot is not None and tuple(topk_slot.shape) != tuple(src_info.shape):
+            topk_slot = None
+        groups = max(1, min(regions.groups, -(-self.tuning.send_programs // num_ranks)))
+        args = dict(
+            x_ptr=source, x_expert_stride=source.stride(0), x_row_stride=source.stride(1), topk_ptr=topk_idx,
+            weights_ptr=topk_weights, num_tokens=num_tokens, out_ptr=out.view(torch.int16), src_info=src_info,
+            topk_slot=_or(topk_slot, self._no_i8), layout_range=layout_range,
+            wait_stats=_or(combine_wait_recv_cost_stats, self._no_i64), num_local=num_local, rows_per_expert=rows,
+            num_groups=groups, off_combine=regions.combine, off_flags=regions.combine_flags,
+            off_publish=regions.publish, off_publish_flags=regions.publish_flags,
+            H=hidden, K=topk, K_PAD=_pow2(topk), G_PAD=_pow2(groups), L_PAD=_pow2(num_local),
+            HAS_SLOTS=topk_slot is not None, HAS_WAIT_STATS=combine_wait_recv_cost_stats is not None,
+            TILE_T=self.tuning.tile_tokens, TILE_R=self.tuning.tile_rows, BLOCK_H=self.tuning.block_h,
+            PHASE_CODE=PHASE_LL_COMBINE, **self._common(regions))
+        kernels.ep_ll_combine_kernel[(num_ranks * groups,)](PHASE=kernels.SEND.value, **args)
+        self.epoch.add_(1)
+        self._after_launch()
+        token_tiles = max(1, -(-num_tokens // self.tuning.tile_tokens))
+        hidden_parts = max(1, min(-(-hidden // self.tuning.block_h), -(-self.tuning.recv_programs // token_tiles)))
+        return self._receive_on_this_stream(
+            lambda: kernels.ep_ll_combine_kernel[(token_tiles, hidden_parts)](PHASE=kernels.RECEIVE.value, **args))
+
+    def get_next_low_latency_combine_buffer(self, num_max_tokens: int, hidden: int, num_experts: int) -> torch.Tensor:
+        """A local bf16 [L, R * T_max, H] view with row stride H + H / 64 (DeepEP's strides). It is read only
+        by this rank's own combine send (stream-ordered), so one buffer serves every call."""
+        num_local, rows, row = num_experts // self.num_ranks, self.num_ranks * num_max_tokens, hidden + hidden // 64
+        numel = num_local * rows * row
+        if self._combine_buffer is None or self._combine_buffer.numel() < numel:
+            _refuse_in_capture("allocate the zero-copy combine buffer")
+            self._combine_buffer = torch.empty(numel, dtype=torch.bfloat16, device=self.device)
+        return self._combine_buffer.as_strided((num_local, rows, hidden), (rows * row, row, 1))
+
+    def _zero_copy_source(self, num_max_tokens: int, hidden: int, num_experts: int) -> torch.Tensor:
+        num_local, rows, row = num_experts // self.num_ranks, self.num_ranks * num_max_tokens, hidden + hidden // 64
+        if self._combine_buffer is None or self._combine_buffer.numel() < num_local * rows * row:
+            raise ValueError("zero_copy=True: write the expert outputs into get_next_low_latency_combine_buffer(handle) "
+                             "first (no such buffer exists for this handle's sizes)")
+        return self._combine_buffer.as_strided((num_local, rows, hidden), (rows * row, row, 1))
+
+    # ---- hooks, cleaning, teardown -----------------------------------------------------------------------------
+    def _receive_on_this_stream(self, launch: Callable[[], None]) -> Callable[[], None]:
+        """The receive phase runs on the stream of the send phase, whenever the hook is called."""
+        stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
+
+        def receive() -> None:
+            if stream is None:
+                launch()
+                self._after_launch()
+            else:
+                with torch.cuda.stream(stream):
+                    launch()
+
+        return receive
+
+    def clean_low_latency_buffer(self, num_max_tokens: int, hidden: int, num_experts: int) -> None:
+        """Collective: flags back to zero and epochs restarted on every rank (e.g. after a timeout)."""
+        regions = self._ensure_heap(num_max_tokens, hidden, num_experts, 0)
+        self._synchronize()
+        dist.barrier(self.group)
+        self.heap.local[:regions.flags_end].zero_()
+        self.epoch.zero_()
+        self.error.host.zero_()
+        self._synchronize()
+        dist.barrier(self.group)
+
+    def destroy(self) -> None:
+        self._synchronize()
+        if self.heap is not None:
+            self.heap.close()
+        self.heap = self.regions = self._combine_buffer = None
+
+
+def _check_handle(src_info, layout_range, num_local: int, num_ranks: int, rows: int, device) -> None:
+    if not isinstance(src_info, torch.Tensor) or src_info.dtype != torch.int32 or tuple(src_info.shape) != (
+            num_local, rows) or not src_info.is_contiguous() or src_info.device != device:
+        raise ValueError(f"handle[0] (src_info) must be a contiguous int32 tensor of shape {(num_local, rows)} on "
+                         f"{device}, as low_latency_dispatch returned it")
+    if not isinstance(layout_range, torch.Tensor) or layout_range.dtype != torch.int64 or tuple(
+            layout_range.shape) != (num_local, num_ranks) or not layout_range.is_contiguous():
+        raise ValueError(f"handle[1] (layout_range) must be a contiguous int64 tensor of shape "
+                         f"{(num_local, num_ranks)}, as low_latency_dispatch returned it")
+
+
+def _refuse_in_capture(what: str) -> None:
+    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(f"flashep cannot {what} inside CUDA graph capture: make one low-latency call with these "
+                           f"sizes (and get_next_low_latency_combine_buffer for zero_copy) before capturing")
+
+
+def _or(tensor: Optional[torch.Tensor], fallback: torch.Tensor) -> torch.Tensor:
+    return fallback if tensor is None else tensor
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())

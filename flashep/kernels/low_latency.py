@@ -1,0 +1,518 @@
+"""Triton kernels of low-latency mode: direct stores into peers' symmetric heap regions.
+
+Two kernels, each launched twice per operation (send phase, then receive phase, selected by the
+constexpr PHASE), so that a profiler sees exactly one kernel name per operation:
+
+- `ep_ll_dispatch_kernel`
+  send, grid R * G: program (d, g) takes token group g of this rank, and for each token bound for rank d
+  (one of its top-k experts lives there) stores one message into d's receive region at slot
+  `position of the token among this rank's tokens bound for d`: the FP8 row (quantised here) followed by
+  its scales, or the BF16 row, into the data record; its top-k row and token index into the meta record.
+  Then it publishes `(e << 32) | tokens` in d's flag [half][this rank][g]. Send programs never wait.
+  receive, grid L * P: program (local expert l, part p) waits for every flag of every source, scans the
+  received top-k rows of each source in slot order, and packs the rows that selected expert l in
+  (source rank, token, k) order: src_info, the top-k slot k of each row, layout_range, recv_count and the
+  statistics. Rows are split between the P parts by tiles of TILE_R rows.
+- `ep_ll_combine_kernel`
+  send, grid R * G: program (h, g) takes chunk g of the rows this rank received from rank h (all local
+  experts, in expert order) and stores each row into h's combine region at slot (token, k), then
+  publishes its flag [half][this rank][g] on h.
+  receive, grid (token tiles, hidden parts): waits for every owner's flags, then per token sums
+  `w[t, k] * y[t, k]` in fp32 over k in order (entries -1 skipped) and writes bf16.
+
+Epochs: the send phase uses e = epoch + 1, the host bumps `epoch` after the send launch, the receive phase
+reads e = epoch. Regions are double-buffered by e % 2 (see docs/design.md).
+
+Under TRITON_INTERPRET=1 the float -> fp8 / bf16 conversions run in integer code (EXACT_CASTS), because
+the interpreter's own conversions do not round to nearest even; on the GPU the hardware converts.
+"""
+import triton
+import triton.language as tl
+
+from .sync import now_ns, record_timeout, signal
+
+SEND = tl.constexpr(0)
+RECEIVE = tl.constexpr(1)
+MAX_GROUPS = tl.constexpr(64)  # most flags per (half, source rank): programs per destination of a send
+FP8_MAX = tl.constexpr(448.0)
+AMAX_FLOOR = tl.constexpr(1e-4)
+
+
+# ---- helpers ---------------------------------------------------------------------------------------------------
+@triton.jit
+def _heap_ptr(heap_bases, rank, offset, dtype: tl.constexpr):
+    """Pointer to byte `offset` of `rank`'s heap (offsets are multiples of 128, bases 128-aligned). The
+    alignment hint goes on the pointer: Triton does not carry it through an int -> pointer cast, and
+    without it every access would be split into single elements instead of 16-byte vectors."""
+    return tl.multiple_of((tl.load(heap_bases + rank) + offset).to(tl.pointer_type(dtype)), 16)
+
+
+@triton.jit
+def _error_ptr(error_address):
+    return tl.load(error_address).to(tl.pointer_type(tl.int32))
+
+
+@triton.jit
+def _wait_flags(flags, num_rows, num_cols, target, budget, error_address, phase, rank,
+                ROWS: tl.constexpr, COLS: tl.constexpr, ROW_STRIDE: tl.constexpr, USE_TIMER: tl.constexpr):
+    """Spin until flags[r * ROW_STRIDE + c] >= target for every r < num_rows, c < num_cols.
+    -> (ok, per-row wait in ns). On timeout records (phase, rank, first missing row) in the error word."""
+    rows = tl.arange(0, ROWS)
+    cols = tl.arange(0, COLS)
+    mask = (rows[:, None] < num_rows) & (cols[None, :] < num_cols)
+    ptrs = flags + rows[:, None] * ROW_STRIDE + cols[None, :]
+    start = now_ns(USE_TIMER)
+    waited = tl.zeros([ROWS], dtype=tl.int64)
+    done = rows >= num_rows
+    spins = 0
+    alive = True
+    while (tl.min(done.to(tl.int32), axis=0) == 0) & alive:
+        values = tl.atomic_add(ptrs, 0, mask=mask, sem="acquire", scope="sys")
+        row_done = tl.min(tl.where(mask, values, target), axis=1) >= target
+        elapsed = now_ns(USE_TIMER) - start
+        waited = tl.where(row_done & (done == 0), elapsed, waited)
+        done = done | row_done
+        spins += 1
+        if USE_TIMER:
+            alive = elapsed < budget
+        else:
+            alive = spins < budget
+    ok = tl.min(done.to(tl.int32), axis=0) == 1
+    if ok == 0:
+        missing = tl.min(tl.where(done, ROWS, rows), axis=0)
+        record_timeout(_error_ptr(error_address), phase, rank, missing)
+    return ok, waited
+
+
+@triton.jit
+def _e4m3_bits_exact(v):
+    """fp32 -> float8_e4m3fn bit pattern, round to nearest even, saturating at 448 (integer code)."""
+    bits = v.to(tl.int32, bitcast=True)
+    sign = (bits >> 24) & 0x80
+    a = tl.minimum(tl.abs(v), FP8_MAX)
+    abits = a.to(tl.int32, bitcast=True)
+    rounded = abits + 0x7FFFF + ((abits >> 20) & 1)  # round the mantissa to 3 bits
+    normal = (((rounded >> 23) - 120) << 3) | ((rounded >> 20) & 7)
+    subnormal = ((a * 512.0 + 8388608.0) - 8388608.0).to(tl.int32)  # multiples of 2^-9, rounded by the add
+    magnitude = tl.where(a >= 0.015625, normal, subnormal)
+    return (sign | magnitude).to(tl.uint8)
+
+
+@triton.jit
+def _to_e4m3_bits(v, EXACT_CASTS: tl.constexpr):
+    if EXACT_CASTS:
+        out = _e4m3_bits_exact(v)
+    else:
+        out = v.to(tl.float8e4nv).to(tl.uint8, bitcast=True)
+    return out
+
+
+@triton.jit
+def _to_bf16_bits(v, EXACT_CASTS: tl.constexpr):
+    """fp32 -> bfloat16 bit pattern (int16), round to nearest even."""
+    if EXACT_CASTS:
+        bits = v.to(tl.int32, bitcast=True)
+        out = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).to(tl.int16)
+    else:
+        out = v.to(tl.bfloat16).to(tl.int16, bitcast=True)
+    return out
+
+
+@triton.jit
+def _bound_for(topk_ptr, tokens, token_mask, dst, num_local, K: tl.constexpr, K_PAD: tl.constexpr):
+    """[tokens] bool: the token selects at least one expert of rank `dst`."""
+    ks = tl.arange(0, K_PAD)
+    ids = tl.load(topk_ptr + tokens[:, None] * K + ks[None, :], mask=token_mask[:, None] & (ks[None, :] < K),
+                  other=-1).to(tl.int32)  # 32-bit division is much cheaper than 64-bit
+    hit = (ids >= 0) & (ids // num_local == dst)
+    return (tl.max(hit.to(tl.int32), axis=1) > 0) & token_mask
+
+
+# ---- dispatch ------------------------------------------------------------------------------------------------
+@triton.jit
+def _quantize_and_store(x_ptr, tokens, send, h0, data_dst, msg, H: tl.constexpr, ROW_BYTES: tl.constexpr,
+                        ROUND_SCALE: tl.constexpr, UE8M0: tl.constexpr, EXACT_CASTS: tl.constexpr,
+                        BLOCK_H: tl.constexpr):
+    """FP8-quantise columns [h0, h0 + BLOCK_H) of the tokens; store the bytes and the scales (which follow
+    the H payload bytes of each data record). Tile [token, 4 scale groups, scale group, channel]: UE8M0
+    packs the 4 groups of axis 2 into one int32."""
+    Q: tl.constexpr = BLOCK_H // 512
+    quad = tl.arange(0, Q)
+    part = tl.arange(0, 4)
+    chan = tl.arange(0, 128)
+    cols = h0 + quad[None, :, None, None] * 512 + part[None, None, :, None] * 128 + chan[None, None, None, :]
+    mask = send[:, None, None, None] & (cols < H)
+    x = tl.load(x_ptr + tokens[:, None, None, None].to(tl.int64) * H + cols, mask=mask, other=0.0).to(tl.float32)
+    amax = tl.maximum(tl.max(tl.abs(x), axis=3), AMAX_FLOOR)  # [TILE_T, Q, 4]
+    if ROUND_SCALE:
+        bits = tl.div_rn(amax, FP8_MAX).to(tl.int32, bitcast=True)
+        exponent = ((bits >> 23) & 0xFF) - 127 + ((bits & 0x7FFFFF) != 0).to(tl.int32)
+        scale = ((127 - exponent) << 23).to(tl.float32, bitcast=True)
+        scale_inv = ((127 + exponent) << 23).to(tl.float32, bitcast=True)
+    else:
+        # 448 * (1 / amax) with the reciprocal rounded first: what torch computes for `448.0 / amax`, which
+        # the oracle and the collective backend use, so every backend quantises bit for bit alike
+        scale = tl.div_rn(tl.full(amax.shape, 1.0, tl.float32), amax) * FP8_MAX
+        scale_inv = tl.div_rn(amax, FP8_MAX)
+    q = _to_e4m3_bits(x * scale[:, :, :, None], EXACT_CASTS)
+    record = msg.to(tl.int64) * ROW_BYTES
+    tl.store(data_dst + record[:, None, None, None] + cols, q, mask=mask)
+    scale_dst = (data_dst + H).to(tl.pointer_type(tl.int32))
+    scale_record = msg.to(tl.int64) * (ROW_BYTES // 4)
+    if UE8M0:
+        packed = tl.sum((exponent + 127) << (part[None, None, :] * 8), axis=2)  # group 4p + j in byte j
+        packed_cols = h0 // 512 + quad[None, :]
+        tl.store(scale_dst + scale_record[:, None] + packed_cols, packed,
+                 mask=send[:, None] & (packed_cols * 512 < H))
+    else:
+        scale_cols = h0 // 128 + quad[None, :, None] * 4 + part[None, None, :]
+        tl.store(scale_dst + scale_record[:, None, None] + scale_cols, scale_inv.to(tl.int32, bitcast=True),
+                 mask=send[:, None, None] & (scale_cols * 128 < H))
+
+
+@triton.jit
+def _dispatch_send(x_ptr, topk_ptr, num_tokens, heap_bases, epoch_ptr, rank, num_local, off_data, off_meta,
+                   off_flags, tokens_per_group, num_groups,
+                   H: tl.constexpr, K: tl.constexpr, K_PAD: tl.constexpr, R: tl.constexpr, T_CAP: tl.constexpr,
+                   K_CAP: tl.constexpr, META: tl.constexpr, G_STRIDE: tl.constexpr, ROW_BYTES: tl.constexpr,
+                   USE_FP8: tl.constexpr, ROUND_SCALE: tl.constexpr, UE8M0: tl.constexpr,
+                   EXACT_CASTS: tl.constexpr, TILE_T: tl.constexpr, BLOCK_H: tl.constexpr, SCAN: tl.constexpr):
+    pid = tl.program_id(0)
+    dst = pid // num_groups
+    group = pid % num_groups
+    e = tl.load(epoch_ptr) + 1
+    half = e % 2
+    records = R * T_CAP  # message records per half
+    t0 = tl.minimum(group * tokens_per_group, num_tokens)
+    t1 = tl.minimum(t0 + tokens_per_group, num_tokens)
+
+    # slot of the group's first token for dst = tokens before t0 bound for dst
+    sent = tl.zeros((), tl.int32)
+    start = tl.zeros((), tl.int32)
+    while start < t0:
+        tokens = start + tl.arange(0, SCAN)
+        sent += tl.sum(_bound_for(topk_ptr, tokens, tokens < t0, dst, num_local, K, K_PAD).to(tl.int32), axis=0)
+        start += SCAN
+    first_slot = sent
+
+    if USE_FP8:
+        data_dst = _heap_ptr(heap_bases, dst, off_data + half * records * ROW_BYTES, tl.uint8)
+    else:
+        data_dst = _heap_ptr(heap_bases, dst, off_data + half * records * ROW_BYTES, tl.bfloat16)
+    meta_dst = _heap_ptr(heap_bases, dst, off_meta + half * records * META * 4, tl.int32)
+    ks = tl.arange(0, K_PAD)
+    start = t0
+    while start < t1:
+        tokens = start + tl.arange(0, TILE_T)
+        send = _bound_for(topk_ptr, tokens, tokens < t1, dst, num_local, K, K_PAD)
+        send_i = send.to(tl.int32)
+        msg = rank * T_CAP + sent + tl.cumsum(send_i, axis=0) - send_i
+        for h0 in range(0, H, BLOCK_H):
+            if USE_FP8:
+                _quantize_and_store(x_ptr, tokens, send, h0, data_dst, msg, H, ROW_BYTES, ROUND_SCALE, UE8M0,
+                                    EXACT_CASTS, BLOCK_H)
+            else:
+                cols = h0 + tl.arange(0, BLOCK_H)
+                mask = send[:, None] & (cols[None, :] < H)
+                row = tl.load(x_ptr + tokens[:, None].to(tl.int64) * H + cols[None, :], mask=mask)
+                tl.store(data_dst + msg[:, None].to(tl.int64) * (ROW_BYTES // 2) + cols[None, :], row, mask=mask)
+        kmask = send[:, None] & (ks[None, :] < K)
+        ids = tl.load(topk_ptr + tokens[:, None] * K + ks[None, :], mask=kmask, other=-1)
+        tl.store(meta_dst + msg[:, None] * META + ks[None, :], ids.to(tl.int32), mask=kmask)
+        tl.store(meta_dst + msg * META + K_CAP, tokens, mask=send)
+        sent += tl.sum(send_i, axis=0)
+        start += TILE_T
+
+    flags = _heap_ptr(heap_bases, dst, off_flags, tl.int64)
+    signal(flags + (half * R + rank) * G_STRIDE + group, (e << 32) | (sent - first_slot))
+
+
+@triton.jit
+def _copy_rows(recv_x, recv_scales, row_msg, data_src, local_expert, begin, end, part, num_parts, rows_per_expert,
+               H: tl.constexpr, ROW_BYTES: tl.constexpr, NUM_SCALES: tl.constexpr, SCALES_PAD: tl.constexpr,
+               USE_FP8: tl.constexpr, TILE_R: tl.constexpr, BLOCK_H: tl.constexpr):
+    """Copy this part's rows in [begin, end) of one local expert from the data records to the outputs."""
+    first_tile = begin // TILE_R
+    tile = first_tile + (part - first_tile % num_parts + num_parts) % num_parts
+    expert_base = local_expert.to(tl.int64) * rows_per_expert
+    while tile * TILE_R < end:
+        rows = tile * TILE_R + tl.arange(0, TILE_R)
+        rmask = (rows >= begin) & (rows < end)
+        msg = tl.load(row_msg + expert_base + rows, mask=rmask, other=0).to(tl.int64)
+        for h0 in range(0, H, BLOCK_H):
+            cols = h0 + tl.arange(0, BLOCK_H)
+            mask = rmask[:, None] & (cols[None, :] < H)
+            if USE_FP8:
+                v = tl.load(data_src + msg[:, None] * ROW_BYTES + cols[None, :], mask=mask, cache_modifier=".cg")
+            else:
+                v = tl.load(data_src + msg[:, None] * (ROW_BYTES // 2) + cols[None, :], mask=mask,
+                            cache_modifier=".cg")
+            tl.store(recv_x + (expert_base + rows[:, None]) * H + cols[None, :], v, mask=mask)
+        if USE_FP8:
+            sc = tl.arange(0, SCALES_PAD)
+            smask = rmask[:, None] & (sc[None, :] < NUM_SCALES)
+            scale_src = (data_src + H).to(tl.pointer_type(tl.int32))
+            s = tl.load(scale_src + msg[:, None] * (ROW_BYTES // 4) + sc[None, :], mask=smask, cache_modifier=".cg")
+            # the scale outputs are column-major: [L, NUM_SCALES, rows_per_expert]
+            out = recv_scales + (local_expert.to(tl.int64) * NUM_SCALES + sc[None, :]) * rows_per_expert
+            tl.store(out + rows[:, None], s, mask=smask)
+        tile += num_parts
+
+
+@triton.jit
+def _dispatch_receive(recv_x, recv_scales, recv_count, src_info, topk_slot, layout_range, row_msg, expert_stats,
+                      wait_stats, heap_bases, epoch_ptr, error_address, rank, num_local, rows_per_expert, num_parts,
+                      num_groups, budget, off_data, off_meta, off_flags,
+                      H: tl.constexpr, K: tl.constexpr, K_PAD: tl.constexpr, R: tl.constexpr, R_PAD: tl.constexpr,
+                      T_CAP: tl.constexpr, K_CAP: tl.constexpr, META: tl.constexpr, G_STRIDE: tl.constexpr,
+                      G_PAD: tl.constexpr, ROW_BYTES: tl.constexpr, NUM_SCALES: tl.constexpr,
+                      SCALES_PAD: tl.constexpr, USE_FP8: tl.constexpr, HAS_EXPERT_STATS: tl.constexpr,
+                      HAS_WAIT_STATS: tl.constexpr, USE_TIMER: tl.constexpr, TILE_R: tl.constexpr,
+                      BLOCK_H: tl.constexpr, SCAN: tl.constexpr, PHASE_CODE: tl.constexpr):
+    pid = tl.program_id(0)
+    local_expert = pid // num_parts
+    part = pid % num_parts
+    e = tl.load(epoch_ptr)
+    half = e % 2
+    records = R * T_CAP
+    expert = rank * num_local + local_expert
+
+    flags = _heap_ptr(heap_bases, rank, off_flags, tl.int64) + half * R * G_STRIDE
+    ok, waited = _wait_flags(flags, R, num_groups, e << 32, budget, error_address, PHASE_CODE, rank,
+                             R_PAD, G_PAD, G_STRIDE, USE_TIMER)
+    if ok:
+        if HAS_WAIT_STATS:
+            if pid == 0:
+                sources = tl.arange(0, R_PAD)
+                tl.atomic_add(wait_stats + sources, waited, mask=sources < R, sem="relaxed")
+        if USE_FP8:
+            data_src = _heap_ptr(heap_bases, rank, off_data + half * records * ROW_BYTES, tl.uint8)
+        else:
+            data_src = _heap_ptr(heap_bases, rank, off_data + half * records * ROW_BYTES, tl.bfloat16)
+        meta_src = _heap_ptr(heap_bases, rank, off_meta + half * records * META * 4, tl.int32)
+        expert_base = local_expert.to(tl.int64) * rows_per_expert
+        ks = tl.arange(0, K_PAD)
+        gs = tl.arange(0, G_PAD)
+        begin = tl.zeros((), tl.int32)
+        for src in range(R):
+            counts = tl.load(flags + src * G_STRIDE + gs, mask=gs < num_groups, other=0)
+            num_msgs = tl.sum((counts & 0xFFFFFFFF).to(tl.int32), axis=0)
+            end = begin
+            # pack: rows of this expert in (slot, k) order; slots are in token order
+            s0 = tl.zeros((), tl.int32)
+            while s0 < num_msgs:
+                slots = s0 + tl.arange(0, SCAN)
+                msg = src * T_CAP + slots
+                ids = tl.load(meta_src + msg[:, None] * META + ks[None, :],
+                              mask=(slots[:, None] < num_msgs) & (ks[None, :] < K), other=-1, cache_modifier=".cg")
+                match = (ids == expert).to(tl.int32)
+                per_slot = tl.sum(match, axis=1)
+                rows = end + (tl.cumsum(per_slot, axis=0) - per_slot)[:, None] + tl.cumsum(match, axis=1) - match
+                mine = (match > 0) & (rows < rows_per_expert) & ((rows // TILE_R) % num_parts == part)
+                token = tl.load(meta_src + msg * META + K_CAP, mask=slots < num_msgs, other=0, cache_modifier=".cg")
+                tl.store(src_info + expert_base + rows, tl.broadcast_to(token[:, None], rows.shape), mask=mine)
+                tl.store(topk_slot + expert_base + rows, tl.broadcast_to(ks[None, :], rows.shape).to(tl.int8),
+                         mask=mine)
+                tl.store(row_msg + expert_base + rows, tl.broadcast_to(msg[:, None], rows.shape), mask=mine)
+                end += tl.sum(per_slot, axis=0)
+                s0 += SCAN
+            end = tl.minimum(end, rows_per_expert)
+            if part == 0:
+                tl.store(layout_range + local_expert * R + src, (begin.to(tl.int64) << 32) | (end - begin))
+            tl.debug_barrier()  # this program's row_msg stores are read back below
+            _copy_rows(recv_x, recv_scales, row_msg, data_src, local_expert, begin, end, part, num_parts,
+                       rows_per_expert, H, ROW_BYTES, NUM_SCALES, SCALES_PAD, USE_FP8, TILE_R, BLOCK_H)
+            begin = end
+        if part == 0:
+            tl.store(recv_count + local_expert, begin)
+            if HAS_EXPERT_STATS:
+                tl.store(expert_stats + local_expert, tl.load(expert_stats + local_expert) + begin)
+
+
+@triton.jit(do_not_specialize=["num_tokens", "rank", "budget"])
+def ep_ll_dispatch_kernel(x_ptr, topk_ptr, num_tokens, recv_x, recv_scales, recv_count, src_info, topk_slot,
+                          layout_range, row_msg, expert_stats, wait_stats, heap_bases, epoch_ptr, error_address,
+                          rank, num_local, rows_per_expert, tokens_per_group, num_groups, num_parts, budget,
+                          off_data, off_meta, off_flags,
+                          PHASE: tl.constexpr, H: tl.constexpr, K: tl.constexpr, K_PAD: tl.constexpr,
+                          R: tl.constexpr, R_PAD: tl.constexpr, T_CAP: tl.constexpr, K_CAP: tl.constexpr,
+                          META: tl.constexpr, G_STRIDE: tl.constexpr, G_PAD: tl.constexpr, ROW_BYTES: tl.constexpr,
+                          NUM_SCALES: tl.constexpr, SCALES_PAD: tl.constexpr, USE_FP8: tl.constexpr,
+                          ROUND_SCALE: tl.constexpr, UE8M0: tl.constexpr, EXACT_CASTS: tl.constexpr,
+                          HAS_EXPERT_STATS: tl.constexpr, HAS_WAIT_STATS: tl.constexpr, USE_TIMER: tl.constexpr,
+                          TILE_T: tl.constexpr, TILE_R: tl.constexpr, BLOCK_H: tl.constexpr, SCAN: tl.constexpr,
+                          PHASE_CODE: tl.constexpr):
+    if PHASE == SEND:
+        _dispatch_send(x_ptr, topk_ptr, num_tokens, heap_bases, epoch_ptr, rank, num_local, off_data, off_meta,
+                       off_flags, tokens_per_group, num_groups, H, K, K_PAD, R, T_CAP, K_CAP, META, G_STRIDE,
+                       ROW_BYTES, USE_FP8, ROUND_SCALE, UE8M0, EXACT_CASTS, TILE_T, BLOCK_H, SCAN)
+    else:
+        _dispatch_receive(recv_x, recv_scales, recv_count, src_info, topk_slot, layout_range, row_msg, expert_stats,
+                          wait_stats, heap_bases, epoch_ptr, error_address, rank, num_local, rows_per_expert,
+                          num_parts, num_groups, budget, off_data, off_meta, off_flags, H, K, K_PAD, R, R_PAD,
+                          T_CAP, K_CAP, META, G_STRIDE, G_PAD, ROW_BYTES, NUM_SCALES, SCALES_PAD, USE_FP8,
+                          HAS_EXPERT_STATS, HAS_WAIT_STATS, USE_TIMER, TILE_R, BLOCK_H, SCAN, PHASE_CODE)
+
+
+# ---- combine -------------------------------------------------------------------------------------------------
+@triton.jit
+def _publish_topk(topk_ptr, num_tokens, heap_bases, rank, half, e, off_publish, off_publish_flags,
+                  K: tl.constexpr, K_PAD: tl.constexpr, T_CAP: tl.constexpr, K_CAP: tl.constexpr,
+                  TILE_T: tl.constexpr):
+    """Copy this rank's top-k rows into its own heap for the owners, then raise its publish flag."""
+    own = _heap_ptr(heap_bases, rank, off_publish + half * T_CAP * K_CAP * 4, tl.int32)
+    ks = tl.arange(0, K_PAD)
+    t0 = tl.zeros((), tl.int32)
+    while t0 < num_tokens:
+        tokens = t0 + tl.arange(0, TILE_T)
+        mask = (tokens[:, None] < num_tokens) & (ks[None, :] < K)
+        ids = tl.load(topk_ptr + tokens[:, None] * K + ks[None, :], mask=mask, other=-1)
+        tl.store(own + tokens[:, None] * K_CAP + ks[None, :], ids.to(tl.int32), mask=mask)
+        t0 += TILE_T
+    signal(_heap_ptr(heap_bases, rank, off_publish_flags, tl.int64) + half, e)
+
+
+@triton.jit
+def _find_slot(home_topk, src_info, base, row, row_begin, token, expert, mask,
+               K: tl.constexpr, K_PAD: tl.constexpr, K_CAP: tl.constexpr):
+    """Top-k position k of a row's (token, expert) selection in the home rank's published top-k row.
+    The n-th row of one token inside an expert's block (blocks are in token order, so such rows are
+    adjacent) takes the n-th k that selects the expert."""
+    ks = tl.arange(0, K_PAD)
+    back = ks[None, :] + 1
+    earlier = mask[:, None] & (row[:, None] - back >= row_begin[:, None])
+    earlier_token = tl.load(src_info + (base[:, None] - back), mask=earlier, other=-1)
+    n = tl.sum((earlier_token == token[:, None]).to(tl.int32), axis=1)
+    ids = tl.load(home_topk + token[:, None] * K_CAP + ks[None, :], mask=mask[:, None] & (ks[None, :] < K),
+                  other=-1, cache_modifier=".cg")
+    match = (ids == expert[:, None]).to(tl.int32)
+    occurrence = tl.cumsum(match, axis=1) - match
+    hit = (match > 0) & (occurrence == n[:, None])
+    return tl.max(tl.where(hit, ks[None, :], -1), axis=1)
+
+
+@triton.jit
+def _combine_send(x_ptr, x_expert_stride, x_row_stride, topk_ptr, num_tokens, src_info, topk_slot, layout_range,
+                  heap_bases, epoch_ptr, error_address, rank, num_local, rows_per_expert, num_groups, budget,
+                  off_combine, off_flags, off_publish, off_publish_flags,
+                  H: tl.constexpr, K: tl.constexpr, K_PAD: tl.constexpr, R: tl.constexpr, T_CAP: tl.constexpr,
+                  K_CAP: tl.constexpr, G_STRIDE: tl.constexpr, ROW_BYTES: tl.constexpr, L_PAD: tl.constexpr,
+                  HAS_SLOTS: tl.constexpr,
+                  USE_TIMER: tl.constexpr, TILE_R: tl.constexpr, BLOCK_H: tl.constexpr, PHASE_CODE: tl.constexpr):
+    pid = tl.program_id(0)
+    home = pid // num_groups
+    group = pid % num_groups
+    e = tl.load(epoch_ptr) + 1
+    half = e % 2
+    if not HAS_SLOTS:
+        if pid == 0:
+            _publish_topk(topk_ptr, num_tokens, heap_bases, rank, half, e, off_publish, off_publish_flags,
+                          K, K_PAD, T_CAP, K_CAP, TILE_R)
+
+    # the rows received from `home`, local expert by local expert; this program takes chunk `group`
+    les = tl.arange(0, L_PAD)
+    lmask = les < num_local
+    counts = (tl.load(layout_range + les * R + home, mask=lmask, other=0) & 0xFFFFFFFF).to(tl.int32)
+    inclusive = tl.cumsum(counts, axis=0)
+    total = tl.sum(counts, axis=0)
+    per_group = tl.cdiv(total, num_groups)
+    i0 = tl.minimum(group * per_group, total)
+    i1 = tl.minimum(i0 + per_group, total)
+
+    ok = True
+    if not HAS_SLOTS:
+        ok, _ = _wait_flags(_heap_ptr(heap_bases, home, off_publish_flags, tl.int64) + half, 1, 1, e, budget,
+                            error_address, PHASE_CODE, rank, 1, 1, 1, USE_TIMER)
+        home_topk = _heap_ptr(heap_bases, home, off_publish + half * T_CAP * K_CAP * 4, tl.int32)
+    if ok:
+        dst = _heap_ptr(heap_bases, home, off_combine + half * T_CAP * K_CAP * ROW_BYTES, tl.bfloat16)
+        start = i0
+        while start < i1:
+            idx = start + tl.arange(0, TILE_R)
+            imask = idx < i1
+            local_expert = tl.sum(((inclusive[None, :] <= idx[:, None]) & lmask[None, :]).to(tl.int32), axis=1)
+            before = tl.sum(tl.where(les[None, :] < local_expert[:, None], counts[None, :], 0), axis=1)
+            row_begin = (tl.load(layout_range + local_expert * R + home, mask=imask, other=0) >> 32).to(tl.int32)
+            row = row_begin + idx - before
+            base = local_expert.to(tl.int64) * rows_per_expert + row
+            token = tl.load(src_info + base, mask=imask, other=0)
+            if HAS_SLOTS:
+                k = tl.load(topk_slot + base, mask=imask, other=0).to(tl.int32)
+            else:
+                k = _find_slot(home_topk, src_info, base, row, row_begin, token, rank * num_local + local_expert,
+                               imask, K, K_PAD, K_CAP)
+            smask = imask & (k >= 0)
+            slot = (token * K_CAP + k).to(tl.int64)
+            for h0 in range(0, H, BLOCK_H):
+                cols = h0 + tl.arange(0, BLOCK_H)
+                mask = smask[:, None] & (cols[None, :] < H)
+                y = tl.load(x_ptr + local_expert[:, None].to(tl.int64) * x_expert_stride
+                            + row[:, None].to(tl.int64) * x_row_stride + cols[None, :], mask=mask)
+                tl.store(dst + slot[:, None] * (ROW_BYTES // 2) + cols[None, :], y, mask=mask)
+            start += TILE_R
+    flags = _heap_ptr(heap_bases, home, off_flags, tl.int64)
+    signal(flags + (half * R + rank) * G_STRIDE + group, (e << 32) | (i1 - i0))
+
+
+@triton.jit
+def _combine_receive(out_ptr, topk_ptr, weights_ptr, num_tokens, wait_stats, heap_bases, epoch_ptr, error_address,
+                     rank, num_groups, budget, off_combine, off_flags,
+                     H: tl.constexpr, K: tl.constexpr, R: tl.constexpr, R_PAD: tl.constexpr, G_STRIDE: tl.constexpr,
+                     G_PAD: tl.constexpr, T_CAP: tl.constexpr, K_CAP: tl.constexpr, ROW_BYTES: tl.constexpr,
+                     HAS_WAIT_STATS: tl.constexpr, EXACT_CASTS: tl.constexpr, USE_TIMER: tl.constexpr,
+                     TILE_T: tl.constexpr, BLOCK_H: tl.constexpr, PHASE_CODE: tl.constexpr):
+    pid_t = tl.program_id(0)
+    pid_h = tl.program_id(1)
+    e = tl.load(epoch_ptr)
+    half = e % 2
+    flags = _heap_ptr(heap_bases, rank, off_flags, tl.int64) + half * R * G_STRIDE
+    ok, waited = _wait_flags(flags, R, num_groups, e << 32, budget, error_address, PHASE_CODE, rank,
+                             R_PAD, G_PAD, G_STRIDE, USE_TIMER)
+    if ok:
+        if HAS_WAIT_STATS:
+            if pid_t + pid_h == 0:
+                owners = tl.arange(0, R_PAD)
+                tl.atomic_add(wait_stats + owners, waited, mask=owners < R, sem="relaxed")
+        region = _heap_ptr(heap_bases, rank, off_combine + half * T_CAP * K_CAP * ROW_BYTES, tl.bfloat16)
+        tokens = pid_t * TILE_T + tl.arange(0, TILE_T)
+        tmask = tokens < num_tokens
+        h0 = pid_h * BLOCK_H
+        while h0 < H:
+            cols = h0 + tl.arange(0, BLOCK_H)
+            cmask = cols < H
+            acc = tl.zeros([TILE_T, BLOCK_H], dtype=tl.float32)
+            for k in range(K):
+                ids = tl.load(topk_ptr + tokens * K + k, mask=tmask, other=-1)
+                w = tl.load(weights_ptr + tokens * K + k, mask=tmask, other=0.0)
+                valid = ids >= 0
+                slot = (tokens * K_CAP + k).to(tl.int64)
+                y = tl.load(region + slot[:, None] * (ROW_BYTES // 2) + cols[None, :],
+                            mask=valid[:, None] & cmask[None, :], other=0.0, cache_modifier=".cg").to(tl.float32)
+                acc = tl.where(valid[:, None], acc + w[:, None] * y, acc)
+            tl.store(out_ptr + tokens[:, None].to(tl.int64) * H + cols[None, :], _to_bf16_bits(acc, EXACT_CASTS),
+                     mask=tmask[:, None] & cmask[None, :])
+            h0 += tl.num_programs(1) * BLOCK_H
+
+
+@triton.jit(do_not_specialize=["num_tokens", "rank", "budget"])
+def ep_ll_combine_kernel(x_ptr, x_expert_stride, x_row_stride, topk_ptr, weights_ptr, num_tokens, out_ptr,
+                         src_info, topk_slot, layout_range, wait_stats, heap_bases, epoch_ptr, error_address,
+                         rank, num_local, rows_per_expert, num_groups, budget,
+                         off_combine, off_flags, off_publish, off_publish_flags,
+                         PHASE: tl.constexpr, H: tl.constexpr, K: tl.constexpr, K_PAD: tl.constexpr,
+                         R: tl.constexpr, R_PAD: tl.constexpr, T_CAP: tl.constexpr, K_CAP: tl.constexpr,
+                         G_STRIDE: tl.constexpr, G_PAD: tl.constexpr, ROW_BYTES: tl.constexpr, L_PAD: tl.constexpr,
+                         HAS_SLOTS: tl.constexpr, HAS_WAIT_STATS: tl.constexpr, EXACT_CASTS: tl.constexpr,
+                         USE_TIMER: tl.constexpr, TILE_T: tl.constexpr, TILE_R: tl.constexpr,
+                         BLOCK_H: tl.constexpr, PHASE_CODE: tl.constexpr):
+    if PHASE == SEND:
+        _combine_send(x_ptr, x_expert_stride, x_row_stride, topk_ptr, num_tokens, src_info, topk_slot, layout_range,
+                      heap_bases, epoch_ptr, error_address, rank, num_local, rows_per_expert, num_groups, budget,
+                      off_combine, off_flags, off_publish, off_publish_flags,
+                      H, K, K_PAD, R, T_CAP, K_CAP, G_STRIDE, ROW_BYTES, L_PAD, HAS_SLOTS, USE_TIMER, TILE_R,
+                      BLOCK_H, PHASE_CODE)
+    else:
+        _combine_receive(out_ptr, topk_ptr, weights_ptr, num_tokens, wait_stats, heap_bases, epoch_ptr,
+                         error_address, rank, num_groups, budget, off_combine, off_flags,
+                         H, K, R, R_PAD, G_STRIDE, G_PAD, T_CAP, K_CAP, ROW_BYTES, HAS_WAIT_STATS, EXACT_CASTS,
+                         USE_TIMER, TILE_T, BLOCK_H, PHASE_CODE)
