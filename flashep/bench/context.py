@@ -76,7 +76,7 @@ class RankContext:
     progress: Progress
     checks: CheckLog
     card: Optional[str]  # GPU name, None on CPU
-    backends: dict = field(default_factory=dict)  # Buffer kind -> "normal backend/low-latency backend"
+    backends: dict = field(default_factory=dict)  # Buffer kind -> name of the backend that served it
     buffer_bytes: dict = field(default_factory=dict)  # Buffer kind -> bytes of communication buffer
 
     @property
@@ -88,8 +88,9 @@ class RankContext:
         return (self.options.seed * 1_000_003 + self.rank * 7919 + salt) % 2**62
 
     def note_buffer(self, kind: str, buffer, part: str) -> None:
-        """Remember the backends of a Buffer and the bytes its `part` ("normal" or "low_latency") holds."""
-        self.backends[kind] = buffer.backend_name
+        """Remember the backend that served `part` ("normal" or "low_latency") of a Buffer, and its bytes."""
+        normal_name, low_latency_name = buffer.backend_name.split("/")
+        self.backends[kind] = normal_name if part == "normal" else low_latency_name
         self.buffer_bytes[kind] = buffer.buffer_bytes()[part]
 
     def measure(self, result: OpResult, fn: Callable[[], object], patterns: Sequence[str]) -> None:

@@ -74,7 +74,7 @@ def _rank_main(rank: int, options: Options, record_path: str) -> None:
         record = _record(ctx, results, [c for per_rank in all_checks for c in per_rank], skipped)
         with open(record_path, "w") as f:
             json.dump(record, f)
-    dist.barrier(group)
+    ctx.timer.barrier()
     dist.destroy_process_group()
 
 

@@ -39,8 +39,8 @@ def _print_header(header: dict, console: Console) -> None:
     backends = ", ".join(f"{kind}: {names}" for kind, names in header["backends"].items()) or "n/a"
     gpus = f"{header['num_gpus']} GPUs" if header["num_gpus"] else f"{header['num_ranks']} CPU ranks (gloo)"
     console.print(f"[bold]flashep {header['flashep']} benchmark[/] on {header['card']}, {gpus}, {header['date']}")
-    console.print(f"torch {header['torch']}, triton {header['triton']}; backends (normal/low-latency) "
-                  f"{backends}; SMs {', '.join(map(str, header['num_sms']))}")
+    console.print(f"torch {header['torch']}, triton {header['triton']}; backends: {backends}; "
+                  f"SMs {', '.join(map(str, header['num_sms']))}")
     console.print(f"communication buffer bytes per rank: {buffers}; seed {header['seed']}")
     console.print(f"DeepEP figures: {header['deepep_figures']}; command: {header['command']}", highlight=False)
 
