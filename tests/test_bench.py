@@ -166,6 +166,7 @@ def test_headline_time_is_the_kernel_time_where_deepep_reports_one():
     row = ll.summary()
     assert (row["time_kind"], row["time_us"], row["baseline_us"]) == ("kernel", 20.0, 40.0)
     assert row["gbps"] == pytest.approx(100.0) and row["speedup_vs_deepep"] == pytest.approx(1.5)
+    assert row["deepep_gbps"] == pytest.approx(2_000_000 / 1e3 / 30.0)  # DeepEP's time on this run's bytes
     assert row["speedup_vs_baseline"] == pytest.approx(2.0)
     normal = OpResult("normal", {}, metrics.DISPATCH_FP8, e2e_us=500.0, kernel_us=400.0, metric_bytes=100_000_000,
                       baseline_e2e_us=1000.0, baseline_kernel_us=900.0)

@@ -134,7 +134,9 @@ def _number(value) -> str:
         return "n/a"
     if value >= 1000:
         return f"{value:.0f}"
-    return f"{value:.1f}" if value >= 10 else f"{value:.3g}"
+    if value >= 10:
+        return f"{value:.1f}"
+    return f"{value:.2f}" if value >= 1 else f"{value:.3g}"
 
 
 def _speedup(value) -> str:

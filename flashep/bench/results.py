@@ -64,6 +64,8 @@ class OpResult:
             speedup_vs_baseline=_ratio(baseline_us, time_us),
             speedup_vs_deepep=_ratio(self.deepep_us, time_us),
         )
+        if self.deepep_gbps is None:  # DeepEP published a time only: its rate on this run's bytes
+            row["deepep_gbps"] = gbps(self.metric_bytes, self.deepep_us)
         return row
 
 
