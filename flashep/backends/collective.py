@@ -49,8 +49,10 @@ class _ExchangePlan:
 class _LowLatencyRoute:
     """Private state of a low-latency dispatch, attached to its `src_info` for the combine."""
 
-    num_tokens: int
     selected: torch.Tensor  # [T, K] bool: the (token, k) selections dispatched from this rank
+    # [T, K] int64: the slot whose returned row each (token, k) uses. A token that selects one expert
+    # twice gets two rows; like a per-(expert, token) receive slot, both k then read the later row.
+    read_slots: torch.Tensor
     # home side: the rows coming back, in the order owners send them, and their (token, k) slots
     return_slots: torch.Tensor  # [V_home] int64: t * K + k
     return_counts: list  # rows coming back from each owner rank
@@ -73,6 +75,14 @@ class CollectiveBackend(Backend):
     def _all_to_all(self, output: torch.Tensor, input: torch.Tensor, output_splits: list,
                     input_splits: list) -> None:
         dist.all_to_all_single(_as_bytes(output), _as_bytes(input), output_splits, input_splits, group=self.group)
+
+    def _send_rows(self, output: torch.Tensor, rows: torch.Tensor, plan: "_ExchangePlan") -> None:
+        """Dispatch-direction exchange of `rows` [T, ...] as the plan says, into `output`. Rows are gathered
+        as int32 words (any strides) or as bytes (contiguous rows): index_select supports those for every
+        payload dtype, FP8 included."""
+        if rows.dtype not in (torch.int32, torch.uint8):
+            rows = _as_bytes(rows)
+        self._all_to_all(output, rows.index_select(0, plan.send_token), plan.recv_counts, plan.send_counts)
 
     def _arange(self, n: int, dtype=torch.int64) -> torch.Tensor:
         return torch.arange(n, dtype=dtype, device=self.device)
@@ -129,7 +139,7 @@ class CollectiveBackend(Backend):
         rows = num_worst_tokens or num_recv
 
         recv_x = torch.empty(rows, x.size(1), dtype=x.dtype, device=self.device)
-        self._all_to_all(recv_x[:num_recv], x.index_select(0, plan.send_token), plan.recv_counts, plan.send_counts)
+        self._send_rows(recv_x[:num_recv], x, plan)
 
         # the per-row fields, packed as int32 words: [scales S | top-k K | weights K | source index]
         fields = [] if x_scales is None else [x_scales.view(torch.int32)]
@@ -173,13 +183,12 @@ class CollectiveBackend(Backend):
         plan = self._plan(cached)
         num_recv = plan.num_recv
         recv_x = torch.empty(cached.num_recv_rows, x.size(1), dtype=x.dtype, device=self.device)
-        self._all_to_all(recv_x[:num_recv], x.index_select(0, plan.send_token), plan.recv_counts, plan.send_counts)
+        self._send_rows(recv_x[:num_recv], x, plan)
         recv_scales = None
         if x_scales is not None:
             recv_scales = torch.empty(cached.num_recv_rows, x_scales.size(1), dtype=x_scales.dtype,
                                       device=self.device)
-            self._all_to_all(recv_scales[:num_recv], x_scales.index_select(0, plan.send_token).contiguous(),
-                             plan.recv_counts, plan.send_counts)
+            self._send_rows(recv_scales[:num_recv], x_scales.view(torch.int32), plan)
         return DispatchResult(recv_x, recv_scales, None, None, None, None)
 
     def combine(self, x, routing, topk_weights, bias0, bias1):
@@ -270,6 +279,11 @@ class CollectiveBackend(Backend):
         send_token = self._send_order(in_rank, sum(send_counts))
         received = torch.empty(sum(recv_counts), messages.size(1), dtype=torch.int32, device=self.device)
         self._all_to_all(received, messages.index_select(0, send_token), recv_counts, send_counts)
+        rows_per_expert = [sum(row[1 + i] for row in theirs_host) for i in range(num_local)]
+        if max(rows_per_expert, default=0) > slots:  # only when a token lists one expert several times
+            raise ValueError(f"topk_idx: local expert {rows_per_expert.index(max(rows_per_expert))} of rank {r} "
+                             f"would receive {max(rows_per_expert)} rows, more than num_ranks * "
+                             f"num_max_dispatch_tokens_per_rank = {slots}")
 
         # outputs, allocated now and filled by the receive phase
         if use_fp8:
@@ -288,12 +302,14 @@ class CollectiveBackend(Backend):
 
         # what the combine needs on the home side: the order in which owners will send rows back
         # (expert ascending, then token, then k), as (token, k) slots
-        flat_expert = expert.flatten()
+        return_counts = [sum(row[1:]) for row in mine_host]
+        same_expert = topk_idx.unsqueeze(2) == topk_idx.unsqueeze(1)
+        last_k = torch.where(same_expert, self._arange(k), -1).amax(2)
         route = _LowLatencyRoute(
-            num_tokens=num_tokens, selected=selected,
-            return_slots=torch.argsort(flat_expert, stable=True)[:int(sum(sum(row[1:]) for row in mine_host))],
-            return_counts=[sum(row[1:]) for row in mine_host],
-            send_rows=None, send_counts=[sum(row[1:]) for row in theirs_host])
+            selected=selected,
+            read_slots=self._arange(num_tokens).unsqueeze(1) * k + last_k,
+            return_slots=torch.argsort(expert.flatten(), stable=True)[:sum(return_counts)],
+            return_counts=return_counts, send_rows=None, send_counts=[sum(row[1:]) for row in theirs_host])
         src_info._flashep_ll = route
 
         num_rows = sum(route.send_counts)
@@ -331,12 +347,9 @@ class CollectiveBackend(Backend):
         if route is None or route.send_rows is None:
             raise ValueError("handle: not made by this backend's low_latency_dispatch, or its receive hook has "
                              "not run yet")
-        if topk_idx.size(0) != route.num_tokens:
-            raise ValueError(f"topk_idx has {topk_idx.size(0)} tokens but the dispatch of this handle sent "
-                             f"{route.num_tokens}")
         if tuple(topk_idx.shape) != tuple(route.selected.shape):
-            raise ValueError(f"topk_idx must have the dispatch's shape {tuple(route.selected.shape)}, "
-                             f"got {tuple(topk_idx.shape)}")
+            raise ValueError(f"topk_idx must have the shape of the dispatch's topk_idx, "
+                             f"{tuple(route.selected.shape)}, got {tuple(topk_idx.shape)}")
         source = self.get_next_low_latency_combine_buffer(num_max_tokens, hidden, num_experts) if zero_copy else x
         rows = source.view(-1, hidden).index_select(0, route.send_rows)
         returned = torch.empty(route.return_slots.size(0), hidden, dtype=torch.bfloat16, device=self.device)
@@ -346,11 +359,10 @@ class CollectiveBackend(Backend):
         def receive() -> None:
             outputs = torch.empty(num_tokens * k, hidden, dtype=torch.bfloat16, device=self.device)
             outputs[route.return_slots] = returned
-            outputs = outputs.view(num_tokens, k, hidden)
             use = (topk_idx >= 0) & route.selected
             acc = torch.zeros(num_tokens, hidden, dtype=torch.float32, device=self.device)
             for i in range(k):  # k order, one fp32 product and one fp32 add per term
-                term = topk_weights[:, i:i + 1] * outputs[:, i].float()
+                term = topk_weights[:, i:i + 1] * outputs[route.read_slots[:, i]].float()
                 acc += torch.where(use[:, i:i + 1], term, 0.0)
             out.copy_(acc.to(torch.bfloat16))
 
