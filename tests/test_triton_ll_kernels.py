@@ -22,7 +22,11 @@ pytestmark = pytest.mark.skipif(not triton_available(TRITON_LOW_LATENCY), reason
 HIDDEN = 512
 MODES = {"bf16": (False, False, False), "fp8": (True, False, False), "fp8_round": (True, True, False),
          "fp8_ue8m0": (True, True, True)}
-SMALL_GRIDS = {"FLASHEP_LL_SEND_PROGRAMS": "8", "FLASHEP_LL_RECV_PROGRAMS": "4"}  # the interpreter is slow
+# The interpreter's defaults are one program per destination / local expert with large tiles (fastest
+# there); these launch shapes exercise several token groups per destination, several parts per expert and
+# tiles that straddle source blocks, as on the GPU.
+MANY_PROGRAMS = {"FLASHEP_LL_SEND_PROGRAMS": "8", "FLASHEP_LL_RECV_PROGRAMS": "8", "FLASHEP_LL_TILE_TOKENS": "2",
+                 "FLASHEP_LL_TILE_ROWS": "2"}
 
 
 def _backend(rank, world, group):
@@ -249,12 +253,12 @@ def _timeout_body(rank, world, group, seed, t_max, num_experts, topk):
     (2, 8, 3, torch.int64), (3, 12, 4, torch.int32), (4, 16, 3, torch.int64)])
 def test_round_trip_matches_oracle(seed, world, num_experts, topk, topk_dtype):
     assert all(run_ranks(world, _round_trip_body, seed, 6, num_experts, topk, topk_dtype, list(MODES),
-                         backend="triton", env=SMALL_GRIDS))
+                         backend="triton"))
 
 
 def test_round_trip_other_launch_shapes(seed):
-    """One token group per destination and one row per tile, several parts per expert."""
-    env = {"FLASHEP_LL_SEND_PROGRAMS": "1", "FLASHEP_LL_RECV_PROGRAMS": "16", "FLASHEP_LL_TILE_ROWS": "1",
+    """One token and one row per tile, a token group per token, many parts per expert, two hidden chunks."""
+    env = {"FLASHEP_LL_SEND_PROGRAMS": "64", "FLASHEP_LL_RECV_PROGRAMS": "16", "FLASHEP_LL_TILE_ROWS": "1",
            "FLASHEP_LL_TILE_TOKENS": "1", "FLASHEP_LL_BLOCK_H": "512"}
     assert all(run_ranks(2, _round_trip_body, seed, 5, 4, 2, torch.int64, ["bf16", "fp8_round"], backend="triton",
                          env=env))
@@ -262,19 +266,19 @@ def test_round_trip_other_launch_shapes(seed):
 
 @pytest.mark.parametrize("world", [2, 3])
 def test_double_buffer_with_ranks_out_of_step(seed, world):
-    assert all(run_ranks(world, _out_of_step_body, seed, 4, 2 * world, 2, backend="triton", env=SMALL_GRIDS))
+    assert all(run_ranks(world, _out_of_step_body, seed, 4, 2 * world, 2, backend="triton", env=MANY_PROGRAMS))
 
 
 def test_combine_fallback_and_duplicate_experts(seed):
-    assert all(run_ranks(3, _fallback_body, seed, 6, 6, 3, backend="triton", env=SMALL_GRIDS))
+    assert all(run_ranks(3, _fallback_body, seed, 6, 6, 3, backend="triton", env=MANY_PROGRAMS))
 
 
 def test_heap_grows_collectively(seed):
-    assert all(run_ranks(2, _growth_body, seed, 8, 3, backend="triton", env=SMALL_GRIDS))
+    assert all(run_ranks(2, _growth_body, seed, 8, 3, backend="triton"))
 
 
 def test_timeout_names_rank_peer_and_phase(seed):
-    env = dict(SMALL_GRIDS, FLASHEP_TIMEOUT_S="0.3")
+    env = {"FLASHEP_TIMEOUT_S": "0.3"}
     messages = run_ranks(2, _timeout_body, seed, 4, 4, 2, backend="triton", env=env)
     assert "rank 0" in messages[0] and "rank 1" in messages[0], messages[0]
     assert "low-latency dispatch receive" in messages[0], messages[0]

@@ -37,30 +37,37 @@ class Tuning:
     FLASHEP_LL_TILE_TOKENS, FLASHEP_LL_TILE_ROWS, FLASHEP_LL_NUM_WARPS. Every rank must use the same
     FLASHEP_LL_SEND_PROGRAMS (it fixes how many flags a receiver waits for)."""
 
-    send_programs: int = 128  # programs of each send kernel, spread over the destination ranks
-    recv_programs: int = 128  # programs of each receive kernel (at least one per local expert / token)
-    block_h: int = 1024  # hidden elements per tile (a multiple of 512: FP8 scales pack 4 groups per int32)
-    tile_tokens: int = 4  # tokens per tile in the dispatch send and the combine receive
-    tile_rows: int = 4  # rows per tile in the dispatch receive and the combine send
-    num_warps: int = 8
+    send_programs: int  # programs of each send kernel, spread over the destination ranks
+    recv_programs: int  # programs of each receive kernel (at least one per local expert / token tile)
+    block_h: int  # hidden elements per tile (a multiple of 512: FP8 scales pack 4 groups per int32)
+    tile_tokens: int  # tokens per tile in the dispatch send and the combine receive
+    tile_rows: int  # rows per tile in the dispatch receive and the combine send
+    num_warps: int
+
+    # GPU: spread the stores over many SMs. Interpreter: programs run one after another, so few programs
+    # with large tiles are fastest.
+    GPU_DEFAULTS = dict(send_programs=128, recv_programs=128, block_h=1024, tile_tokens=4, tile_rows=4, num_warps=8)
+    INTERPRETER_DEFAULTS = dict(send_programs=1, recv_programs=1, block_h=1024, tile_tokens=16, tile_rows=16,
+                                num_warps=4)
+    ENV = dict(send_programs="FLASHEP_LL_SEND_PROGRAMS", recv_programs="FLASHEP_LL_RECV_PROGRAMS",
+               block_h="FLASHEP_LL_BLOCK_H", tile_tokens="FLASHEP_LL_TILE_TOKENS", tile_rows="FLASHEP_LL_TILE_ROWS",
+               num_warps="FLASHEP_LL_NUM_WARPS")
 
     @staticmethod
     def from_env() -> "Tuning":
-        values = {}
-        for field, env in (("send_programs", "FLASHEP_LL_SEND_PROGRAMS"), ("recv_programs", "FLASHEP_LL_RECV_PROGRAMS"),
-                           ("block_h", "FLASHEP_LL_BLOCK_H"), ("tile_tokens", "FLASHEP_LL_TILE_TOKENS"),
-                           ("tile_rows", "FLASHEP_LL_TILE_ROWS"), ("num_warps", "FLASHEP_LL_NUM_WARPS")):
+        values = dict(Tuning.INTERPRETER_DEFAULTS if _env.interpret_mode() else Tuning.GPU_DEFAULTS)
+        for field, env in Tuning.ENV.items():
             if os.environ.get(env):
                 values[field] = int(os.environ[env])
         tuning = Tuning(**values)
         for name in ("block_h", "tile_tokens", "tile_rows", "num_warps"):
             value = getattr(tuning, name)
             if value < 1 or value & (value - 1):
-                raise ValueError(f"low-latency tuning: {name} must be a power of two, got {value}")
+                raise ValueError(f"{Tuning.ENV[name]} must be a power of two, got {value}")
         if tuning.block_h < 512:
-            raise ValueError(f"low-latency tuning: block_h must be >= 512, got {tuning.block_h}")
+            raise ValueError(f"FLASHEP_LL_BLOCK_H must be >= 512, got {tuning.block_h}")
         if tuning.send_programs < 1 or tuning.recv_programs < 1:
-            raise ValueError("low-latency tuning: send_programs and recv_programs must be >= 1")
+            raise ValueError("FLASHEP_LL_SEND_PROGRAMS and FLASHEP_LL_RECV_PROGRAMS must be >= 1")
         return tuning
 
 

@@ -1,0 +1,344 @@
+"""GPU extras for the Triton low-latency backend, through the public Buffer API (`pytest -m gpu`, 2 and 4 GPUs).
+
+DeepSeek-V3 decode shapes (128 tokens, hidden 7168, top-8 of 256 or 288 experts): every assertion of
+DeepEP's low-latency test, hooks with a large matmul between send and hook, CUDA-graph capture of
+dispatch + combine replayed with new data, 20 reruns bit-identical, 0..T_max tokens per rank against the
+oracle, and the profiler seeing one kernel name per operation.
+"""
+import pytest
+import torch
+import torch.distributed as dist
+
+import flashep
+from flashep import reference
+from flashep.fp8 import calc_diff, per_token_cast_back
+from harness import TRITON_LOW_LATENCY, TRITON_NORMAL, assert_same, generator, gpu_world, run_ranks, triton_available
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not triton_available(TRITON_NORMAL, TRITON_LOW_LATENCY),
+                                                  reason="Triton backends missing")]
+
+WORLDS = [gpu_world(2), gpu_world(4)]
+T_MAX, HIDDEN, TOPK = 128, 7168, 8
+MATMUL = 8192  # the compute between a send and its hook (as DeepEP's benchmark: an 8192^2 fp32 matmul)
+MODES = {"bf16": (False, False, False), "fp8": (True, False, False), "fp8_round": (True, True, False),
+         "fp8_ue8m0": (True, True, True)}
+
+
+def _buffer(group, world, num_experts, t_max=T_MAX, hidden=HIDDEN):
+    hint = flashep.Buffer.get_low_latency_rdma_size_hint(t_max, hidden, world, num_experts)
+    buffer = flashep.Buffer(group, 0, hint, low_latency_mode=True, num_qps_per_rank=num_experts // world,
+                            explicitly_destroy=True)
+    assert buffer.backend_name.endswith("/triton"), f"low-latency backend is {buffer.backend_name}"
+    return buffer
+
+
+def _device():
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+def _routing(seed, rank, num_tokens, num_experts, step=0):
+    """DeepEP's test routing: sorted top-k of |randn| + 1, weights |randn|, 10 random entries -1."""
+    g = generator(seed, rank, step)
+    idx = (torch.randn(num_tokens, num_experts, generator=g).abs() + 1).topk(TOPK, dim=1, sorted=True).indices
+    weights = torch.randn(num_tokens, TOPK, generator=g).abs()
+    if num_tokens:
+        idx.view(-1)[torch.randperm(num_tokens * TOPK, generator=g)[:10]] = -1
+    return idx.to(_device()), weights.to(_device())
+
+
+def _gather(group, world, tensor):
+    items = [None] * world
+    dist.all_gather_object(items, tensor.cpu(), group=group)
+    return [t.to(_device()) for t in items]
+
+
+def _dispatch(buffer, x, idx, num_experts, mode, hook, stats=None, t_max=T_MAX):
+    use_fp8, round_scale, ue8m0 = MODES[mode]
+    recv_x, recv_count, handle, event, recv_hook = buffer.low_latency_dispatch(
+        x, idx, t_max, num_experts, cumulative_local_expert_recv_stats=stats, use_fp8=use_fp8,
+        round_scale=round_scale, use_ue8m0=ue8m0, async_finish=not hook, return_recv_hook=hook)
+    (recv_hook if hook else event.current_stream_wait)()
+    return recv_x, recv_count, handle
+
+
+def _combine(buffer, y, idx, weights, handle, hook, zero_copy=False, out=None):
+    combined, event, recv_hook = buffer.low_latency_combine(y, idx, weights, handle, zero_copy=zero_copy,
+                                                            async_finish=not hook, return_recv_hook=hook, out=out)
+    (recv_hook if hook else event.current_stream_wait)()
+    return combined
+
+
+def _as_float(recv_x):
+    return per_token_cast_back(*recv_x) if isinstance(recv_x, tuple) else recv_x
+
+
+def _valid(recv_x, recv_count, handle):
+    """The valid part of a dispatch result as exact bit patterns (rows past recv_count are garbage):
+    per local expert (data, scales or None, src_info), plus recv_count and layout_range."""
+    data, scales = recv_x if isinstance(recv_x, tuple) else (recv_x, None)
+    data = data.view(torch.uint8) if data.dtype == torch.float8_e4m3fn else data
+    rows = []
+    for i, count in enumerate(recv_count.tolist()):
+        rows.append((data[i, :count].clone(), None if scales is None else scales[i, :count].clone(),
+                     handle[0][i, :count].clone()))
+    return rows, recv_count.clone(), handle[1].clone()
+
+
+def _assert_same_valid(got, want, what):
+    got_rows, got_count, got_layout = got
+    want_rows, want_count, want_layout = want
+    assert_same(got_count, want_count, f"{what}: recv_count")
+    assert_same(got_layout, want_layout, f"{what}: layout_range")
+    for i, (a, b) in enumerate(zip(got_rows, want_rows)):
+        for name, x, y in zip(("data", "scales", "src_info"), a, b):
+            if x is not None:
+                assert_same(x, y, f"{what}: {name} of expert {i}")
+
+
+# ---- rank bodies ------------------------------------------------------------------------------------------------
+def _deepep_body(rank, world, group, seed, num_experts):
+    """Every assertion of DeepEP's low-latency test (spec 8.4), plus exact rows against the oracle."""
+    buffer = _buffer(group, world, num_experts)
+    dev, num_local = _device(), num_experts // world
+    x_rank = torch.full((T_MAX, HIDDEN), rank - 128.0, dtype=torch.bfloat16, device=dev)
+    x_rank[:, -128:] = torch.arange(T_MAX, device=dev, dtype=torch.bfloat16).view(-1, 1)
+    x_rand = (torch.randn(T_MAX, HIDDEN, generator=generator(seed, rank, 99)) * 0.1).to(dev, torch.bfloat16)
+    idx, weights = _routing(seed, rank, T_MAX, num_experts)
+    all_idx = _gather(group, world, idx)
+    all_rand = _gather(group, world, x_rand)
+    for x_kind, x in (("rank", x_rank), ("rand", x_rand)):
+        for hook in (False, True):
+            for mode, (use_fp8, round_scale, _) in MODES.items():
+                _dispatch(buffer, x, idx, num_experts, mode, hook)  # first of two: both halves in use
+                stats = torch.zeros(num_local, dtype=torch.int32, device=dev)
+                recv_x, recv_count, handle = _dispatch(buffer, x, idx, num_experts, mode, hook, stats)
+                what = f"{x_kind}/{mode}/hook={hook}"
+                src_info, layout_range = handle[0], handle[1]
+                recv = _as_float(recv_x)
+                for i in range(num_local):
+                    expert, count = rank * num_local + i, int(recv_count[i])
+                    assert int(stats[i]) == count, f"{what}: recv stats of expert {i}"
+                    assert count == int((layout_range[i] & 0xFFFFFFFF).sum()), f"{what}: layout_range of {i}"
+                    assert count == sum(int((t == expert).sum()) for t in all_idx), f"{what}: count of {i}"
+                    if x_kind != "rank":
+                        continue
+                    rows = recv[i, :count].float()
+                    body = rows[:, :-128]
+                    assert torch.equal(body.amax(dim=1), body.amin(dim=1)), f"{what}: expert {i} row not constant"
+                    tokens = (src_info[i, :count] % T_MAX).float()
+                    if round_scale:
+                        assert count == 0 or calc_diff(rows[:, -1], tokens) < 0.007, f"{what}: token column of {i}"
+                    else:
+                        assert torch.equal(rows[:, -128:], tokens.view(-1, 1).expand(-1, 128)), f"{what}: tokens"
+                    for j in range(world):
+                        begin, size = int(layout_range[i, j]) >> 32, int(layout_range[i, j]) & 0xFFFFFFFF
+                        assert size == int((all_idx[j] == expert).sum()), f"{what}: rows of source {j}"
+                        if not round_scale:
+                            assert int((body[:, 0] == j - 128).sum()) == size, f"{what}: values of source {j}"
+                            assert torch.all(recv[i, begin:begin + size, :-128].float() == j - 128), \
+                                f"{what}: block of source {j} of expert {i}"
+                if x_kind == "rand":
+                    expect = reference.low_latency_dispatch(all_rand, all_idx, num_experts, *MODES[mode])[rank]
+                    got = reference.canonical_low_latency_rows(recv_x, recv_count, handle, world)
+                    for i in range(num_local):
+                        assert_same(got.src_rank[i], expect.src_rank[i], f"{what}: oracle source ranks of {i}")
+                        assert_same(got.src_idx[i], expect.src_idx[i], f"{what}: oracle tokens of {i}")
+                        assert_same(got.data[i], expect.data[i], f"{what}: oracle data of {i}")
+                        if use_fp8:
+                            assert_same(got.scales[i], expect.scales[i], f"{what}: oracle scales of {i}")
+                for zero_copy in (False, True):
+                    if zero_copy:
+                        buffer.get_next_low_latency_combine_buffer(handle).copy_(recv)
+                    out = torch.empty(T_MAX, HIDDEN, dtype=torch.bfloat16, device=dev)
+                    combined = _combine(buffer, recv, idx, weights, handle, hook, zero_copy, out)
+                    assert combined.data_ptr() == out.data_ptr(), f"{what}: combine must write into `out`"
+                    assert not torch.isnan(combined).any(), f"{what}: NaN in the combine"
+                    if not round_scale:
+                        ref = x.float() * weights.masked_fill(idx == -1, 0).sum(dim=1, keepdim=True)
+                        diff = calc_diff(ref, combined.float())
+                        assert diff < (9e-4 if use_fp8 else 1e-5), f"{what}, zero_copy={zero_copy}: diff {diff}"
+    buffer.destroy()
+    return True
+
+
+def _hook_overlap_body(rank, world, group, seed, num_experts):
+    """Send, a large matmul on the same stream, then the hook: results equal those without hooks."""
+    buffer = _buffer(group, world, num_experts)
+    dev = _device()
+    x = torch.randn(T_MAX, HIDDEN, generator=generator(seed, rank)).to(dev, torch.bfloat16)
+    idx, weights = _routing(seed, rank, T_MAX, num_experts)
+    big = torch.randn(MATMUL, MATMUL, device=dev)
+    plain_x, plain_count, plain_handle = _dispatch(buffer, x, idx, num_experts, "fp8", hook=False)
+    plain = _valid(plain_x, plain_count, plain_handle)
+    plain_out = _combine(buffer, per_token_cast_back(*plain_x), idx, weights, plain_handle, hook=False).clone()
+    for _ in range(3):
+        recv_x, recv_count, handle, _, recv_hook = buffer.low_latency_dispatch(x, idx, T_MAX, num_experts,
+                                                                                return_recv_hook=True)
+        busy = big @ big
+        recv_hook()
+        _assert_same_valid(_valid(recv_x, recv_count, handle), plain, "dispatch with a hook")
+        y = per_token_cast_back(*recv_x)
+        out, _, recv_hook = buffer.low_latency_combine(y, idx, weights, handle, return_recv_hook=True)
+        busy = busy @ big
+        recv_hook()
+        assert_same(out, plain_out, "combine with a hook")
+    torch.cuda.synchronize()
+    assert torch.isfinite(busy).all()
+    buffer.destroy()
+    return True
+
+
+def _graph_body(rank, world, group, seed, num_experts):
+    """Dispatch (plain and with a hook inside the graph) + combine captured once, replayed with new data;
+    every replay equals an eager run on the same data."""
+    buffer = _buffer(group, world, num_experts)
+    dev = _device()
+    x_s = torch.empty(T_MAX, HIDDEN, dtype=torch.bfloat16, device=dev)
+    idx_s = torch.empty(T_MAX, TOPK, dtype=torch.int64, device=dev)
+    w_s = torch.empty(T_MAX, TOPK, dtype=torch.float32, device=dev)
+
+    def load(step):
+        idx, weights = _routing(seed, rank, T_MAX, num_experts, step)
+        x_s.copy_(torch.randn(T_MAX, HIDDEN, generator=generator(seed, rank, step, 1)).to(dev, torch.bfloat16))
+        idx_s.copy_(idx)
+        w_s.copy_(weights)
+
+    def step_fn(hook):
+        recv_x, recv_count, handle, _, recv_hook = buffer.low_latency_dispatch(
+            x_s, idx_s, T_MAX, num_experts, use_fp8=True, return_recv_hook=hook)
+        if hook:
+            recv_hook()
+        y = per_token_cast_back(*recv_x)
+        out, _, _ = buffer.low_latency_combine(y, idx_s, w_s, handle)
+        return recv_x, recv_count, handle, out
+
+    def snapshot(result):
+        recv_x, recv_count, handle, out = result
+        return _valid(recv_x, recv_count, handle), out.clone()
+
+    load(0)
+    step_fn(False)  # compiles the kernels and allocates the heap before capture
+    step_fn(True)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = [step_fn(False), step_fn(True)]
+    for step in range(1, 5):
+        load(step)
+        graph.replay()
+        torch.cuda.synchronize()
+        replayed = [snapshot(r) for r in captured]
+        for hook, (got, got_out) in zip((False, True), replayed):
+            want, want_out = snapshot(step_fn(hook))
+            _assert_same_valid(got, want, f"replay {step}, hook={hook}")
+            assert_same(got_out, want_out, f"replay {step}, hook={hook}: combine")
+    buffer.destroy()
+    return True
+
+
+def _determinism_body(rank, world, group, seed, num_experts):
+    """20 reruns with one seed (hooks and plain alternating) are bit-identical."""
+    buffer = _buffer(group, world, num_experts)
+    dev = _device()
+    x = torch.randn(T_MAX, HIDDEN, generator=generator(seed, rank)).to(dev, torch.bfloat16)
+    idx, weights = _routing(seed, rank, T_MAX, num_experts)
+    first = None
+    for rerun in range(20):
+        hook = bool(rerun % 2)
+        recv_x, recv_count, handle = _dispatch(buffer, x, idx, num_experts, "fp8", hook)
+        out = _combine(buffer, per_token_cast_back(*recv_x), idx, weights, handle, hook)
+        current = (_valid(recv_x, recv_count, handle), out.clone())
+        if first is None:
+            first = current
+            continue
+        _assert_same_valid(current[0], first[0], f"rerun {rerun}")
+        assert_same(current[1], first[1], f"rerun {rerun}: combine")
+    buffer.destroy()
+    return True
+
+
+def _token_counts_body(rank, world, group, seed, num_experts):
+    """0, 1, T_max / 2 and T_max tokens on the ranks: dispatch exact against the oracle in every mode,
+    combine close to the oracle's weighted sum."""
+    buffer = _buffer(group, world, num_experts)
+    dev = _device()
+    num_tokens = (0, 1, T_MAX // 2, T_MAX)[rank % 4] if world > 2 else (T_MAX, 0)[rank]
+    x = torch.randn(num_tokens, HIDDEN, generator=generator(seed, rank)).to(dev, torch.bfloat16)
+    idx, weights = _routing(seed, rank, num_tokens, num_experts)
+    all_x, all_idx = _gather(group, world, x), _gather(group, world, idx)
+    for mode, (use_fp8, _, _) in MODES.items():
+        for hook in (False, True):
+            recv_x, recv_count, handle = _dispatch(buffer, x, idx, num_experts, mode, hook)
+            expect = reference.low_latency_dispatch(all_x, all_idx, num_experts, *MODES[mode])[rank]
+            got = reference.canonical_low_latency_rows(recv_x, recv_count, handle, world)
+            assert_same(recv_count, expect.recv_count, f"{mode}: recv_count")
+            for i in range(recv_count.numel()):
+                assert_same(got.src_idx[i], expect.src_idx[i], f"{mode}: tokens of expert {i}")
+                assert_same(got.data[i], expect.data[i], f"{mode}: data of expert {i}")
+                if use_fp8:
+                    assert_same(got.scales[i], expect.scales[i], f"{mode}: scales of expert {i}")
+            y = _as_float(recv_x)
+            out = _combine(buffer, y, idx, weights, handle, hook)
+            assert out.shape == (num_tokens, HIDDEN)
+            if num_tokens:
+                x_seen = _as_float(reference.quantize_low_latency(x, *MODES[mode][1:])) if use_fp8 else x
+                ref = x_seen.float() * weights.masked_fill(idx == -1, 0).sum(dim=1, keepdim=True)
+                assert calc_diff(ref, out.float()) < 1e-5, f"{mode}: combine"
+                assert (ref - out.float()).abs().max() <= 0.02 * ref.abs().max() + 1e-3, f"{mode}: combine max error"
+    buffer.destroy()
+    return True
+
+
+def _kernel_names_body(rank, world, group, seed, num_experts):
+    """Profilers find each operation by substring: one kernel name holds "dispatch", one "combine"."""
+    buffer = _buffer(group, world, num_experts)
+    dev = _device()
+    x = torch.randn(T_MAX, HIDDEN, generator=generator(seed, rank)).to(dev, torch.bfloat16)
+    idx, weights = _routing(seed, rank, T_MAX, num_experts)
+    recv_x, _, handle = _dispatch(buffer, x, idx, num_experts, "fp8", hook=False)
+    y = per_token_cast_back(*recv_x)
+    _combine(buffer, y, idx, weights, handle, hook=False)
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for hook in (False, True):
+            recv_x, _, handle = _dispatch(buffer, x, idx, num_experts, "fp8", hook)
+            _combine(buffer, y, idx, weights, handle, hook)
+        torch.cuda.synchronize()
+    names = {e.key for e in prof.key_averages()}
+    for op in ("dispatch", "combine"):
+        matching = [n for n in names if op in n]
+        assert len(matching) == 1, f"kernels named like '{op}': {matching}"
+    buffer.destroy()
+    return True
+
+
+# ---- tests ------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("num_experts", [256, 288])
+@pytest.mark.parametrize("world", WORLDS)
+def test_deepep_assertions(world, num_experts, seed):
+    assert all(run_ranks(world, _deepep_body, seed, num_experts, backend="triton", device="cuda"))
+
+
+@pytest.mark.parametrize("world", WORLDS)
+def test_hooks_around_a_large_matmul(world, seed):
+    assert all(run_ranks(world, _hook_overlap_body, seed, 256, backend="triton", device="cuda"))
+
+
+@pytest.mark.parametrize("world", WORLDS)
+def test_cuda_graph_replay_with_new_data(world, seed):
+    assert all(run_ranks(world, _graph_body, seed, 256, backend="triton", device="cuda"))
+
+
+@pytest.mark.parametrize("world", WORLDS)
+def test_twenty_reruns_bit_identical(world, seed):
+    assert all(run_ranks(world, _determinism_body, seed, 288, backend="triton", device="cuda"))
+
+
+@pytest.mark.parametrize("world", WORLDS)
+def test_token_counts_zero_to_t_max(world, seed):
+    assert all(run_ranks(world, _token_counts_body, seed, 256, backend="triton", device="cuda"))
+
+
+@pytest.mark.parametrize("world", WORLDS)
+def test_one_kernel_name_per_operation(world, seed):
+    assert all(run_ranks(world, _kernel_names_body, seed, 256, backend="triton", device="cuda"))
