@@ -117,7 +117,7 @@ class CollectiveBackend(Backend):
         mine = torch.cat([send_counts.unsqueeze(1), num_tokens_per_expert.reshape(num_ranks, num_local).to(torch.int32),
                           channel_prefix], 1).contiguous()
         everyone = torch.empty(num_ranks, *mine.shape, dtype=torch.int32, device=self.device)
-        dist.all_gather_into_tensor(everyone.view(-1), mine.view(-1), group=self.group)
+        dist.all_gather(list(everyone.unbind(0)), mine, group=self.group)
         counts = everyone[:, :, 0]  # [source, destination]
         recv_per_expert = everyone[:, r, 1:1 + num_local].sum(0, dtype=torch.int32)
         recv_channel_inclusive = everyone[:, r, 1 + num_local:]
