@@ -7,6 +7,7 @@ timeout on any rank kills the others and raises `RankFailure` with that rank's t
 from __future__ import annotations
 
 import contextlib
+import faulthandler
 import importlib.util
 import os
 import pickle
@@ -73,6 +74,8 @@ def run_ranks(world_size: int, fn: Callable, *args, backend: str = "collective",
 
 
 def _rank_main(rank, world_size, port, device, timeout, fn, args, results):
+    # a rank that hangs prints where it is stuck shortly before the parent gives up on it
+    faulthandler.dump_traceback_later(max(1.0, timeout - 5), exit=False)
     try:
         if device == "cuda":
             torch.cuda.set_device(rank)
@@ -170,6 +173,13 @@ def generator(seed: int, *keys: int) -> torch.Generator:
     for key in keys:
         mixed = (mixed * 1_000_003 + key + 1) % (2**63 - 1)
     return torch.Generator().manual_seed(mixed)
+
+
+def expert_popularity(num_experts: int, skew: float, seed: int) -> torch.Tensor:
+    """Per-expert score multipliers (i + 1)^-skew in a random expert order, the same on every rank: with
+    skew > 0 a few experts take most tokens."""
+    weights = (torch.arange(num_experts, dtype=torch.float32) + 1) ** -skew
+    return weights[torch.randperm(num_experts, generator=generator(seed, -1))]
 
 
 def assert_same(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:

@@ -17,7 +17,8 @@ import torch.distributed as dist
 import flashep
 from flashep import reference
 from flashep.fp8 import pack_ue8m0, per_token_cast_back, per_token_cast_to_fp8, to_column_major, calc_diff
-from harness import TRITON_NORMAL, assert_same, backend_params, generator, gpu_world, run_ranks
+from harness import (TRITON_NORMAL, assert_same, backend_params, expert_popularity, generator, gpu_world,
+                     run_ranks)
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,7 @@ class NormalCase:
     topk_dtype: torch.dtype = torch.int64
     expert_alignment: int = 1
     topk_groups: int = 0  # group-limited gating over nodes (spec 9); 0 = plain top-k
+    skew: float = 0.0  # expert popularity ~ (i + 1)^-skew over a random order of the experts
     thorough: bool = True  # every (previous_event, async_finish) combination and bias variant
 
     def num_tokens(self, rank: int) -> int:
@@ -81,6 +83,7 @@ def make_inputs(case: NormalCase, seed: int, rank: int, num_ranks: int, node_siz
     num_tokens, hidden, num_topk = case.num_tokens(rank), case.hidden, case.num_topk
     num_experts = case.experts(num_ranks)
     scores = torch.randn(num_tokens, num_experts, generator=g).abs() + 1
+    scores = scores * expert_popularity(num_experts, case.skew, seed)
     if case.topk_groups:
         topk_idx = group_limited_topk(scores, num_ranks // node_size, case.topk_groups, num_topk)
     else:
@@ -109,7 +112,7 @@ def group_limited_topk(scores: torch.Tensor, num_groups: int, topk_groups: int, 
     """DeepSeek-V3 gating (spec 9): pick the best `topk_groups` groups (here nodes) by their best expert,
     then the top-k experts inside them."""
     num_tokens, num_experts = scores.shape
-    group_scores = scores.view(num_tokens, num_groups, -1).amax(dim=2)
+    group_scores = scores.view(num_tokens, num_groups, num_experts // num_groups).amax(dim=2)
     group_idx = torch.topk(group_scores, topk_groups, dim=1, sorted=False).indices
     keep = torch.zeros(num_tokens, num_groups, dtype=torch.bool).scatter_(1, group_idx, True)
     masked = scores * keep.repeat_interleave(num_experts // num_groups, dim=1)
@@ -169,14 +172,12 @@ def normal_body(rank: int, num_ranks: int, group, cases: tuple, seed: int, inter
     device = _device(group)
     buffer = flashep.Buffer(group, num_nvl_bytes=_nvl_bytes(cases, num_ranks),
                             num_rdma_bytes=1 << 20 if internode else 0, explicitly_destroy=True)
-    try:
-        for index, case in enumerate(cases):
-            try:
-                CaseRun(buffer, rank, num_ranks, case, seed * 1000 + index, internode, device).run()
-            except AssertionError as e:
-                raise AssertionError(f"case {case.name} (seed {seed}, rank {rank}/{num_ranks}): {e}") from e
-    finally:
-        buffer.destroy()
+    for index, case in enumerate(cases):
+        try:
+            CaseRun(buffer, rank, num_ranks, case, seed * 1000 + index, internode, device).run()
+        except AssertionError as e:
+            raise AssertionError(f"case {case.name} (seed {seed}, rank {rank}/{num_ranks}): {e}") from e
+    buffer.destroy()  # collective: only when every rank got here (a failed rank is killed by the harness)
 
 
 class CaseRun:
@@ -195,7 +196,8 @@ class CaseRun:
         self.num_reached = self.layouts[rank][3].sum(dim=1)  # destination ranks of each token
         self.reached = self.num_reached > 0
         self.config = flashep.Config(24, 8, 256, 16, 128) if internode else flashep.Config(24, 8, 256)
-        self.worst = max(case.num_tokens(r) for r in range(num_ranks)) * num_ranks
+        # DeepEP's num_worst_tokens = T * R (at least 1: 0 means the normal mode)
+        self.worst = max(1, max(case.num_tokens(r) for r in range(num_ranks)) * num_ranks)
         self.modes = [(p, a) for p in (False, True) for a in (False, True) if case.thorough or p == a]
 
     def run(self):
@@ -320,7 +322,8 @@ class CaseRun:
         worst, num_recv = self.worst, expect.recv_x.size(0)
         assert recv_list == [], f"num_worst_tokens: per-expert list must be empty, got {recv_list}"
         data, scales = recv_x if isinstance(recv_x, tuple) else (recv_x, None)
-        for name, t in (("recv_x", data), ("recv_topk_idx", recv_idx), ("recv_topk_weights", recv_w), ("scales", scales)):
+        outputs = (("recv_x", data), ("recv_topk_idx", recv_idx), ("recv_topk_weights", recv_w), ("scales", scales))
+        for name, t in outputs:
             if t is not None:
                 assert t.size(0) == worst, f"num_worst_tokens: {name} has {t.size(0)} rows, expected {worst}"
         assert_same(data[:num_recv], expect.recv_x, "worst-token recv_x prefix")
