@@ -295,7 +295,7 @@ def _dispatch_receive(recv_x, recv_scales, recv_count, src_info, topk_slot, layo
         gs = tl.arange(0, G_PAD)
         begin = tl.zeros((), tl.int32)
         for src in range(R):
-            counts = tl.load(flags + src * G_STRIDE + gs, mask=gs < num_groups, other=0)
+            counts = tl.load(flags + src * G_STRIDE + gs, mask=gs < num_groups, other=0, cache_modifier=".cg")
             num_msgs = tl.sum((counts & 0xFFFFFFFF).to(tl.int32), axis=0)
             end = begin
             # pack: rows of this expert in (slot, k) order; slots are in token order
