@@ -86,10 +86,13 @@ def test_quick_sweep_checks_and_times_every_op(tmp_path):
     assert "flashep.bench: OK (" in done.stdout
 
 
-def test_a_wrong_result_is_reported_and_fails_the_run(tmp_path):
-    # every rank process imports sitecustomize at start-up: make the oracle expect one different byte
+def test_a_wrong_result_fails_the_run_and_a_missing_mode_is_skipped(tmp_path):
+    # every rank process imports sitecustomize at start-up: make the oracle expect one different byte of
+    # every normal dispatch, and make the backend's low-latency mode unavailable
     (tmp_path / "sitecustomize.py").write_text(textwrap.dedent("""
+        import torch
         import flashep.reference as reference
+        from flashep.backends.collective import CollectiveBackend
 
         _dispatch = reference.dispatch
 
@@ -97,14 +100,17 @@ def test_a_wrong_result_is_reported_and_fails_the_run(tmp_path):
             expects = _dispatch(*args, **kwargs)
             for expect in expects:
                 if expect.recv_x.numel():
-                    expect.recv_x.view(-1).view(__import__("torch").uint8)[0] ^= 1
+                    expect.recv_x.view(-1).view(torch.uint8)[0] ^= 1
             return expects
 
+        def unavailable(*args, **kwargs):
+            raise NotImplementedError("switched off by the test")
+
         reference.dispatch = corrupted_dispatch
+        CollectiveBackend.low_latency_dispatch = unavailable
     """))
     out = tmp_path / "bench.json"
-    done = run_bench(["--quick", "--mode", "normal", "--num-sms", "24,12", "--json", str(out)],
-                     extra_path=str(tmp_path))
+    done = run_bench(["--quick", "--num-sms", "24,12", "--json", str(out)], extra_path=str(tmp_path))
     assert done.returncode == 1, done.stdout
     assert "MISMATCH" in done.stdout and "flashep.bench: FAILED" in done.stdout
     record = json.loads(out.read_text())
@@ -113,6 +119,10 @@ def test_a_wrong_result_is_reported_and_fails_the_run(tmp_path):
     assert f"{metrics.DISPATCH_BF16_FRESH}: recv_x" in failed
     assert f"{metrics.DISPATCH_FP8}: recv_x" in failed
     assert not any("layout" in what for what in failed)  # combine is checked against the corrupted rows too
+
+    assert record["skipped"] == [{"mode": "low-latency", "reason": "NotImplementedError: switched off by the test"}]
+    assert "low-latency mode skipped" in done.stdout
+    assert {r["mode"] for r in record["results"]} == {"normal"}
 
 
 def test_bad_arguments_are_rejected_before_any_rank_starts(capsys):
