@@ -28,10 +28,9 @@ class Progress:
             return
         from rich.console import Console
 
-        self.console = Console(stderr=True)
-        if not self.console.is_terminal:  # logs
-            self.console = Console(stderr=True, width=180)
-        if self.console.is_terminal:
+        console = Console(stderr=True)
+        self.console = console if console.is_terminal else Console(stderr=True, width=180)  # logs: wide lines
+        if console.is_terminal:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress as Bar, TextColumn, \
                 TimeElapsedColumn
 
