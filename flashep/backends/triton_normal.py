@@ -1,17 +1,22 @@
 """Normal mode inside one NVLink domain: the host side of the Triton kernels in `kernels/normal.py`.
 
-Two symmetric heaps per backend, both mapped lazily at the first call that needs them (every rank
-reaches it collectively):
-- the signal heap (flags and notify slots, a few KiB): fixed layout for the Buffer's lifetime, so a
-  flag is always a flag and epochs stay valid across data-heap growth;
-- the data heap: two halves (the kernels of epoch e use half e % 2) of row records. Its size is
-  max(num_nvl_bytes, need). A non-cached dispatch without `num_worst_tokens` knows every rank's row
-  counts after notify, so all ranks grow it together when a call needs more; calls without a host sync
-  (worst-token and cached dispatch, combine) raise instead, naming the bytes needed.
+Two symmetric heaps per backend:
+- the signal heap (flags and notify slots, tens of KiB), mapped with the Buffer (a collective call
+  anyway): fixed layout for the Buffer's lifetime, so a flag is always a flag and epochs stay valid
+  across data-heap growth; and a peer that skips any call, even the first, ends in a bounded kernel wait;
+- the data heap, mapped at the first call that moves data (every rank reaches it collectively): two
+  halves (the kernels of epoch e use half e % 2) of row records. Its size is max(num_nvl_bytes, need).
+  A non-cached dispatch without `num_worst_tokens` learns every rank's token count in notify, so all
+  ranks grow it together, to the worst case of those counts (T_max * R rows: every token to every rank,
+  in bf16, and back through the combine) with a quarter of headroom: worst-token dispatches with
+  num_worst_tokens <= T_max * R, cached dispatches and combines then fit. Calls without a host sync (worst-token and cached dispatch, combine)
+  cannot grow it and raise instead, naming the bytes needed.
 
-Tile shape and warps: FLASHEP_TILE_TOKENS (rows per tile, default 8), FLASHEP_TILE_HIDDEN (2-byte
-elements per tile row, default 2048) and FLASHEP_NUM_WARPS (default 8), or the attributes of the same
-names in lower case.
+Tuning knobs (environment at construction, or the attributes of the same names in lower case):
+FLASHEP_TILE_TOKENS (rows per tile, default 8), FLASHEP_TILE_HIDDEN (2-byte elements per tile row,
+default 2048), FLASHEP_NUM_WARPS (default 8) and FLASHEP_LANES (programs per channel, 1 or 2: with 2 the
+kernels use all `num_sms` SMs, each program moving half of every row; default 2 on GPUs, 1 under the
+interpreter, where programs run one after another).
 """
 from __future__ import annotations
 
@@ -43,8 +48,11 @@ class TritonNormalBackend(Backend):
         self.tile_tokens = _env_power_of_two("FLASHEP_TILE_TOKENS", 8)
         self.tile_hidden = _env_power_of_two("FLASHEP_TILE_HIDDEN", 2048)
         self.num_warps = _env_power_of_two("FLASHEP_NUM_WARPS", 8)
+        self.lanes = _env_power_of_two("FLASHEP_LANES", 1 if self.device.type == "cpu" else kernels.MAX_LANES)
+        if self.lanes > kernels.MAX_LANES:
+            raise ValueError(f"FLASHEP_LANES must be 1 or {kernels.MAX_LANES}, got {self.lanes}")
         self.signal_layout = _SignalLayout(self.num_ranks)
-        self.signal_heap: Optional[SymmetricHeap] = None
+        self.signal_heap = SymmetricHeap(self.group, self.signal_layout.nbytes, self.device)
         self.data_heap: Optional[SymmetricHeap] = None
         self.epoch = torch.zeros(1, dtype=torch.int64, device=self.device)
         self.errors = ErrorWord(self.device)
@@ -68,15 +76,10 @@ class TritonNormalBackend(Backend):
         """Symmetric memory this backend holds on each rank."""
         return sum(h.nbytes for h in (self.signal_heap, self.data_heap) if h is not None)
 
-    def _map_signals(self) -> None:
-        if self.signal_heap is None:
-            _refuse_while_capturing(self.device)
-            self.signal_heap = SymmetricHeap(self.group, self.signal_layout.nbytes, self.device)
-
     def _reserve(self, half_bytes: int, agreed: bool, what: str) -> None:
         """Make each half of the data heap hold `half_bytes`. `agreed`: every rank computed the same value
         (after a host sync), so all may grow the heap together."""
-        need = 2 * _round_up(half_bytes, kernels.RECORD_ALIGN)
+        need = 2 * _round_up(max(half_bytes, 1), kernels.RECORD_ALIGN)
         heap = self.data_heap
         if heap is not None and heap.nbytes >= need:
             return
@@ -126,33 +129,32 @@ class TritonNormalBackend(Backend):
         _check_channels(num_channels)
         if cached is not None:
             return self._cached_dispatch(x, x_scales, cached, num_channels)
-        self._map_signals()
         num_ranks, hidden = self.num_ranks, x.size(1)
         num_topk = topk_idx.size(1) if topk_idx is not None else 0
         num_local = num_tokens_per_expert.size(0) // num_ranks
-        rank_prefix, send_prefix, recv_prefix, recv_experts, summary = self._notify(
-            is_token_in_rank, num_tokens_per_expert, num_channels)
         record = _dispatch_record_bytes(x, x_scales, num_topk)
         # the same rows may come back through a bf16 combine or be re-sent in bf16 with the handle
         bf16_record = _dispatch_record_bytes(torch.empty(0, hidden, dtype=torch.bfloat16), None, num_topk)
         combine_record = _combine_record_bytes(hidden, num_topk)
-        if num_worst_tokens > 0:
-            num_rows, combine_rows = num_worst_tokens, None
+        if num_worst_tokens > 0:  # checked before any kernel runs, so that an error leaves no peer waiting
             home_bound = x.size(0) * num_ranks  # rows this rank's combine can receive at most
-            self._reserve(max(num_rows * max(record, bf16_record), home_bound * combine_record), agreed=False,
-                          what="dispatch with num_worst_tokens")
-            per_expert_list = []
+            self._reserve(max(num_worst_tokens * max(record, bf16_record), home_bound * combine_record),
+                          agreed=False, what="dispatch with num_worst_tokens")
+        rank_prefix, send_prefix, recv_prefix, summary = self._notify(is_token_in_rank, num_tokens_per_expert,
+                                                                      num_channels)
+        if num_worst_tokens > 0:
+            num_rows, combine_rows, per_expert_list = num_worst_tokens, None, []
         else:
             host = summary.cpu()  # the one host synchronisation of normal mode
             self.errors.check()
-            prefix = host[: num_ranks * num_ranks].view(num_ranks, num_ranks).to(torch.int64)
+            pairs = num_ranks * num_ranks
+            prefix = host[:pairs].view(num_ranks, num_ranks).to(torch.int64)
             sends = prefix - torch.cat([prefix.new_zeros(1, num_ranks), prefix[:-1]])  # n(s -> j)
-            recv_rows, home_rows = sends.sum(0), sends.sum(1)
-            num_rows, combine_rows = int(recv_rows[self.rank]), int(home_rows[self.rank])
-            self._reserve(max(int(recv_rows.max()) * max(record, bf16_record), int(home_rows.max()) * combine_record),
-                          agreed=True, what="dispatch")
+            num_rows, combine_rows = int(sends[:, self.rank].sum()), int(sends[self.rank].sum())
+            worst_rows = int(host[pairs + num_local:].max()) * num_ranks  # DeepEP's num_worst_tokens = T * R
+            self._reserve(worst_rows * max(record, bf16_record, combine_record), agreed=True, what="dispatch")
             per_expert_list = [-(-int(c) // expert_alignment) * expert_alignment
-                               for c in host[num_ranks * num_ranks:].tolist()]
+                               for c in host[pairs:pairs + num_local].tolist()]
         out = _DispatchOutputs(x, x_scales, topk_idx, num_rows, self.device)
         send_head = torch.empty(x.size(0), num_ranks, dtype=torch.int32, device=self.device)
         self._launch_dispatch(x, x_scales, topk_idx, topk_weights, is_token_in_rank, rank_prefix, send_prefix,
@@ -167,7 +169,6 @@ class TritonNormalBackend(Backend):
 
     def _cached_dispatch(self, x, x_scales, routing: Routing, num_channels: int) -> DispatchResult:
         _check_routing(routing)
-        self._map_signals()
         num_rows = routing.num_recv_rows
         record = _dispatch_record_bytes(x, x_scales, 0)
         self._reserve(num_rows * record, agreed=False, what="cached dispatch")
@@ -180,25 +181,26 @@ class TritonNormalBackend(Backend):
         return DispatchResult(out.x, out.scales, None, None, None, None)
 
     def _notify(self, is_token_in_rank, num_tokens_per_expert, num_channels):
-        num_ranks = self.num_ranks
+        """-> rank_prefix_matrix, channel_prefix_matrix, recv_channel_prefix_matrix, and `summary`: the rank
+        prefix matrix (a view of it), the received selections per local expert, every rank's token count."""
+        num_ranks, pairs = self.num_ranks, self.num_ranks * self.num_ranks
         num_local = num_tokens_per_expert.size(0) // num_ranks
         num_tokens = is_token_in_rank.size(0)
-        summary = torch.empty(num_ranks * num_ranks + num_local, dtype=torch.int32, device=self.device)
-        rank_prefix = summary[: num_ranks * num_ranks].view(num_ranks, num_ranks)
-        recv_experts = summary[num_ranks * num_ranks:]
+        summary = torch.empty(pairs + num_local + num_ranks, dtype=torch.int32, device=self.device)
+        rank_prefix = summary[:pairs].view(num_ranks, num_ranks)
         send_prefix = torch.empty(num_ranks, num_channels, dtype=torch.int32, device=self.device)
         recv_prefix = torch.empty(num_ranks, num_channels, dtype=torch.int32, device=self.device)
         layout = self.signal_layout
         kernels.ep_notify_kernel[(1,)](
             is_token_in_rank.view(torch.uint8), num_tokens_per_expert, self.signal_heap.peer_bases,
             layout.notify_flags, layout.slots, self.epoch, self.errors.address,
-            send_prefix, rank_prefix, recv_prefix, recv_experts,
+            send_prefix, rank_prefix, recv_prefix, summary[pairs:pairs + num_local], summary[pairs + num_local:],
             self.rank, num_tokens, num_channels, _tokens_per_channel(num_tokens, num_channels), num_local,
             wait_budget(),
             NUM_RANKS=num_ranks, R_PAD=self._rank_pad, C_PAD=_pow2(num_channels), L_BLOCK=min(1024, _pow2(num_local)),
             BLOCK_T=_NOTIFY_BLOCK_T, MAX_C=kernels.MAX_CHANNELS, MAX_L=kernels.MAX_LOCAL_EXPERTS,
             USE_TIMER=use_timer(), num_warps=4)
-        return rank_prefix, send_prefix, recv_prefix, recv_experts, summary
+        return rank_prefix, send_prefix, recv_prefix, summary
 
     def _launch_dispatch(self, x, x_scales, topk_idx, topk_weights, is_token_in_rank, rank_prefix, send_prefix,
                          recv_prefix, out: "_DispatchOutputs", send_head, num_local, num_channels, record_bytes,
@@ -206,13 +208,13 @@ class TritonNormalBackend(Backend):
         num_tokens = x.size(0)
         words = x.view(torch.int32)
         row_words = words.size(1)
-        lane_words = _round_up(-(-row_words // kernels.LANES), 16)
+        lane_words = _round_up(-(-row_words // self.lanes), 16)
         num_scales = x_scales.size(1) if x_scales is not None else 0
         scales = x_scales.view(torch.int32) if x_scales is not None else self._dummy[torch.int32]
         num_topk = topk_idx.size(1) if topk_idx is not None else 0
         int32, int64, f32 = (self._dummy[d] for d in (torch.int32, torch.int64, torch.float32))
         layout = self.signal_layout
-        kernels.ep_dispatch_kernel[(2 * num_channels,)](
+        kernels.ep_dispatch_kernel[(self.lanes * num_channels,)](
             words, scales, scales.stride(0) if x_scales is not None else 0,
             scales.stride(1) if x_scales is not None else 0,
             topk_idx if topk_idx is not None else int64, topk_weights if topk_weights is not None else f32,
@@ -224,7 +226,8 @@ class TritonNormalBackend(Backend):
             self.errors.address,
             self.rank, num_tokens, num_channels, _tokens_per_channel(num_tokens, num_channels), num_local,
             num_scales, num_topk, self._half() // record_bytes, out.x.size(0), wait_budget(),
-            NUM_RANKS=self.num_ranks, R_PAD=self._rank_pad, ROW_WORDS=row_words, LANE_WORDS=lane_words,
+            NUM_RANKS=self.num_ranks, R_PAD=self._rank_pad, LANES=self.lanes, ROW_WORDS=row_words,
+            LANE_WORDS=lane_words,
             RECORD_WORDS=record_bytes // 4, S_PAD=_pow2(num_scales), K_PAD=_pow2(num_topk), BLOCK_T=self.tile_tokens,
             BLOCK_W=min(max(self.tile_hidden // 2, 16), _pow2(lane_words)), MAX_C=kernels.MAX_CHANNELS,
             HAS_SCALES=x_scales is not None, HAS_TOPK=topk_idx is not None, WRITE_SEND_HEAD=write_send_head,
@@ -236,7 +239,6 @@ class TritonNormalBackend(Backend):
         _check_routing(routing)
         num_channels = routing.channel_prefix_matrix.size(1)
         _check_channels(num_channels)
-        self._map_signals()
         num_tokens, hidden = routing.num_tokens, x.size(1)
         num_topk = topk_weights.size(1) if topk_weights is not None else 0
         record_bytes = _combine_record_bytes(hidden, num_topk)
@@ -247,9 +249,9 @@ class TritonNormalBackend(Backend):
         combined = torch.empty(num_tokens, hidden, dtype=torch.bfloat16, device=self.device)
         combined_weights = (torch.empty(num_tokens, num_topk, dtype=torch.float32, device=self.device)
                             if topk_weights is not None else None)
-        lane_elems = _round_up(-(-hidden // kernels.LANES), 32)
+        lane_elems = _round_up(-(-hidden // self.lanes), 32)
         bf16, f32 = self._dummy[torch.bfloat16], self._dummy[torch.float32]
-        kernels.ep_combine_kernel[(2 * num_channels,)](
+        kernels.ep_combine_kernel[(self.lanes * num_channels,)](
             x, topk_weights if topk_weights is not None else f32, bias0 if bias0 is not None else bf16,
             bias1 if bias1 is not None else bf16, routing.is_token_in_rank.view(torch.uint8), routing.send_head,
             routing.rank_prefix_matrix, routing.channel_prefix_matrix, routing.recv_channel_prefix_matrix,
@@ -258,7 +260,7 @@ class TritonNormalBackend(Backend):
             self.epoch, self.errors.address,
             self.rank, num_tokens, num_channels, _tokens_per_channel(num_tokens, num_channels), num_topk,
             self._half() // record_bytes, wait_budget(),
-            NUM_RANKS=self.num_ranks, R_PAD=self._rank_pad, HIDDEN=hidden, LANE_ELEMS=lane_elems,
+            NUM_RANKS=self.num_ranks, R_PAD=self._rank_pad, LANES=self.lanes, HIDDEN=hidden, LANE_ELEMS=lane_elems,
             RECORD_ELEMS=record_bytes // 2, K_PAD=_pow2(num_topk), BLOCK_T=self.tile_tokens,
             BLOCK_H=min(max(self.tile_hidden, 32), _pow2(lane_elems)), MAX_C=kernels.MAX_CHANNELS,
             HAS_WEIGHTS=topk_weights is not None, HAS_BIAS0=bias0 is not None, HAS_BIAS1=bias1 is not None,
@@ -282,8 +284,8 @@ class _SignalLayout:
     """Byte offsets in the signal heap (identical on every rank)."""
 
     def __init__(self, num_ranks: int):
-        slot_ints = kernels.MAX_CHANNELS + kernels.MAX_LOCAL_EXPERTS + num_ranks
-        flags_per_kind = num_ranks * kernels.MAX_CHANNELS * kernels.LANES * 8
+        slot_ints = kernels.MAX_CHANNELS + kernels.MAX_LOCAL_EXPERTS + num_ranks + 1
+        flags_per_kind = num_ranks * kernels.MAX_CHANNELS * kernels.MAX_LANES * 8
         layout = Layout()
         self.notify_flags = layout.add("notify_flags", num_ranks * 8)
         self.dispatch_flags = layout.add("dispatch_flags", flags_per_kind)

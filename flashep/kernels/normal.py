@@ -35,12 +35,16 @@ from .sync import PHASE_COMBINE, PHASE_DISPATCH, PHASE_NOTIFY, load_acquire, rec
 
 MAX_CHANNELS = 128  # num_sms <= 256
 MAX_LOCAL_EXPERTS = 1024
-LANES = 2  # programs per channel
+MAX_LANES = 2  # programs per channel
 RECORD_ALIGN = 64  # bytes; keeps record strides divisible by 16 elements for vectorised access
 
 _phase_dispatch = tl.constexpr(PHASE_DISPATCH)
 _phase_combine = tl.constexpr(PHASE_COMBINE)
 _phase_notify = tl.constexpr(PHASE_NOTIFY)
+
+# Under the interpreter every call of a @triton.jit helper costs milliseconds, so the per-tile code below
+# inlines one-line lookups (a peer's heap pointer, column j of a [tokens, ranks] tile) instead of calling
+# helpers for them.
 
 
 # ---------------------------------------------------------------- small helpers
@@ -52,15 +56,10 @@ def _heap_ptr(bases_ptr, rank, byte_offset, DTYPE: tl.constexpr, ALIGN: tl.const
 
 
 @triton.jit
-def _pick(vec, ranks, j):
-    """vec[j] of a [R_PAD] vector."""
-    return tl.sum(tl.where(ranks == j, vec, 0), axis=0)
-
-
-@triton.jit
-def _column(tile, ranks, j):
-    """Column j of a [N, R_PAD] tile."""
-    return tl.sum(tl.where(ranks[None, :] == j, tile, 0), axis=1)
+def _publish(flag_ptrs, values, mask):
+    """`signal` to several peers at once: one CTA barrier, then one release store per peer."""
+    tl.debug_barrier()
+    tl.atomic_xchg(flag_ptrs, values, mask=mask, sem="release", scope="sys")
 
 
 @triton.jit
@@ -89,11 +88,12 @@ def _poll(flag_ptr, e, need, arrived, failed, blocking, err_ptr, phase, rank, pe
 
 
 @triton.jit
-def _source_block(rank_prefix_ptr, recv_prefix_ptr, src, rank, num_ranks, channel, num_channels, valid):
+def _source_block(rank_prefix_ptr, recv_prefix_ptr, src, rank, channel, num_channels, valid,
+                  NUM_RANKS: tl.constexpr):
     """Rows that `src` sends to `rank` in `channel`: (count, first row in rank's receive order, position
     of the channel's first row among all rows from src)."""
-    prev = tl.load(rank_prefix_ptr + tl.maximum(src - 1, 0) * num_ranks + rank, mask=valid & (src > 0), other=0)
-    total = tl.load(rank_prefix_ptr + src * num_ranks + rank, mask=valid, other=0) - prev
+    prev = tl.load(rank_prefix_ptr + tl.maximum(src - 1, 0) * NUM_RANKS + rank, mask=valid & (src > 0), other=0)
+    total = tl.load(rank_prefix_ptr + src * NUM_RANKS + rank, mask=valid, other=0) - prev
     begin = tl.load(recv_prefix_ptr + src * num_channels + channel, mask=valid, other=0)
     has_next = valid & (channel + 1 < num_channels)
     end = tl.load(recv_prefix_ptr + src * num_channels + channel + 1, mask=has_next, other=0)
@@ -108,6 +108,14 @@ def _to_bf16(x):
     bits = x.to(tl.uint32, bitcast=True)
     rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
     return tl.where(x != x, 0x7FC0, rounded).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
+def _localize(ids, weights, rank, num_local_experts):
+    """Global expert ids -> this rank's local ids, -1 elsewhere; weights of -1 entries become 0."""
+    first = rank * num_local_experts
+    mine = (ids >= first) & (ids < first + num_local_experts)
+    return tl.where(mine, ids - first, -1), tl.where(mine, weights, 0.0)
 
 
 # ---------------------------------------------------------------- layout
@@ -138,12 +146,14 @@ def ep_layout_kernel(topk_ptr, per_rank_ptr, per_expert_ptr, in_rank_ptr, num_to
                                "tokens_per_channel", "num_local_experts", "budget"])
 def ep_notify_kernel(in_rank_ptr, expert_counts_ptr, signal_bases_ptr, notify_flags_offset, slots_offset,
                      epoch_ptr, err_addr_ptr, send_prefix_ptr, rank_prefix_ptr, recv_prefix_ptr, recv_expert_ptr,
-                     rank, num_tokens, num_channels, tokens_per_channel, num_local_experts, budget,
+                     tokens_ptr, rank, num_tokens, num_channels, tokens_per_channel, num_local_experts, budget,
                      NUM_RANKS: tl.constexpr, R_PAD: tl.constexpr, C_PAD: tl.constexpr, L_BLOCK: tl.constexpr,
                      BLOCK_T: tl.constexpr, MAX_C: tl.constexpr, MAX_L: tl.constexpr, USE_TIMER: tl.constexpr):
     """Slot of source s on each rank (int32): [0, MAX_C) tokens per channel sent to that rank,
-    [MAX_C, MAX_C + MAX_L) selections of that rank's experts, then s's send totals to every rank."""
-    SLOT_INTS: tl.constexpr = MAX_C + MAX_L + NUM_RANKS
+    [MAX_C, MAX_C + MAX_L) selections of that rank's experts, then s's send totals to every rank, then
+    s's token count. Outputs: the routing prefix matrices, the received selections per local expert and
+    every rank's token count."""
+    SLOT_INTS: tl.constexpr = MAX_C + MAX_L + NUM_RANKS + 1
     e = tl.load(epoch_ptr) + 1
     zero = tl.full((), 0, tl.int32)
     ranks = tl.arange(0, R_PAD)
@@ -180,6 +190,7 @@ def ep_notify_kernel(in_rank_ptr, expert_counts_ptr, signal_bases_ptr, notify_fl
             tl.store(slot + MAX_C + experts, counts, mask=ok)
             l0 += L_BLOCK
         tl.store(slot + MAX_C + MAX_L + ranks, totals, mask=rank_ok)
+        tl.store(slot + MAX_C + MAX_L + NUM_RANKS, num_tokens)
         signal(_heap_ptr(signal_bases_ptr, peer, notify_flags_offset + rank * 8, tl.int64, 8), e << 32)
 
     err_ptr = tl.load(err_addr_ptr).to(tl.pointer_type(tl.int32))
@@ -203,6 +214,9 @@ def ep_notify_kernel(in_rank_ptr, expert_counts_ptr, signal_bases_ptr, notify_fl
         sends = tl.load(src_slots + MAX_C + MAX_L + ranks[None, :], mask=pair_ok, other=0, cache_modifier=".cg")
         tl.store(rank_prefix_ptr + ranks[:, None] * NUM_RANKS + ranks[None, :], tl.cumsum(sends, axis=0),
                  mask=pair_ok)
+        src_tokens = tl.load(slots + ranks * SLOT_INTS + MAX_C + MAX_L + NUM_RANKS, mask=rank_ok, other=0,
+                             cache_modifier=".cg")
+        tl.store(tokens_ptr + ranks, src_tokens, mask=rank_ok)
         l0 = zero
         while l0 < num_local_experts:
             experts = l0 + tl.arange(0, L_BLOCK)
@@ -215,30 +229,21 @@ def ep_notify_kernel(in_rank_ptr, expert_counts_ptr, signal_bases_ptr, notify_fl
 
 # ---------------------------------------------------------------- dispatch
 @triton.jit
-def _localize(ids, weights, rank, num_local_experts):
-    """Global expert ids -> this rank's local ids, -1 elsewhere; weights of -1 entries become 0."""
-    first = rank * num_local_experts
-    mine = (ids >= first) & (ids < first + num_local_experts)
-    return tl.where(mine, ids - first, -1), tl.where(mine, weights, 0.0)
-
-
-@triton.jit
-def _dispatch_send_tile(start, last, sent, prev_channel, block_start, e, half_offset, lane, channel,
+def _dispatch_send_tile(start, last, sent, prev_channel, block_start, out_flags, peer_ok, e, half_offset, lane,
                         x_ptr, scales_ptr, scale_stride_t, scale_stride_s, topk_ptr, weights_ptr, in_rank_ptr,
                         recv_x_ptr, recv_scales_ptr, recv_topk_ptr, recv_weights_ptr, recv_src_ptr, send_head_ptr,
-                        data_bases_ptr, signal_bases_ptr, flags_offset, rank, num_local_experts, num_scales, num_topk,
-                        capacity, num_out_rows,
+                        data_bases_ptr, rank, num_local_experts, num_scales, num_topk, capacity, num_out_rows,
                         NUM_RANKS: tl.constexpr, R_PAD: tl.constexpr, ROW_WORDS: tl.constexpr,
                         LANE_WORDS: tl.constexpr, RECORD_WORDS: tl.constexpr, S_PAD: tl.constexpr,
-                        K_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_W: tl.constexpr, MAX_C: tl.constexpr,
+                        K_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_W: tl.constexpr,
                         HAS_SCALES: tl.constexpr, HAS_TOPK: tl.constexpr, WRITE_SEND_HEAD: tl.constexpr):
-    """Push tokens [start, start + BLOCK_T) of this channel: lane columns to every destination, lane 0
-    also the per-row fields. Rows for this rank go straight into the output tensors. -> new `sent`."""
+    """Push tokens [start, start + BLOCK_T) of this channel, each loaded once: the lane's columns to every
+    destination, lane 0 also the per-row fields; then publish the rows sent so far to every peer. Rows
+    for this rank go straight into the output tensors. -> new `sent`."""
     ranks = tl.arange(0, R_PAD)
-    rank_ok = ranks < NUM_RANKS
     toks = start + tl.arange(0, BLOCK_T)
     tok_ok = toks < last
-    tile_ok = tok_ok[:, None] & rank_ok[None, :]
+    tile_ok = tok_ok[:, None] & (ranks < NUM_RANKS)[None, :]
     toks64 = toks.to(tl.int64)
     chosen = tl.load(in_rank_ptr + toks64[:, None] * NUM_RANKS + ranks[None, :], mask=tile_ok, other=0).to(tl.int32)
     pos = prev_channel[None, :] + sent[None, :] + tl.cumsum(chosen, axis=0) - 1  # rank among tokens sent to j
@@ -255,13 +260,15 @@ def _dispatch_send_tile(start, last, sent, prev_channel, block_start, e, half_of
         data = tl.load(x_ptr + toks64[:, None] * ROW_WORDS + cols[None, :], mask=tok_ok[:, None] & col_ok[None, :])
         for step in tl.static_range(NUM_RANKS):  # self first, then the peers in ring order (spreads the links)
             dst = (rank + step) % NUM_RANKS
-            dst_rows = _column(rows, ranks, dst).to(tl.int64)
-            dst_ok = (_column(chosen, ranks, dst) != 0)[:, None] & col_ok[None, :]
+            pick = ranks[None, :] == dst
+            dst_rows = tl.sum(tl.where(pick, rows, 0), axis=1).to(tl.int64)
+            dst_ok = (tl.sum(tl.where(pick, chosen, 0), axis=1) != 0)[:, None] & col_ok[None, :]
             if step == 0:
                 tl.store(recv_x_ptr + dst_rows[:, None] * ROW_WORDS + cols[None, :], data,
                          mask=dst_ok & (dst_rows < num_out_rows)[:, None])
             else:
-                region = _heap_ptr(data_bases_ptr, dst, half_offset, tl.int32, 16)
+                region = (tl.load(data_bases_ptr + dst) + half_offset).to(tl.pointer_type(tl.int32))
+                region = tl.multiple_of(region, 16)
                 tl.store(region + dst_rows[:, None] * RECORD_WORDS + cols[None, :], data,
                          mask=dst_ok & (dst_rows < capacity)[:, None])
     if lane == 0:
@@ -272,17 +279,18 @@ def _dispatch_send_tile(start, last, sent, prev_channel, block_start, e, half_of
         if HAS_TOPK:
             ids = tl.load(topk_ptr + toks64[:, None] * num_topk + ks[None, :], mask=k_ok, other=-1).to(tl.int32)
             weights = tl.load(weights_ptr + toks64[:, None] * num_topk + ks[None, :], mask=k_ok, other=0.0)
+            local, local_weights = _localize(ids, weights, rank, num_local_experts)
         if HAS_SCALES:
             scales = tl.load(scales_ptr + toks64[:, None] * scale_stride_t + ss[None, :] * scale_stride_s, mask=s_ok)
         for step in tl.static_range(NUM_RANKS):
             dst = (rank + step) % NUM_RANKS
-            dst_rows = _column(rows, ranks, dst).to(tl.int64)
-            row_ok = _column(chosen, ranks, dst) != 0
+            pick = ranks[None, :] == dst
+            dst_rows = tl.sum(tl.where(pick, rows, 0), axis=1).to(tl.int64)
+            row_ok = tl.sum(tl.where(pick, chosen, 0), axis=1) != 0
             if step == 0:
                 row_ok = row_ok & (dst_rows < num_out_rows)
                 tl.store(recv_src_ptr + dst_rows, toks, mask=row_ok)
                 if HAS_TOPK:
-                    local, local_weights = _localize(ids, weights, rank, num_local_experts)
                     tl.store(recv_topk_ptr + dst_rows[:, None] * num_topk + ks[None, :],
                              local.to(recv_topk_ptr.dtype.element_ty), mask=row_ok[:, None] & k_ok)
                     tl.store(recv_weights_ptr + dst_rows[:, None] * num_topk + ks[None, :], local_weights,
@@ -292,7 +300,7 @@ def _dispatch_send_tile(start, last, sent, prev_channel, block_start, e, half_of
                              mask=row_ok[:, None] & s_ok)
             else:
                 row_ok = row_ok & (dst_rows < capacity)
-                region = _heap_ptr(data_bases_ptr, dst, half_offset, tl.int32, 16)
+                region = (tl.load(data_bases_ptr + dst) + half_offset).to(tl.pointer_type(tl.int32))
                 record = region + dst_rows * RECORD_WORDS + ROW_WORDS
                 if HAS_SCALES:
                     tl.store(record[:, None] + ss[None, :], scales, mask=row_ok[:, None] & s_ok)
@@ -302,10 +310,7 @@ def _dispatch_send_tile(start, last, sent, prev_channel, block_start, e, half_of
                     tl.store(record[:, None] + num_topk + ks[None, :], weights.to(tl.int32, bitcast=True),
                              mask=row_ok[:, None] & k_ok)
                 tl.store(record + 2 * num_topk, toks, mask=row_ok)
-    for step in tl.static_range(1, NUM_RANKS):
-        dst = (rank + step) % NUM_RANKS
-        flag = _heap_ptr(signal_bases_ptr, dst, flags_offset + ((rank * MAX_C + channel) * 2 + lane) * 8, tl.int64, 8)
-        signal(flag, (e << 32) | _pick(sent, ranks, dst).to(tl.int64))
+    _publish(out_flags, (e << 32) | sent.to(tl.int64), peer_ok)
     return sent
 
 
@@ -359,7 +364,7 @@ def ep_dispatch_kernel(x_ptr, scales_ptr, scale_stride_t, scale_stride_s, topk_p
                        data_bases_ptr, half_bytes, signal_bases_ptr, flags_offset, epoch_ptr, err_addr_ptr,
                        rank, num_tokens, num_channels, tokens_per_channel, num_local_experts, num_scales, num_topk,
                        capacity, num_out_rows, budget,
-                       NUM_RANKS: tl.constexpr, R_PAD: tl.constexpr, ROW_WORDS: tl.constexpr,
+                       NUM_RANKS: tl.constexpr, R_PAD: tl.constexpr, LANES: tl.constexpr, ROW_WORDS: tl.constexpr,
                        LANE_WORDS: tl.constexpr, RECORD_WORDS: tl.constexpr, S_PAD: tl.constexpr,
                        K_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_W: tl.constexpr, MAX_C: tl.constexpr,
                        HAS_SCALES: tl.constexpr, HAS_TOPK: tl.constexpr, WRITE_SEND_HEAD: tl.constexpr,
@@ -367,15 +372,20 @@ def ep_dispatch_kernel(x_ptr, scales_ptr, scale_stride_t, scale_stride_s, topk_p
     """Rows are 4-byte words (`x_ptr`/`recv_x_ptr` are int32 views). Row j of the receive order sits at
     the same index in the receive region and in `recv_x`."""
     pid = tl.program_id(0)
-    channel = pid // 2
-    lane = pid % 2
+    channel = pid // LANES
+    lane = pid % LANES
     e = tl.load(epoch_ptr) + 1
     half_offset = (e % 2) * half_bytes
     ranks = tl.arange(0, R_PAD)
     rank_ok = ranks < NUM_RANKS
+    peer_ok = rank_ok & (ranks != rank)
     err_ptr = tl.load(err_addr_ptr).to(tl.pointer_type(tl.int32))
     failed = tl.load(err_ptr + 3, volatile=True)
     zero = tl.full((), 0, tl.int32)
+    # this program's flag (source rank, channel, lane) on every peer
+    my_flag = flags_offset + ((rank * MAX_C + channel) * MAX_LANES + lane) * 8
+    out_flags = (tl.load(signal_bases_ptr + ranks, mask=rank_ok, other=0) + my_flag).to(tl.pointer_type(tl.int64))
+    _publish(out_flags, tl.zeros([R_PAD], tl.int64) + (e << 32), peer_ok)  # epoch e, no rows yet
 
     # ---- push state: this channel's tokens, in order
     first = channel * tokens_per_channel
@@ -385,10 +395,6 @@ def ep_dispatch_kernel(x_ptr, scales_ptr, scale_stride_t, scale_stride_s, topk_p
     block_start = tl.load(rank_prefix_ptr + (rank - 1) * NUM_RANKS + ranks, mask=rank_ok & (rank > 0), other=0)
     sent = tl.zeros([R_PAD], tl.int32)
     next_token = first
-    for step in tl.static_range(1, NUM_RANKS):  # "epoch e, nothing yet": what peers wait for if no row flows
-        dst = (rank + step) % NUM_RANKS
-        signal(_heap_ptr(signal_bases_ptr, dst, flags_offset + ((rank * MAX_C + channel) * 2 + lane) * 8,
-                         tl.int64, 8), e << 32)
 
     # ---- receive state: channel `channel` of every peer, peers in ring order
     region = _heap_ptr(data_bases_ptr, rank, half_offset, tl.int32, 16)
@@ -405,28 +411,28 @@ def ep_dispatch_kernel(x_ptr, scales_ptr, scale_stride_t, scale_stride_s, topk_p
                 tl.store(recv_topk_ptr + tail[:, None].to(tl.int64) * num_topk + ks[None, :],
                          tl.full([BLOCK_T, K_PAD], -1, recv_topk_ptr.dtype.element_ty),
                          mask=tail_ok[:, None] & (ks < num_topk)[None, :])
-            r0 += 2 * num_channels * BLOCK_T
+            r0 += LANES * num_channels * BLOCK_T
     peer_step = zero + 1
     src = (rank + peer_step) % NUM_RANKS
-    count, row0, _ = _source_block(rank_prefix_ptr, recv_prefix_ptr, src, rank, NUM_RANKS, channel, num_channels,
-                                   peer_step < NUM_RANKS)
+    count, row0, _ = _source_block(rank_prefix_ptr, recv_prefix_ptr, src, rank, channel, num_channels,
+                                   peer_step < NUM_RANKS, NUM_RANKS)
     copied = zero
     arrived = zero - 1
 
     while (next_token < last) | (peer_step < NUM_RANKS):
         if next_token < last:
             sent = _dispatch_send_tile(
-                next_token, last, sent, prev_channel, block_start, e, half_offset, lane, channel,
+                next_token, last, sent, prev_channel, block_start, out_flags, peer_ok, e, half_offset, lane,
                 x_ptr, scales_ptr, scale_stride_t, scale_stride_s, topk_ptr, weights_ptr, in_rank_ptr,
                 recv_x_ptr, recv_scales_ptr, recv_topk_ptr, recv_weights_ptr, recv_src_ptr, send_head_ptr,
-                data_bases_ptr, signal_bases_ptr, flags_offset, rank, num_local_experts, num_scales, num_topk,
-                capacity, num_out_rows, NUM_RANKS, R_PAD, ROW_WORDS, LANE_WORDS, RECORD_WORDS, S_PAD, K_PAD,
-                BLOCK_T, BLOCK_W, MAX_C, HAS_SCALES, HAS_TOPK, WRITE_SEND_HEAD)
+                data_bases_ptr, rank, num_local_experts, num_scales, num_topk, capacity, num_out_rows,
+                NUM_RANKS, R_PAD, ROW_WORDS, LANE_WORDS, RECORD_WORDS, S_PAD, K_PAD, BLOCK_T, BLOCK_W,
+                HAS_SCALES, HAS_TOPK, WRITE_SEND_HEAD)
             next_token += BLOCK_T
         if peer_step < NUM_RANKS:
             blocking = next_token >= last  # nothing left to push: wait for the peers
             need = tl.minimum(count, copied + BLOCK_T)
-            flag = flags + (src * MAX_C + channel) * 2 + lane
+            flag = flags + (src * MAX_C + channel) * MAX_LANES + lane
             arrived, failed = _poll(flag, e, need, arrived, failed, blocking, err_ptr, _phase_dispatch, rank, src,
                                     budget, USE_TIMER)
             if (arrived >= need) & (failed == 0):
@@ -439,8 +445,8 @@ def ep_dispatch_kernel(x_ptr, scales_ptr, scale_stride_t, scale_stride_s, topk_p
                 if copied >= count:  # this peer is done: next one
                     peer_step += 1
                     src = (rank + peer_step) % NUM_RANKS
-                    count, row0, _ = _source_block(rank_prefix_ptr, recv_prefix_ptr, src, rank, NUM_RANKS, channel,
-                                                   num_channels, peer_step < NUM_RANKS)
+                    count, row0, _ = _source_block(rank_prefix_ptr, recv_prefix_ptr, src, rank, channel,
+                                                   num_channels, peer_step < NUM_RANKS, NUM_RANKS)
                     copied = zero
                     arrived = zero - 1
             if failed != 0:
@@ -449,17 +455,18 @@ def ep_dispatch_kernel(x_ptr, scales_ptr, scale_stride_t, scale_stride_s, topk_p
 
 # ---------------------------------------------------------------- combine
 @triton.jit
-def _combine_send_tile(begin, end, x_row0, slot0, home, e, half_offset, lane, channel, x_ptr, weights_ptr,
-                       data_bases_ptr, signal_bases_ptr, flags_offset, rank, num_topk, capacity,
-                       HIDDEN: tl.constexpr, LANE_ELEMS: tl.constexpr, RECORD_ELEMS: tl.constexpr,
-                       K_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, MAX_C: tl.constexpr,
-                       HAS_WEIGHTS: tl.constexpr):
-    """Push rows x_row0 + [begin, end) of x to `home`'s combine region at slots slot0 + [begin, end)."""
+def _combine_send_tile(begin, end, x_row0, slot0, home, my_flag, e, half_offset, lane, x_ptr, weights_ptr,
+                       data_bases_ptr, signal_bases_ptr, num_topk, capacity, HIDDEN: tl.constexpr, LANE_ELEMS: tl.constexpr,
+                       RECORD_ELEMS: tl.constexpr, K_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
+                       BLOCK_H: tl.constexpr, HAS_WEIGHTS: tl.constexpr):
+    """Push rows x_row0 + [begin, end) of x to `home`'s combine region at slots slot0 + [begin, end), then
+    publish `end` on `home`."""
     idx = begin + tl.arange(0, BLOCK_T)
     slots = (slot0 + idx).to(tl.int64)
     row_ok = (idx < end) & (slots < capacity)
     rows = (x_row0 + idx).to(tl.int64)
-    region = _heap_ptr(data_bases_ptr, home, half_offset, tl.bfloat16, 16)
+    home_base = tl.load(data_bases_ptr + home) + half_offset
+    region = tl.multiple_of(home_base.to(tl.pointer_type(tl.bfloat16)), 16)
     col_begin = lane * LANE_ELEMS
     for c0 in range(0, LANE_ELEMS, BLOCK_H):
         cols = col_begin + c0 + tl.arange(0, BLOCK_H)
@@ -471,18 +478,17 @@ def _combine_send_tile(begin, end, x_row0, slot0, home, e, half_offset, lane, ch
             ks = tl.arange(0, K_PAD)
             k_ok = row_ok[:, None] & (ks < num_topk)[None, :]
             weights = tl.load(weights_ptr + rows[:, None] * num_topk + ks[None, :], mask=k_ok)
-            weight_region = _heap_ptr(data_bases_ptr, home, half_offset + HIDDEN * 2, tl.float32, 4)
+            weight_region = (home_base + HIDDEN * 2).to(tl.pointer_type(tl.float32))
             tl.store(weight_region + slots[:, None] * (RECORD_ELEMS // 2) + ks[None, :], weights, mask=k_ok)
-    flag = _heap_ptr(signal_bases_ptr, home, flags_offset + ((rank * MAX_C + channel) * 2 + lane) * 8, tl.int64, 8)
-    signal(flag, (e << 32) | end.to(tl.int64))
+    signal((tl.load(signal_bases_ptr + home) + my_flag).to(tl.pointer_type(tl.int64)), (e << 32) | end.to(tl.int64))
 
 
 @triton.jit
 def _combine_home_block(rank_prefix_ptr, recv_prefix_ptr, home, rank, channel, num_channels, valid,
                         NUM_RANKS: tl.constexpr, R_PAD: tl.constexpr):
     """Rows of `home`'s channel `channel` held here: (count, first row in x, first slot on home)."""
-    count, x_row0, begin = _source_block(rank_prefix_ptr, recv_prefix_ptr, home, rank, NUM_RANKS, channel,
-                                         num_channels, valid)
+    count, x_row0, begin = _source_block(rank_prefix_ptr, recv_prefix_ptr, home, rank, channel, num_channels, valid,
+                                         NUM_RANKS)
     ranks = tl.arange(0, R_PAD)
     # slots on `home` start with the rows of lower ranks: sum over j < rank of n(home -> j)
     row_ok = valid & (ranks < rank)
@@ -492,76 +498,85 @@ def _combine_home_block(rank_prefix_ptr, recv_prefix_ptr, home, rank, channel, n
 
 
 @triton.jit
-def _combine_reduce_tile(start, last, arrived, failed, blocking, e, half_offset, lane, channel,
-                         x_ptr, weights_ptr, bias0_ptr, bias1_ptr, in_rank_ptr, send_head_ptr, out_ptr,
-                         out_weights_ptr, chan_start, slot_base, self_row0, flags, data_bases_ptr, err_ptr,
-                         rank, num_topk, budget,
+def _poll_peers(flag_addrs, e, need, arrived, failed, blocking, peer_ok, err_ptr, rank, budget,
+                NUM_RANKS: tl.constexpr, R_PAD: tl.constexpr, USE_TIMER: tl.constexpr):
+    """`_poll` for every peer at once: one vector acquire, or (blocking) a bounded wait per peer still
+    behind. `flag_addrs`: int64 address of each peer's flag for this program. -> (arrived, failed)."""
+    ranks = tl.arange(0, R_PAD)
+    behind = peer_ok & (arrived < need)
+    if (tl.sum(behind.to(tl.int32), axis=0) > 0) & (failed == 0):
+        if blocking:
+            for step in tl.static_range(1, NUM_RANKS):
+                peer = (rank + step) % NUM_RANKS
+                peer_need = tl.sum(tl.where(ranks == peer, need, 0), axis=0)
+                peer_arrived = tl.sum(tl.where(ranks == peer, arrived, 0), axis=0)
+                flag = tl.sum(tl.where(ranks == peer, flag_addrs, 0), axis=0).to(tl.pointer_type(tl.int64))
+                peer_arrived, failed = _poll(flag, e, peer_need, peer_arrived, failed, True, err_ptr,
+                                             _phase_combine, rank, peer, budget, USE_TIMER)
+                arrived = tl.where(ranks == peer, peer_arrived, arrived)
+        else:
+            values = tl.atomic_add(flag_addrs.to(tl.pointer_type(tl.int64)), 0, mask=behind, sem="acquire", scope="sys")
+            arrived = tl.where(behind & (values >= (e << 32)), _rows_arrived(values, e), arrived)
+    return arrived, failed
+
+
+@triton.jit
+def _combine_reduce_tile(start, last, x_ptr, weights_ptr, bias0_ptr, bias1_ptr, in_rank_ptr, send_head_ptr, out_ptr,
+                         out_weights_ptr, slot_base, self_row0, region_base, lane, rank, num_topk,
                          NUM_RANKS: tl.constexpr, R_PAD: tl.constexpr, HIDDEN: tl.constexpr,
                          LANE_ELEMS: tl.constexpr, RECORD_ELEMS: tl.constexpr, K_PAD: tl.constexpr,
-                         BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, MAX_C: tl.constexpr,
-                         HAS_WEIGHTS: tl.constexpr, HAS_BIAS0: tl.constexpr, HAS_BIAS1: tl.constexpr,
-                         USE_TIMER: tl.constexpr):
-    """Reduce tokens [start, start + BLOCK_T) once every peer's rows for them arrived.
-    -> (reduced?, arrived, failed)."""
+                         BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, HAS_WEIGHTS: tl.constexpr,
+                         HAS_BIAS0: tl.constexpr, HAS_BIAS1: tl.constexpr):
+    """Reduce tokens [start, start + BLOCK_T): bias0 + bias1 + the rows of destination ranks ascending, in
+    float32, one rounding to bf16. Peer j's row of token t is staged at slot slot_base[j] + send_head[t, j];
+    this rank's own row is x[self_row0 + send_head[t, rank]]."""
     ranks = tl.arange(0, R_PAD)
-    rank_ok = ranks < NUM_RANKS
     toks = start + tl.arange(0, BLOCK_T)
     tok_ok = toks < last
-    tile_ok = tok_ok[:, None] & rank_ok[None, :]
+    tile_ok = tok_ok[:, None] & (ranks < NUM_RANKS)[None, :]
     toks64 = toks.to(tl.int64)
     chosen = tl.load(in_rank_ptr + toks64[:, None] * NUM_RANKS + ranks[None, :], mask=tile_ok, other=0).to(tl.int32)
     head = tl.load(send_head_ptr + toks64[:, None] * NUM_RANKS + ranks[None, :], mask=tile_ok, other=0)
-    need = tl.max(tl.where(chosen != 0, head - chan_start[None, :] + 1, 0), axis=0)
-    for step in tl.static_range(1, NUM_RANKS):
-        peer = (rank + step) % NUM_RANKS
-        peer_arrived, failed = _poll(flags + (peer * MAX_C + channel) * 2 + lane, e, _pick(need, ranks, peer),
-                                     _pick(arrived, ranks, peer), failed, blocking, err_ptr, _phase_combine, rank,
-                                     peer, budget, USE_TIMER)
-        arrived = tl.where(ranks == peer, peer_arrived, arrived)
-    waiting = (arrived < need) & rank_ok & (ranks != rank)
-    ready = (tl.sum(waiting.to(tl.int32), axis=0) == 0) & (failed == 0)
-    if ready:
-        region = _heap_ptr(data_bases_ptr, rank, half_offset, tl.bfloat16, 16)
-        col_begin = lane * LANE_ELEMS
-        # staged row of token t from peer j: slot_base[j] + send_head[t, j]; own row: self_row0 + send_head[t, rank]
-        for c0 in range(0, LANE_ELEMS, BLOCK_H):
-            cols = col_begin + c0 + tl.arange(0, BLOCK_H)
-            ok = tok_ok[:, None] & ((cols < col_begin + LANE_ELEMS) & (cols < HIDDEN))[None, :]
-            acc = tl.zeros([BLOCK_T, BLOCK_H], tl.float32)
-            if HAS_BIAS0:
-                acc += tl.load(bias0_ptr + toks64[:, None] * HIDDEN + cols[None, :], mask=ok, other=0.0).to(tl.float32)
-            if HAS_BIAS1:
-                acc += tl.load(bias1_ptr + toks64[:, None] * HIDDEN + cols[None, :], mask=ok, other=0.0).to(tl.float32)
-            for j in tl.static_range(NUM_RANKS):  # canonical order: destination ranks ascending
-                row = _column(head, ranks, j).to(tl.int64)
-                has = ok & (_column(chosen, ranks, j) != 0)[:, None]
+    # source row of every (token, rank): a slot in the staging region, or a row of x for this rank
+    where = tl.where(ranks[None, :] == rank, self_row0, slot_base[None, :]) + head
+    region = tl.multiple_of(region_base.to(tl.pointer_type(tl.bfloat16)), 16)
+    col_begin = lane * LANE_ELEMS
+    for c0 in range(0, LANE_ELEMS, BLOCK_H):
+        cols = col_begin + c0 + tl.arange(0, BLOCK_H)
+        ok = tok_ok[:, None] & ((cols < col_begin + LANE_ELEMS) & (cols < HIDDEN))[None, :]
+        acc = tl.zeros([BLOCK_T, BLOCK_H], tl.float32)
+        if HAS_BIAS0:
+            acc += tl.load(bias0_ptr + toks64[:, None] * HIDDEN + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+        if HAS_BIAS1:
+            acc += tl.load(bias1_ptr + toks64[:, None] * HIDDEN + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+        for j in tl.static_range(NUM_RANKS):  # canonical order: destination ranks ascending
+            pick = ranks[None, :] == j
+            row = tl.sum(tl.where(pick, where, 0), axis=1).to(tl.int64)
+            has = ok & (tl.sum(tl.where(pick, chosen, 0), axis=1) != 0)[:, None]
+            if j == rank:
+                part = tl.load(x_ptr + row[:, None] * HIDDEN + cols[None, :], mask=has, other=0.0)
+            else:
+                part = tl.load(region + row[:, None] * RECORD_ELEMS + cols[None, :], mask=has, other=0.0,
+                               cache_modifier=".cg")
+            acc += part.to(tl.float32)
+        tl.store(out_ptr + toks64[:, None] * HIDDEN + cols[None, :], _to_bf16(acc), mask=ok)
+    if HAS_WEIGHTS:
+        if lane == 0:
+            ks = tl.arange(0, K_PAD)
+            ok = tok_ok[:, None] & (ks < num_topk)[None, :]
+            weight_region = (region_base + HIDDEN * 2).to(tl.pointer_type(tl.float32))
+            acc_w = tl.zeros([BLOCK_T, K_PAD], tl.float32)
+            for j in tl.static_range(NUM_RANKS):
+                pick = ranks[None, :] == j
+                row = tl.sum(tl.where(pick, where, 0), axis=1).to(tl.int64)
+                has = ok & (tl.sum(tl.where(pick, chosen, 0), axis=1) != 0)[:, None]
                 if j == rank:
-                    part = tl.load(x_ptr + (self_row0 + row)[:, None] * HIDDEN + cols[None, :], mask=has, other=0.0)
+                    part = tl.load(weights_ptr + row[:, None] * num_topk + ks[None, :], mask=has, other=0.0)
                 else:
-                    slot = _pick(slot_base, ranks, j) + row
-                    part = tl.load(region + slot[:, None] * RECORD_ELEMS + cols[None, :], mask=has, other=0.0,
-                                   cache_modifier=".cg")
-                acc += part.to(tl.float32)
-            tl.store(out_ptr + toks64[:, None] * HIDDEN + cols[None, :], _to_bf16(acc), mask=ok)
-        if HAS_WEIGHTS:
-            if lane == 0:
-                ks = tl.arange(0, K_PAD)
-                ok = tok_ok[:, None] & (ks < num_topk)[None, :]
-                weight_region = _heap_ptr(data_bases_ptr, rank, half_offset + HIDDEN * 2, tl.float32, 4)
-                acc_w = tl.zeros([BLOCK_T, K_PAD], tl.float32)
-                for j in tl.static_range(NUM_RANKS):
-                    row = _column(head, ranks, j).to(tl.int64)
-                    has = ok & (_column(chosen, ranks, j) != 0)[:, None]
-                    if j == rank:
-                        part = tl.load(weights_ptr + (self_row0 + row)[:, None] * num_topk + ks[None, :], mask=has,
-                                       other=0.0)
-                    else:
-                        slot = _pick(slot_base, ranks, j) + row
-                        part = tl.load(weight_region + slot[:, None] * (RECORD_ELEMS // 2) + ks[None, :], mask=has,
-                                       other=0.0, cache_modifier=".cg")
-                    acc_w += part
-                tl.store(out_weights_ptr + toks64[:, None] * num_topk + ks[None, :], acc_w, mask=ok)
-    return ready, arrived, failed
+                    part = tl.load(weight_region + row[:, None] * (RECORD_ELEMS // 2) + ks[None, :], mask=has,
+                                   other=0.0, cache_modifier=".cg")
+                acc_w += part
+            tl.store(out_weights_ptr + toks64[:, None] * num_topk + ks[None, :], acc_w, mask=ok)
 
 
 COMBINE_NO_SPECIALIZE = ["rank", "num_tokens", "num_channels", "tokens_per_channel", "num_topk", "capacity", "budget"]
@@ -572,29 +587,31 @@ def ep_combine_kernel(x_ptr, weights_ptr, bias0_ptr, bias1_ptr, in_rank_ptr, sen
                       rank_prefix_ptr, send_prefix_ptr, recv_prefix_ptr, out_ptr, out_weights_ptr,
                       data_bases_ptr, half_bytes, signal_bases_ptr, flags_offset, epoch_ptr, err_addr_ptr,
                       rank, num_tokens, num_channels, tokens_per_channel, num_topk, capacity, budget,
-                      NUM_RANKS: tl.constexpr, R_PAD: tl.constexpr, HIDDEN: tl.constexpr, LANE_ELEMS: tl.constexpr,
-                      RECORD_ELEMS: tl.constexpr, K_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
-                      BLOCK_H: tl.constexpr, MAX_C: tl.constexpr, HAS_WEIGHTS: tl.constexpr,
+                      NUM_RANKS: tl.constexpr, R_PAD: tl.constexpr, LANES: tl.constexpr, HIDDEN: tl.constexpr,
+                      LANE_ELEMS: tl.constexpr, RECORD_ELEMS: tl.constexpr, K_PAD: tl.constexpr,
+                      BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, MAX_C: tl.constexpr, HAS_WEIGHTS: tl.constexpr,
                       HAS_BIAS0: tl.constexpr, HAS_BIAS1: tl.constexpr, USE_TIMER: tl.constexpr):
     """Push: the rows this rank received from `home` go back to `home`'s combine region, at slot
-    sum_{j < rank} n(home -> j) + send_head_home[t, rank]. Reduce: for this rank's own tokens,
-    bias0 + bias1 + rows of destination ranks ascending, in float32, rounded once to bf16."""
+    sum_{j < rank} n(home -> j) + send_head_home[t, rank]. Reduce: this rank's own tokens of the channel,
+    a tile at a time once every peer's rows for it arrived."""
     pid = tl.program_id(0)
-    channel = pid // 2
-    lane = pid % 2
+    channel = pid // LANES
+    lane = pid % LANES
     e = tl.load(epoch_ptr) + 1
     half_offset = (e % 2) * half_bytes
     ranks = tl.arange(0, R_PAD)
     rank_ok = ranks < NUM_RANKS
+    peer_ok = rank_ok & (ranks != rank)
     err_ptr = tl.load(err_addr_ptr).to(tl.pointer_type(tl.int32))
     failed = tl.load(err_ptr + 3, volatile=True)
     zero = tl.full((), 0, tl.int32)
+    # this program's flag (sender rank, channel, lane) on every home, and every peer's flag here
+    my_flag = flags_offset + ((rank * MAX_C + channel) * MAX_LANES + lane) * 8
+    out_flags = (tl.load(signal_bases_ptr + ranks, mask=rank_ok, other=0) + my_flag).to(tl.pointer_type(tl.int64))
+    in_flags = tl.load(signal_bases_ptr + rank) + flags_offset + ((ranks * MAX_C + channel) * MAX_LANES + lane) * 8
+    _publish(out_flags, tl.zeros([R_PAD], tl.int64) + (e << 32), peer_ok)  # epoch e, no rows yet
 
     # ---- push state: homes in ring order
-    for step in tl.static_range(1, NUM_RANKS):
-        home = (rank + step) % NUM_RANKS
-        signal(_heap_ptr(signal_bases_ptr, home, flags_offset + ((rank * MAX_C + channel) * 2 + lane) * 8,
-                         tl.int64, 8), e << 32)
     send_step = zero + 1
     home = (rank + send_step) % NUM_RANKS
     send_count, x_row0, slot0 = _combine_home_block(rank_prefix_ptr, recv_prefix_ptr, home, rank, channel,
@@ -611,20 +628,20 @@ def ep_combine_kernel(x_ptr, weights_ptr, bias0_ptr, bias1_ptr, in_rank_ptr, sen
     before = tl.load(rank_prefix_ptr + (rank - 1) * NUM_RANKS + ranks, mask=rank_ok & (rank > 0), other=0)
     sent_to = upto - before  # n(rank -> j)
     slot_base = tl.cumsum(sent_to, axis=0) - sent_to  # where peer j's rows start in my combine region
-    self_row0 = _pick(before, ranks, rank)
-    flags = _heap_ptr(signal_bases_ptr, rank, flags_offset, tl.int64, 8)
+    self_row0 = tl.sum(tl.where(ranks == rank, before, 0), axis=0)
+    region_base = tl.load(data_bases_ptr + rank) + half_offset
     arrived = tl.full([R_PAD], -1, tl.int32)
     next_token = first
-    synced = zero
 
-    while (send_step < NUM_RANKS) | (next_token < last) | (synced == 0):
+    # loop until pushed everything, reduced every token and seen every peer's final flag of this epoch
+    while (send_step < NUM_RANKS) | (tl.sum((peer_ok & (arrived < chan_total)).to(tl.int32), axis=0) > 0) | \
+            (next_token < last):
         if send_step < NUM_RANKS:
             if pushed < send_count:
                 end = tl.minimum(pushed + BLOCK_T, send_count)
-                _combine_send_tile(pushed, end, x_row0, slot0, home, e, half_offset, lane, channel, x_ptr,
-                                   weights_ptr, data_bases_ptr, signal_bases_ptr, flags_offset, rank, num_topk,
-                                   capacity, HIDDEN, LANE_ELEMS, RECORD_ELEMS, K_PAD, BLOCK_T, BLOCK_H, MAX_C,
-                                   HAS_WEIGHTS)
+                _combine_send_tile(pushed, end, x_row0, slot0, home, my_flag, e, half_offset, lane, x_ptr,
+                                   weights_ptr, data_bases_ptr, signal_bases_ptr, num_topk, capacity, HIDDEN, LANE_ELEMS, RECORD_ELEMS,
+                                   K_PAD, BLOCK_T, BLOCK_H, HAS_WEIGHTS)
                 pushed = end
             if pushed >= send_count:
                 send_step += 1
@@ -635,25 +652,23 @@ def ep_combine_kernel(x_ptr, weights_ptr, bias0_ptr, bias1_ptr, in_rank_ptr, sen
                 pushed = zero
         blocking = send_step >= NUM_RANKS  # nothing left to push: wait for the peers
         if next_token < last:
-            ready, arrived, failed = _combine_reduce_tile(
-                next_token, last, arrived, failed, blocking, e, half_offset, lane, channel,
-                x_ptr, weights_ptr, bias0_ptr, bias1_ptr, in_rank_ptr, send_head_ptr, out_ptr, out_weights_ptr,
-                chan_start, slot_base, self_row0, flags, data_bases_ptr, err_ptr, rank, num_topk, budget,
-                NUM_RANKS, R_PAD, HIDDEN, LANE_ELEMS, RECORD_ELEMS, K_PAD, BLOCK_T, BLOCK_H, MAX_C, HAS_WEIGHTS,
-                HAS_BIAS0, HAS_BIAS1, USE_TIMER)
-            if ready:
-                next_token += BLOCK_T
+            toks = next_token + tl.arange(0, BLOCK_T)
+            tile_ok = (toks < last)[:, None] & rank_ok[None, :]
+            offsets = toks[:, None].to(tl.int64) * NUM_RANKS + ranks[None, :]
+            chosen = tl.load(in_rank_ptr + offsets, mask=tile_ok, other=0) != 0
+            head = tl.load(send_head_ptr + offsets, mask=tile_ok, other=0)
+            need = tl.max(tl.where(chosen, head - chan_start[None, :] + 1, 0), axis=0)
         else:
-            # every peer's final flag of this epoch, even when it sent nothing
-            if synced == 0:
-                for step in tl.static_range(1, NUM_RANKS):
-                    peer = (rank + step) % NUM_RANKS
-                    peer_arrived, failed = _poll(flags + (peer * MAX_C + channel) * 2 + lane, e,
-                                                 _pick(chan_total, ranks, peer), _pick(arrived, ranks, peer), failed,
-                                                 blocking, err_ptr, _phase_combine, rank, peer, budget, USE_TIMER)
-                    arrived = tl.where(ranks == peer, peer_arrived, arrived)
-                done = tl.sum(((arrived < chan_total) & rank_ok & (ranks != rank)).to(tl.int32), axis=0) == 0
-                if done | (failed != 0):
-                    synced = zero + 1
-        if failed != 0:
+            need = chan_total  # the final flags
+        arrived, failed = _poll_peers(in_flags, e, need, arrived, failed, blocking, peer_ok, err_ptr, rank, budget,
+                                      NUM_RANKS, R_PAD, USE_TIMER)
+        ready = (tl.sum((peer_ok & (arrived < need)).to(tl.int32), axis=0) == 0) & (failed == 0)
+        if ready & (next_token < last):
+            _combine_reduce_tile(next_token, last, x_ptr, weights_ptr, bias0_ptr, bias1_ptr, in_rank_ptr,
+                                 send_head_ptr, out_ptr, out_weights_ptr, slot_base, self_row0, region_base, lane, rank,
+                                 num_topk, NUM_RANKS, R_PAD, HIDDEN, LANE_ELEMS, RECORD_ELEMS, K_PAD, BLOCK_T, BLOCK_H,
+                                 HAS_WEIGHTS, HAS_BIAS0, HAS_BIAS1)
+            next_token += BLOCK_T
+        if failed != 0:  # give up receiving; the pushes still complete
             next_token = last
+            arrived = tl.zeros([R_PAD], tl.int32) + 0x7FFFFFFF

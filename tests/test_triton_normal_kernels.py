@@ -1,0 +1,235 @@
+"""The Triton normal-mode kernels under the interpreter, on 2-4 spawned ranks, bit for bit against
+flashep.reference: shapes and paths the API suite does not reach (rows whose second lane is empty,
+several tiles and column chunks per program, channels without tokens, top-32, odd FP8 scale counts,
+back-to-back operations on both heap halves), buffer growth and capacity errors, timeouts naming rank
+and phase, and the bf16 rounding helper. Shapes stay tiny: the interpreter runs every program in Python.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import pytest
+import torch
+import triton
+import triton.language as tl
+
+import flashep
+from flashep import reference
+from flashep.kernels.normal import _to_bf16
+from harness import TRITON_NORMAL, assert_same, generator, run_ranks, triton_available
+
+pytestmark = pytest.mark.skipif(not triton_available(TRITON_NORMAL), reason="Triton normal backend missing")
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    tokens: tuple  # per rank, cycled
+    hidden: int
+    num_topk: int
+    experts_per_rank: int
+    num_sms: int
+    minus_one: float = 0.0
+    fp8_scales: int = 0  # FP8 dispatch with this many int32 scale columns (strided input); 0 = bf16
+    topk_dtype: torch.dtype = torch.int64
+
+
+CASES = (
+    # 16-byte rows: the second lane of every row is empty; one channel
+    Case("tiny_rows_one_channel", (6, 3), hidden=8, num_topk=1, experts_per_rank=2, num_sms=2),
+    # more channels than tokens on some ranks, a rank without tokens, top-32 with many -1
+    Case("empty_channels_top32", (0, 9, 2, 5), hidden=40, num_topk=32, experts_per_rank=16, num_sms=16,
+         minus_one=0.5, topk_dtype=torch.int32),
+    # FP8 with three scale columns, strided
+    Case("fp8_odd_scales", (7, 11), hidden=48, num_topk=3, experts_per_rank=3, num_sms=4, minus_one=0.2,
+         fp8_scales=3),
+)
+
+
+def _inputs(case: Case, seed: int, index: int, rank: int, num_ranks: int):
+    g = generator(seed, index, rank)
+    num_tokens = case.tokens[rank % len(case.tokens)]
+    num_experts = case.experts_per_rank * num_ranks
+    scores = torch.rand(num_tokens, num_experts, generator=g)
+    topk_idx = scores.topk(case.num_topk, dim=1).indices
+    topk_idx[torch.rand(topk_idx.shape, generator=g) < case.minus_one] = -1
+    weights = torch.randn(num_tokens, case.num_topk, generator=g)
+    if case.fp8_scales:
+        data = (torch.randn(num_tokens, case.hidden, generator=g) * 8).to(torch.float8_e4m3fn)
+        words = torch.randint(-2**31, 2**31 - 1, (num_tokens, 2 * case.fp8_scales), generator=g, dtype=torch.int32)
+        x = (data, words[:, ::2])  # any strides in, contiguous out
+    else:
+        x = torch.randn(num_tokens, case.hidden, generator=g).to(torch.bfloat16)
+    bias = (torch.randn(num_tokens, case.hidden, generator=g).to(torch.bfloat16),
+            torch.randn(num_tokens, case.hidden, generator=g).to(torch.bfloat16))
+    return x, topk_idx.to(case.topk_dtype), weights, bias
+
+
+def _as_pair(x):
+    return x if isinstance(x, tuple) else (x, None)
+
+
+def _check_dispatch(out, expect, with_topk: bool, what: str, num_valid: Optional[int] = None):
+    recv_x, recv_idx, recv_w = out[0], out[1], out[2]
+    data, scales = _as_pair(recv_x)
+    rows = slice(0, num_valid if num_valid is not None else data.size(0))
+    assert_same(data[rows], expect.recv_x, f"{what}: recv_x")
+    if expect.recv_x_scales is not None:
+        assert scales.is_contiguous(), f"{what}: scales must be contiguous"
+        assert_same(scales[rows], expect.recv_x_scales, f"{what}: scales")
+    if with_topk:
+        assert_same(recv_idx[rows], expect.recv_topk_idx, f"{what}: recv_topk_idx")
+        assert_same(recv_w[rows], expect.recv_topk_weights, f"{what}: recv_topk_weights")
+
+
+def _run_cases(rank: int, num_ranks: int, group, seed: int, cases: tuple, repeats: int) -> None:
+    buffer = flashep.Buffer(group, 0)
+    assert buffer.backend_name.startswith("triton/"), buffer.backend_name
+    for index, case in enumerate(cases):
+        everyone = [_inputs(case, seed, index, r, num_ranks) for r in range(num_ranks)]
+        xs, topks, weights = [e[0] for e in everyone], [e[1] for e in everyone], [e[2] for e in everyone]
+        x, topk_idx, topk_weights, bias = everyone[rank]
+        num_experts = case.experts_per_rank * num_ranks
+        config = flashep.Config(case.num_sms, 8, 256)
+        expects = reference.dispatch(xs, topks, weights, num_experts)
+        expect = expects[rank]
+        for repeat in range(repeats):  # consecutive operations alternate between the heap halves
+            what = f"{case.name} #{repeat}"
+            per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(topk_idx, num_experts)
+            layout = reference.layout(topk_idx, num_experts, num_ranks)
+            assert_same(per_rank, layout[0], f"{what}: num_tokens_per_rank")
+            assert_same(per_expert, layout[2], f"{what}: num_tokens_per_expert")
+            assert_same(in_rank, layout[3], f"{what}: is_token_in_rank")
+            args = dict(num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
+                        config=config)
+            out = buffer.dispatch(x, topk_idx=topk_idx, topk_weights=topk_weights, **args)
+            _check_dispatch(out, expect, True, what)
+            assert out[3] == expect.num_recv_tokens_per_expert, f"{what}: per-expert list {out[3]}"
+            handle = out[4]
+            assert_same(handle[0][:, rank], expect.rank_prefix, f"{what}: rank prefix")
+            assert_same(handle[3].long(), expect.recv_src_idx, f"{what}: recv_src_idx")
+            cached = buffer.dispatch(x, handle=handle, config=config)
+            _check_dispatch(cached, expect, False, f"{what} cached")
+            worst = max(1, max(case.tokens) * num_ranks)
+            worst_out = buffer.dispatch(x, topk_idx=topk_idx, topk_weights=topk_weights, num_worst_tokens=worst,
+                                        **args)
+            num_recv = expect.recv_x.size(0)
+            _check_dispatch(worst_out, expect, True, f"{what} worst", num_valid=num_recv)
+            assert torch.all(worst_out[1][num_recv:] == -1), f"{what}: worst-token top-k tail must be -1"
+            assert torch.all(worst_out[4][3][num_recv:] == -1), f"{what}: worst-token source index tail must be -1"
+
+            # combine: fresh rows on every rank, both biases, the received weights
+            rows = [torch.randn(expects[r].recv_x.size(0), case.hidden,
+                                generator=generator(seed, index, r, repeat)).to(torch.bfloat16)
+                    for r in range(num_ranks)]
+            recv_weights = [e.recv_topk_weights for e in expects]
+            expect_x, expect_w = reference.combine(rows, topks, num_experts, topk_weights=recv_weights,
+                                                   biases=[e[3] for e in everyone])[rank]
+            combined, combined_w, _ = buffer.combine(rows[rank], handle, topk_weights=out[2], bias=bias)
+            assert_same(combined, expect_x, f"{what}: combined_x")
+            assert_same(combined_w, expect_w, f"{what}: combined weights")
+            padding = torch.full((worst - rows[rank].size(0), case.hidden), float("nan"), dtype=torch.bfloat16)
+            combined, _, _ = buffer.combine(torch.cat([rows[rank], padding]), worst_out[4])
+            expect_plain = reference.combine(rows, topks, num_experts)[rank][0]
+            assert_same(combined, expect_plain, f"{what}: combine with the worst-token handle")
+
+
+@pytest.mark.parametrize("world_size", [2, 3, 4])
+def test_dispatch_and_combine_match_the_oracle(world_size, seed):
+    run_ranks(world_size, _run_cases, seed, CASES, 1, backend="triton")
+
+
+def test_two_lanes_small_tiles_and_repeats(seed):
+    """Two programs per channel, 2-token tiles and 16-word column chunks: several tiles and chunks per
+    program; three rounds so both data halves are reused."""
+    cases = (Case("lanes", (13, 6, 9), hidden=96, num_topk=2, experts_per_rank=2, num_sms=4, minus_one=0.2),)
+    run_ranks(3, _run_cases, seed, cases, 3, backend="triton",
+              env={"FLASHEP_LANES": "2", "FLASHEP_TILE_TOKENS": "2", "FLASHEP_TILE_HIDDEN": "32"})
+
+
+def _growth(rank: int, num_ranks: int, group, seed: int) -> None:
+    buffer = flashep.Buffer(group, 0)
+    sizes = []
+    for num_tokens in (3, 40):
+        case = Case("growth", (num_tokens,), hidden=64, num_topk=2, experts_per_rank=2, num_sms=2)
+        everyone = [_inputs(case, seed, num_tokens, r, num_ranks) for r in range(num_ranks)]
+        x, topk_idx, weights, _ = everyone[rank]
+        per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(topk_idx, 2 * num_ranks)
+        out = buffer.dispatch(x, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank,
+                              num_tokens_per_expert=per_expert, topk_idx=topk_idx, topk_weights=weights)
+        expect = reference.dispatch([e[0] for e in everyone], [e[1] for e in everyone], [e[2] for e in everyone],
+                                    2 * num_ranks)[rank]
+        _check_dispatch(out, expect, True, f"growth, {num_tokens} tokens")
+        sizes.append(buffer.get_local_buffer_tensor(torch.uint8).numel())  # the mapped data heap
+    assert sizes[1] > sizes[0], f"the buffer did not grow: {sizes}"
+    # without a host sync the buffer cannot grow: a clear error on every rank, before any kernel runs
+    with pytest.raises(RuntimeError, match="num_nvl_bytes >= "):
+        buffer.dispatch(x, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
+                        topk_idx=topk_idx, topk_weights=weights, num_worst_tokens=10**7)
+    out = buffer.dispatch(x, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank,
+                          num_tokens_per_expert=per_expert, topk_idx=topk_idx, topk_weights=weights)
+    _check_dispatch(out, expect, True, "after the capacity error")
+
+
+def test_buffer_grows_in_synced_dispatch_and_refuses_otherwise(seed):
+    run_ranks(2, _growth, seed, backend="triton")
+
+
+def _skip_one_call(rank: int, num_ranks: int, group, skipped: str) -> Optional[str]:
+    """Rank 1 skips one collective call; rank 0 must raise PeerTimeoutError (returned as text)."""
+    from flashep.kernels.sync import PeerTimeoutError
+
+    buffer = flashep.Buffer(group, 0)
+    topk_idx = torch.tensor([[0, 3], [1, -1], [2, 3]])
+    x = torch.randn(3, 16).to(torch.bfloat16)
+    per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(topk_idx, 4)
+    args = dict(num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
+                config=flashep.Config(2, 8, 256))
+    if skipped != "dispatch":
+        recv_x, _, _, _, handle, _ = buffer.dispatch(x, **args)
+    if rank == 1:
+        return None
+    try:
+        if skipped == "dispatch":
+            buffer.dispatch(x, **args)  # waits in notify, then raises after the host sync
+        elif skipped == "cached":
+            buffer.dispatch(x, handle=handle, config=args["config"])  # no host sync: the next call raises
+        else:
+            buffer.combine(recv_x, handle)
+        buffer.get_dispatch_layout(topk_idx, 4)
+    except PeerTimeoutError as e:
+        return str(e)
+    return "no error"
+
+
+@pytest.mark.parametrize("skipped, phase", [("dispatch", "notify"), ("cached", "dispatch receive"),
+                                            ("combine", "combine receive")])
+def test_a_missing_peer_times_out_naming_rank_and_phase(skipped, phase):
+    message = run_ranks(2, _skip_one_call, skipped, backend="triton", env={"FLASHEP_TIMEOUT_S": "2"})[0]
+    assert "rank 0" in message and "rank 1" in message and f"'{phase}" in message, message
+
+
+@triton.jit
+def _convert_to_bf16(src, dst, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(dst + offs, _to_bf16(tl.load(src + offs, mask=offs < n)), mask=offs < n)
+
+
+def _rounding(rank: int, num_ranks: int, group) -> None:
+    g = torch.Generator().manual_seed(7)
+    bits = torch.randint(-2**31, 2**31 - 1, (4096,), generator=g, dtype=torch.int32)
+    ties = (torch.randint(0, 2**15, (512,), generator=g, dtype=torch.int32) << 16) | 0x8000  # exactly halfway
+    special = torch.tensor([0.0, -0.0, 1.0, -1.0, 3.3895314e38, -3.3895314e38, 1e-45, -1e-45, 1e-40,
+                            float("inf"), float("-inf"), float("nan")])
+    values = torch.cat([bits.view(torch.float32), ties.view(torch.float32), special])
+    out = torch.empty(values.numel(), dtype=torch.bfloat16)
+    _convert_to_bf16[(triton.cdiv(values.numel(), 256),)](values, out, values.numel(), BLOCK=256)
+    expect = values.to(torch.bfloat16)
+    nan = torch.isnan(values)
+    assert torch.equal(torch.isnan(out), nan)
+    assert torch.equal(out[~nan].view(torch.int16), expect[~nan].view(torch.int16))
+
+
+def test_bf16_rounding_matches_torch():
+    run_ranks(1, _rounding, backend="triton")
