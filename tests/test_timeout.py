@@ -1,0 +1,65 @@
+"""A rank that skips a collective call makes its peers raise PeerTimeoutError instead of hanging.
+
+Triton backend only (the collective backend's waits are torch.distributed's own), with
+FLASHEP_TIMEOUT_S=3: after one dispatch on both ranks, rank 1 skips the next; rank 0 must raise, naming
+itself, rank 1 and the phase.
+"""
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import flashep
+from harness import TRITON_LOW_LATENCY, TRITON_NORMAL, run_ranks, triton_available
+
+TIMEOUT_S = 3
+NUM_TOKENS, HIDDEN, NUM_EXPERTS = 4, 128, 4
+
+
+def skipped_dispatch_body(rank: int, num_ranks: int, group, low_latency: bool):
+    from flashep.kernels.sync import PHASES, PeerTimeoutError
+
+    buffer = flashep.Buffer(group, num_nvl_bytes=1 << 22, num_rdma_bytes=1 << 22, low_latency_mode=low_latency)
+    g = torch.Generator().manual_seed(rank)
+    x = torch.randn(NUM_TOKENS, HIDDEN, generator=g).to(torch.bfloat16)
+    topk_idx = torch.stack([torch.randperm(NUM_EXPERTS, generator=g)[:2] for _ in range(NUM_TOKENS)])
+
+    def dispatch():
+        if low_latency:
+            buffer.low_latency_dispatch(x, topk_idx, NUM_TOKENS, NUM_EXPERTS, use_fp8=False)
+        else:
+            per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(topk_idx, NUM_EXPERTS)
+            buffer.dispatch(x, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank,
+                            num_tokens_per_expert=per_expert, topk_idx=topk_idx,
+                            topk_weights=torch.rand(NUM_TOKENS, 2, generator=g))
+
+    dispatch()  # both ranks: the buffers are set up (the low-latency heap is allocated at the first call)
+    result = None
+    if rank == 0:  # rank 1 never makes this call
+        start = time.monotonic()
+        with pytest.raises(PeerTimeoutError) as info:
+            # the error surfaces in the call that waited, or at the check of the next call
+            for _ in range(2):
+                dispatch()
+        message = str(info.value)
+        assert "rank 0" in message and "rank 1" in message, f"the error must name both ranks: {message}"
+        assert any(phase in message for phase in PHASES.values()), f"the error must name the phase: {message}"
+        result = time.monotonic() - start
+    dist.barrier(group)  # rank 1 keeps its memory mapped until rank 0 is done
+    return result
+
+
+@pytest.mark.skipif(not triton_available(TRITON_NORMAL), reason="Triton normal-mode backend not present yet")
+def test_skipped_dispatch_times_out():
+    elapsed = run_ranks(2, skipped_dispatch_body, False, backend="triton", env={"FLASHEP_TIMEOUT_S": TIMEOUT_S},
+                        timeout=300)[0]
+    assert elapsed < 100, f"rank 0 took {elapsed:.0f} s to notice the missing peer"
+
+
+@pytest.mark.skipif(not triton_available(TRITON_NORMAL, TRITON_LOW_LATENCY),
+                    reason="Triton low-latency backend not present yet")
+def test_skipped_low_latency_dispatch_times_out():
+    elapsed = run_ranks(2, skipped_dispatch_body, True, backend="triton", env={"FLASHEP_TIMEOUT_S": TIMEOUT_S},
+                        timeout=300)[0]
+    assert elapsed < 100, f"rank 0 took {elapsed:.0f} s to notice the missing peer"
