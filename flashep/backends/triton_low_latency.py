@@ -27,7 +27,7 @@ from .base import Backend, LowLatencyDispatchResult
 
 TOPK_LIMIT = 32  # largest top-k the message slots hold
 MAX_GROUPS = kernels.MAX_GROUPS.value  # flags per (half, source rank): upper bound of programs per peer
-SCAN = 64  # top-k rows read per step when counting or packing
+SCAN = 128  # top-k rows read per step when counting or packing
 SLOT_ATTR = "_flashep_topk_slot"  # int8 [L, R * T_max] attached to src_info: k of each received row
 
 
@@ -244,6 +244,11 @@ class TritonLowLatencyBackend(Backend):
         if topk_slot is not None and tuple(topk_slot.shape) != tuple(src_info.shape):
             topk_slot = None
         groups = max(1, min(regions.groups, -(-self.tuning.send_programs // num_ranks)))
+        # receive grid: token tiles x hidden parts; the parts are a constexpr (the chunk loop is unrolled), so
+        # they follow T_max, not the token count, to compile one variant per shape
+        token_tiles = max(1, -(-num_tokens // self.tuning.tile_tokens))
+        max_tiles = -(-num_max_tokens // self.tuning.tile_tokens)
+        hidden_parts = max(1, min(-(-hidden // self.tuning.block_h), -(-self.tuning.recv_programs // max_tiles)))
         args = dict(
             x_ptr=source, x_expert_stride=source.stride(0), x_row_stride=source.stride(1), topk_ptr=topk_idx,
             weights_ptr=topk_weights, num_tokens=num_tokens, out_ptr=out.view(torch.int16), src_info=src_info,
@@ -254,12 +259,10 @@ class TritonLowLatencyBackend(Backend):
             H=hidden, K=topk, K_PAD=_pow2(topk), G_PAD=_pow2(groups), L_PAD=_pow2(num_local),
             HAS_SLOTS=topk_slot is not None, HAS_WAIT_STATS=combine_wait_recv_cost_stats is not None,
             TILE_T=self.tuning.tile_tokens, TILE_R=self.tuning.tile_rows, BLOCK_H=self.tuning.block_h,
-            PHASE_CODE=PHASE_LL_COMBINE, **self._common(regions))
+            HIDDEN_PARTS=hidden_parts, PHASE_CODE=PHASE_LL_COMBINE, **self._common(regions))
         kernels.ep_ll_combine_kernel[(num_ranks * groups,)](PHASE=kernels.SEND.value, **args)
         self.epoch.add_(1)
         self._after_launch()
-        token_tiles = max(1, -(-num_tokens // self.tuning.tile_tokens))
-        hidden_parts = max(1, min(-(-hidden // self.tuning.block_h), -(-self.tuning.recv_programs // token_tiles)))
         return self._receive_on_this_stream(
             lambda: kernels.ep_ll_combine_kernel[(token_tiles, hidden_parts)](PHASE=kernels.RECEIVE.value, **args))
 

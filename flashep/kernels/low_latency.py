@@ -9,10 +9,11 @@ constexpr PHASE), so that a profiler sees exactly one kernel name per operation:
   `position of the token among this rank's tokens bound for d`: the FP8 row (quantised here) followed by
   its scales, or the BF16 row, into the data record; its top-k row and token index into the meta record.
   Then it publishes `(e << 32) | tokens` in d's flag [half][this rank][g]. Send programs never wait.
-  receive, grid L * P: program (local expert l, part p) waits for every flag of every source, scans the
-  received top-k rows of each source in slot order, and packs the rows that selected expert l in
-  (source rank, token, k) order: src_info, the top-k slot k of each row, layout_range, recv_count and the
-  statistics. Rows are split between the P parts by tiles of TILE_R rows.
+  receive, grid L * P: program (local expert l, part p) waits for every flag of every source (the flags
+  also carry the message counts), scans all received top-k rows once in (source rank, slot) order, and
+  packs the rows that selected expert l in (source rank, token, k) order: src_info, the top-k slot k of
+  each row, layout_range, recv_count and the statistics; then copies the rows. Rows are split between the
+  P parts by tiles of TILE_R rows.
 - `ep_ll_combine_kernel`
   send, grid R * G: program (h, g) takes chunk g of the rows this rank received from rank h (all local
   experts, in expert order) and stores each row into h's combine region at slot (token, k), then
@@ -56,21 +57,25 @@ def _error_ptr(error_address):
 def _wait_flags(flags, num_rows, num_cols, target, budget, error_address, phase, rank,
                 ROWS: tl.constexpr, COLS: tl.constexpr, ROW_STRIDE: tl.constexpr, USE_TIMER: tl.constexpr):
     """Spin until flags[r * ROW_STRIDE + c] >= target for every r < num_rows, c < num_cols.
-    -> (ok, per-row wait in ns). On timeout records (phase, rank, first missing row) in the error word."""
+    -> (ok, per-row wait in ns, per-row sum of the flags' low 32 bits). On timeout records (phase, rank,
+    first missing row) in the error word."""
     rows = tl.arange(0, ROWS)
     cols = tl.arange(0, COLS)
     mask = (rows[:, None] < num_rows) & (cols[None, :] < num_cols)
     ptrs = flags + rows[:, None] * ROW_STRIDE + cols[None, :]
     start = now_ns(USE_TIMER)
     waited = tl.zeros([ROWS], dtype=tl.int64)
+    counts = tl.zeros([ROWS], dtype=tl.int32)
     done = rows >= num_rows
     spins = 0
     alive = True
     while (tl.min(done.to(tl.int32), axis=0) == 0) & alive:
         values = tl.atomic_add(ptrs, 0, mask=mask, sem="acquire", scope="sys")
         row_done = tl.min(tl.where(mask, values, target), axis=1) >= target
+        arrived = row_done & (done == 0)
         elapsed = now_ns(USE_TIMER) - start
-        waited = tl.where(row_done & (done == 0), elapsed, waited)
+        waited = tl.where(arrived, elapsed, waited)
+        counts = tl.where(arrived, tl.sum(tl.where(mask, values & 0xFFFFFFFF, 0), axis=1).to(tl.int32), counts)
         done = done | row_done
         spins += 1
         if USE_TIMER:
@@ -81,7 +86,7 @@ def _wait_flags(flags, num_rows, num_cols, target, budget, error_address, phase,
     if ok == 0:
         missing = tl.min(tl.where(done, ROWS, rows), axis=0)
         record_timeout(_error_ptr(error_address), phase, rank, missing)
-    return ok, waited
+    return ok, waited, counts
 
 
 @triton.jit
@@ -207,7 +212,7 @@ def _dispatch_send(x_ptr, topk_ptr, num_tokens, heap_bases, epoch_ptr, rank, num
         send = _bound_for(topk_ptr, tokens, tokens < t1, dst, num_local, K, K_PAD)
         send_i = send.to(tl.int32)
         msg = rank * T_CAP + sent + tl.cumsum(send_i, axis=0) - send_i
-        for h0 in range(0, H, BLOCK_H):
+        for h0 in tl.static_range(0, H, BLOCK_H):  # unrolled: all loads in flight at once
             if USE_FP8:
                 _quantize_and_store(x_ptr, tokens, send, h0, data_dst, msg, H, ROW_BYTES, ROUND_SCALE, UE8M0,
                                     EXACT_CASTS, BLOCK_H)
@@ -228,18 +233,17 @@ def _dispatch_send(x_ptr, topk_ptr, num_tokens, heap_bases, epoch_ptr, rank, num
 
 
 @triton.jit
-def _copy_rows(recv_x, recv_scales, row_msg, data_src, local_expert, begin, end, part, num_parts, rows_per_expert,
+def _copy_rows(recv_x, recv_scales, row_msg, data_src, local_expert, num_rows, part, num_parts, rows_per_expert,
                H: tl.constexpr, ROW_BYTES: tl.constexpr, NUM_SCALES: tl.constexpr, SCALES_PAD: tl.constexpr,
                USE_FP8: tl.constexpr, TILE_R: tl.constexpr, BLOCK_H: tl.constexpr):
-    """Copy this part's rows in [begin, end) of one local expert from the data records to the outputs."""
-    first_tile = begin // TILE_R
-    tile = first_tile + (part - first_tile % num_parts + num_parts) % num_parts
+    """Copy this part's tiles of rows [0, num_rows) of one local expert from the data records."""
     expert_base = local_expert.to(tl.int64) * rows_per_expert
-    while tile * TILE_R < end:
+    tile = part
+    while tile * TILE_R < num_rows:
         rows = tile * TILE_R + tl.arange(0, TILE_R)
-        rmask = (rows >= begin) & (rows < end)
+        rmask = rows < num_rows
         msg = tl.load(row_msg + expert_base + rows, mask=rmask, other=0).to(tl.int64)
-        for h0 in range(0, H, BLOCK_H):
+        for h0 in tl.static_range(0, H, BLOCK_H):  # unrolled: all loads in flight at once
             cols = h0 + tl.arange(0, BLOCK_H)
             mask = rmask[:, None] & (cols[None, :] < H)
             if USE_FP8:
@@ -278,12 +282,12 @@ def _dispatch_receive(recv_x, recv_scales, recv_count, src_info, topk_slot, layo
     expert = rank * num_local + local_expert
 
     flags = _heap_ptr(heap_bases, rank, off_flags, tl.int64) + half * R * G_STRIDE
-    ok, waited = _wait_flags(flags, R, num_groups, e << 32, budget, error_address, PHASE_CODE, rank,
-                             R_PAD, G_PAD, G_STRIDE, USE_TIMER)
+    ok, waited, num_msgs = _wait_flags(flags, R, num_groups, e << 32, budget, error_address, PHASE_CODE, rank,
+                                       R_PAD, G_PAD, G_STRIDE, USE_TIMER)
     if ok:
+        sources = tl.arange(0, R_PAD)
         if HAS_WAIT_STATS:
             if pid == 0:
-                sources = tl.arange(0, R_PAD)
                 tl.atomic_add(wait_stats + sources, waited, mask=sources < R, sem="relaxed")
         if USE_FP8:
             data_src = _heap_ptr(heap_bases, rank, off_data + half * records * ROW_BYTES, tl.uint8)
@@ -292,41 +296,45 @@ def _dispatch_receive(recv_x, recv_scales, recv_count, src_info, topk_slot, layo
         meta_src = _heap_ptr(heap_bases, rank, off_meta + half * records * META * 4, tl.int32)
         expert_base = local_expert.to(tl.int64) * rows_per_expert
         ks = tl.arange(0, K_PAD)
-        gs = tl.arange(0, G_PAD)
-        begin = tl.zeros((), tl.int32)
-        for src in range(R):
-            counts = tl.load(flags + src * G_STRIDE + gs, mask=gs < num_groups, other=0, cache_modifier=".cg")
-            num_msgs = tl.sum((counts & 0xFFFFFFFF).to(tl.int32), axis=0)
-            end = begin
-            # pack: rows of this expert in (slot, k) order; slots are in token order
-            s0 = tl.zeros((), tl.int32)
-            while s0 < num_msgs:
-                slots = s0 + tl.arange(0, SCAN)
-                msg = src * T_CAP + slots
-                ids = tl.load(meta_src + msg[:, None] * META + ks[None, :],
-                              mask=(slots[:, None] < num_msgs) & (ks[None, :] < K), other=-1, cache_modifier=".cg")
-                match = (ids == expert).to(tl.int32)
-                per_slot = tl.sum(match, axis=1)
-                rows = end + (tl.cumsum(per_slot, axis=0) - per_slot)[:, None] + tl.cumsum(match, axis=1) - match
-                mine = (match > 0) & (rows < rows_per_expert) & ((rows // TILE_R) % num_parts == part)
-                token = tl.load(meta_src + msg * META + K_CAP, mask=slots < num_msgs, other=0, cache_modifier=".cg")
-                tl.store(src_info + expert_base + rows, tl.broadcast_to(token[:, None], rows.shape), mask=mine)
-                tl.store(topk_slot + expert_base + rows, tl.broadcast_to(ks[None, :], rows.shape).to(tl.int8),
-                         mask=mine)
-                tl.store(row_msg + expert_base + rows, tl.broadcast_to(msg[:, None], rows.shape), mask=mine)
-                end += tl.sum(per_slot, axis=0)
-                s0 += SCAN
-            end = tl.minimum(end, rows_per_expert)
-            if part == 0:
-                tl.store(layout_range + local_expert * R + src, (begin.to(tl.int64) << 32) | (end - begin))
-            tl.debug_barrier()  # this program's row_msg stores are read back below
-            _copy_rows(recv_x, recv_scales, row_msg, data_src, local_expert, begin, end, part, num_parts,
-                       rows_per_expert, H, ROW_BYTES, NUM_SCALES, SCALES_PAD, USE_FP8, TILE_R, BLOCK_H)
-            begin = end
+        msgs_end = tl.cumsum(num_msgs, axis=0)  # messages of sources <= s, in (source, slot) order
+        total_msgs = tl.sum(num_msgs, axis=0)
+        # one pass over every received message in (source, slot) order = (source, token) order: each
+        # (message, k) that selected this expert takes the next row
+        rows_per_source = tl.zeros([R_PAD], dtype=tl.int32)
+        num_rows = tl.zeros((), tl.int32)
+        m0 = tl.zeros((), tl.int32)
+        while m0 < total_msgs:
+            m = m0 + tl.arange(0, SCAN)
+            mmask = m < total_msgs
+            src = tl.sum((msgs_end[None, :] <= m[:, None]).to(tl.int32), axis=1)
+            slot = m - tl.sum(tl.where(sources[None, :] < src[:, None], num_msgs[None, :], 0), axis=1)
+            msg = src * T_CAP + slot
+            ids = tl.load(meta_src + msg[:, None] * META + ks[None, :], mask=mmask[:, None] & (ks[None, :] < K),
+                          other=-1, cache_modifier=".cg")
+            match = (ids == expert).to(tl.int32)
+            per_msg = tl.sum(match, axis=1)
+            rows = num_rows + (tl.cumsum(per_msg, axis=0) - per_msg)[:, None] + tl.cumsum(match, axis=1) - match
+            mine = (match > 0) & (rows < rows_per_expert) & ((rows // TILE_R) % num_parts == part)
+            token = tl.load(meta_src + msg * META + K_CAP, mask=mmask, other=0, cache_modifier=".cg")
+            tl.store(src_info + expert_base + rows, tl.broadcast_to(token[:, None], rows.shape), mask=mine)
+            tl.store(topk_slot + expert_base + rows, tl.broadcast_to(ks[None, :], rows.shape).to(tl.int8), mask=mine)
+            tl.store(row_msg + expert_base + rows, tl.broadcast_to(msg[:, None], rows.shape), mask=mine)
+            rows_per_source += tl.sum(tl.where(src[:, None] == sources[None, :], per_msg[:, None], 0), axis=0)
+            num_rows += tl.sum(per_msg, axis=0)
+            m0 += SCAN
+        # rows past the output's capacity (only if a token names one expert many times) are dropped
+        begins = tl.minimum(tl.cumsum(rows_per_source, axis=0) - rows_per_source, rows_per_expert)
+        ends = tl.minimum(begins + rows_per_source, rows_per_expert)
+        num_rows = tl.minimum(num_rows, rows_per_expert)
         if part == 0:
-            tl.store(recv_count + local_expert, begin)
+            tl.store(layout_range + local_expert * R + sources, (begins.to(tl.int64) << 32) | (ends - begins),
+                     mask=sources < R)
+            tl.store(recv_count + local_expert, num_rows)
             if HAS_EXPERT_STATS:
-                tl.store(expert_stats + local_expert, tl.load(expert_stats + local_expert) + begin)
+                tl.store(expert_stats + local_expert, tl.load(expert_stats + local_expert) + num_rows)
+        tl.debug_barrier()  # this program's row_msg stores are read back by its copy
+        _copy_rows(recv_x, recv_scales, row_msg, data_src, local_expert, num_rows, part, num_parts, rows_per_expert,
+                   H, ROW_BYTES, NUM_SCALES, SCALES_PAD, USE_FP8, TILE_R, BLOCK_H)
 
 
 @triton.jit(do_not_specialize=["num_tokens", "rank", "budget"])
@@ -421,7 +429,7 @@ def _combine_send(x_ptr, x_expert_stride, x_row_stride, topk_ptr, num_tokens, sr
 
     ok = True
     if not HAS_SLOTS:
-        ok, _ = _wait_flags(_heap_ptr(heap_bases, home, off_publish_flags, tl.int64) + half, 1, 1, e, budget,
+        ok, _, _ = _wait_flags(_heap_ptr(heap_bases, home, off_publish_flags, tl.int64) + half, 1, 1, e, budget,
                             error_address, PHASE_CODE, rank, 1, 1, 1, USE_TIMER)
         home_topk = _heap_ptr(heap_bases, home, off_publish + half * T_CAP * K_CAP * 4, tl.int32)
     if ok:
@@ -443,7 +451,7 @@ def _combine_send(x_ptr, x_expert_stride, x_row_stride, topk_ptr, num_tokens, sr
                                imask, K, K_PAD, K_CAP)
             smask = imask & (k >= 0)
             slot = (token * K_CAP + k).to(tl.int64)
-            for h0 in range(0, H, BLOCK_H):
+            for h0 in tl.static_range(0, H, BLOCK_H):  # unrolled: all loads in flight at once
                 cols = h0 + tl.arange(0, BLOCK_H)
                 mask = smask[:, None] & (cols[None, :] < H)
                 y = tl.load(x_ptr + local_expert[:, None].to(tl.int64) * x_expert_stride
@@ -457,17 +465,18 @@ def _combine_send(x_ptr, x_expert_stride, x_row_stride, topk_ptr, num_tokens, sr
 @triton.jit
 def _combine_receive(out_ptr, topk_ptr, weights_ptr, num_tokens, wait_stats, heap_bases, epoch_ptr, error_address,
                      rank, num_groups, budget, off_combine, off_flags,
-                     H: tl.constexpr, K: tl.constexpr, R: tl.constexpr, R_PAD: tl.constexpr, G_STRIDE: tl.constexpr,
-                     G_PAD: tl.constexpr, T_CAP: tl.constexpr, K_CAP: tl.constexpr, ROW_BYTES: tl.constexpr,
-                     HAS_WAIT_STATS: tl.constexpr, EXACT_CASTS: tl.constexpr, USE_TIMER: tl.constexpr,
-                     TILE_T: tl.constexpr, BLOCK_H: tl.constexpr, PHASE_CODE: tl.constexpr):
+                     H: tl.constexpr, K: tl.constexpr, K_PAD: tl.constexpr, R: tl.constexpr, R_PAD: tl.constexpr,
+                     G_STRIDE: tl.constexpr, G_PAD: tl.constexpr, T_CAP: tl.constexpr, K_CAP: tl.constexpr,
+                     ROW_BYTES: tl.constexpr, HAS_WAIT_STATS: tl.constexpr, EXACT_CASTS: tl.constexpr,
+                     USE_TIMER: tl.constexpr, TILE_T: tl.constexpr, BLOCK_H: tl.constexpr,
+                     HIDDEN_PARTS: tl.constexpr, PHASE_CODE: tl.constexpr):
     pid_t = tl.program_id(0)
     pid_h = tl.program_id(1)
     e = tl.load(epoch_ptr)
     half = e % 2
     flags = _heap_ptr(heap_bases, rank, off_flags, tl.int64) + half * R * G_STRIDE
-    ok, waited = _wait_flags(flags, R, num_groups, e << 32, budget, error_address, PHASE_CODE, rank,
-                             R_PAD, G_PAD, G_STRIDE, USE_TIMER)
+    ok, waited, _ = _wait_flags(flags, R, num_groups, e << 32, budget, error_address, PHASE_CODE, rank,
+                                R_PAD, G_PAD, G_STRIDE, USE_TIMER)
     if ok:
         if HAS_WAIT_STATS:
             if pid_t + pid_h == 0:
@@ -476,14 +485,19 @@ def _combine_receive(out_ptr, topk_ptr, weights_ptr, num_tokens, wait_stats, hea
         region = _heap_ptr(heap_bases, rank, off_combine + half * T_CAP * K_CAP * ROW_BYTES, tl.bfloat16)
         tokens = pid_t * TILE_T + tl.arange(0, TILE_T)
         tmask = tokens < num_tokens
-        h0 = pid_h * BLOCK_H
-        while h0 < H:
-            cols = h0 + tl.arange(0, BLOCK_H)
+        ks = tl.arange(0, K_PAD)
+        kmask = tmask[:, None] & (ks[None, :] < K)
+        all_ids = tl.load(topk_ptr + tokens[:, None] * K + ks[None, :], mask=kmask, other=-1)
+        all_weights = tl.load(weights_ptr + tokens[:, None] * K + ks[None, :], mask=kmask, other=0.0)
+        # chunk c of this program is hidden chunk pid_h + c * HIDDEN_PARTS; loops unrolled so that every
+        # load is in flight at once
+        for c in tl.static_range(0, ((H + BLOCK_H - 1) // BLOCK_H + HIDDEN_PARTS - 1) // HIDDEN_PARTS):
+            cols = (pid_h + c * HIDDEN_PARTS) * BLOCK_H + tl.arange(0, BLOCK_H)
             cmask = cols < H
             acc = tl.zeros([TILE_T, BLOCK_H], dtype=tl.float32)
-            for k in range(K):
-                ids = tl.load(topk_ptr + tokens * K + k, mask=tmask, other=-1)
-                w = tl.load(weights_ptr + tokens * K + k, mask=tmask, other=0.0)
+            for k in tl.static_range(K):
+                ids = tl.sum(tl.where(ks[None, :] == k, all_ids, 0), axis=1)
+                w = tl.sum(tl.where(ks[None, :] == k, all_weights, 0.0), axis=1)
                 valid = ids >= 0
                 slot = (tokens * K_CAP + k).to(tl.int64)
                 y = tl.load(region + slot[:, None] * (ROW_BYTES // 2) + cols[None, :],
@@ -491,7 +505,6 @@ def _combine_receive(out_ptr, topk_ptr, weights_ptr, num_tokens, wait_stats, hea
                 acc = tl.where(valid[:, None], acc + w[:, None] * y, acc)
             tl.store(out_ptr + tokens[:, None].to(tl.int64) * H + cols[None, :], _to_bf16_bits(acc, EXACT_CASTS),
                      mask=tmask[:, None] & cmask[None, :])
-            h0 += tl.num_programs(1) * BLOCK_H
 
 
 @triton.jit(do_not_specialize=["num_tokens", "rank", "budget"])
@@ -504,7 +517,7 @@ def ep_ll_combine_kernel(x_ptr, x_expert_stride, x_row_stride, topk_ptr, weights
                          G_STRIDE: tl.constexpr, G_PAD: tl.constexpr, ROW_BYTES: tl.constexpr, L_PAD: tl.constexpr,
                          HAS_SLOTS: tl.constexpr, HAS_WAIT_STATS: tl.constexpr, EXACT_CASTS: tl.constexpr,
                          USE_TIMER: tl.constexpr, TILE_T: tl.constexpr, TILE_R: tl.constexpr,
-                         BLOCK_H: tl.constexpr, PHASE_CODE: tl.constexpr):
+                         BLOCK_H: tl.constexpr, HIDDEN_PARTS: tl.constexpr, PHASE_CODE: tl.constexpr):
     if PHASE == SEND:
         _combine_send(x_ptr, x_expert_stride, x_row_stride, topk_ptr, num_tokens, src_info, topk_slot, layout_range,
                       heap_bases, epoch_ptr, error_address, rank, num_local, rows_per_expert, num_groups, budget,
@@ -514,5 +527,5 @@ def ep_ll_combine_kernel(x_ptr, x_expert_stride, x_row_stride, topk_ptr, weights
     else:
         _combine_receive(out_ptr, topk_ptr, weights_ptr, num_tokens, wait_stats, heap_bases, epoch_ptr,
                          error_address, rank, num_groups, budget, off_combine, off_flags,
-                         H, K, R, R_PAD, G_STRIDE, G_PAD, T_CAP, K_CAP, ROW_BYTES, HAS_WAIT_STATS, EXACT_CASTS,
-                         USE_TIMER, TILE_T, BLOCK_H, PHASE_CODE)
+                         H, K, K_PAD, R, R_PAD, G_STRIDE, G_PAD, T_CAP, K_CAP, ROW_BYTES, HAS_WAIT_STATS,
+                         EXACT_CASTS, USE_TIMER, TILE_T, BLOCK_H, HIDDEN_PARTS, PHASE_CODE)
