@@ -170,8 +170,8 @@ class TritonLowLatencyBackend(Backend):
         return dict(heap_bases=self.heap.peer_bases, epoch_ptr=self.epoch, error_address=self.error.address,
                     rank=self.rank, budget=wait_budget(), R=self.num_ranks, R_PAD=_pow2(self.num_ranks),
                     T_CAP=regions.capacity.num_max_tokens, K_CAP=regions.capacity.topk, G_STRIDE=regions.groups,
-                    ROW_BYTES=regions.row_bytes,
-                    USE_TIMER=use_timer(), EXACT_CASTS=_env.interpret_mode(), num_warps=self.tuning.num_warps)
+                    ROW_BYTES=regions.row_bytes, USE_TIMER=use_timer(), EXACT_CASTS=_env.interpret_mode(),
+                    num_warps=self.tuning.num_warps)
 
     # ---- dispatch ----------------------------------------------------------------------------------------------
     def low_latency_dispatch(self, x, topk_idx, num_max_tokens, num_experts, use_fp8, round_scale, use_ue8m0,
@@ -198,8 +198,7 @@ class TritonLowLatencyBackend(Backend):
         setattr(src_info, SLOT_ATTR, topk_slot)
 
         groups, tokens_per_group = self._dispatch_groups(num_max_tokens, regions)
-        parts = max(1, min(8, -(-self.tuning.recv_programs // num_local)))
-        block_h = self.tuning.block_h
+        parts = max(1, min(8, -(-self.tuning.recv_programs // num_local)))  # receive programs per local expert
         args = dict(
             x_ptr=x, topk_ptr=topk_idx, num_tokens=num_tokens,
             recv_x=recv_x.view(torch.uint8) if use_fp8 else recv_x,
@@ -209,11 +208,12 @@ class TritonLowLatencyBackend(Backend):
             wait_stats=_or(dispatch_wait_recv_cost_stats, self._no_i64),
             num_local=num_local, rows_per_expert=rows, tokens_per_group=tokens_per_group, num_groups=groups,
             num_parts=parts, off_data=regions.data, off_meta=regions.meta_records, off_flags=regions.dispatch_flags,
-            H=hidden, K=topk, K_PAD=_pow2(topk), META=regions.meta, G_PAD=_pow2(groups), NUM_SCALES=num_scales, SCALES_PAD=_pow2(num_scales), USE_FP8=use_fp8, ROUND_SCALE=round_scale,
-            UE8M0=use_ue8m0, HAS_EXPERT_STATS=cumulative_local_expert_recv_stats is not None,
+            H=hidden, K=topk, K_PAD=_pow2(topk), META=regions.meta, G_PAD=_pow2(groups), NUM_SCALES=num_scales,
+            SCALES_PAD=_pow2(num_scales), USE_FP8=use_fp8, ROUND_SCALE=round_scale, UE8M0=use_ue8m0,
+            HAS_EXPERT_STATS=cumulative_local_expert_recv_stats is not None,
             HAS_WAIT_STATS=dispatch_wait_recv_cost_stats is not None,
-            TILE_T=min(self.tuning.tile_tokens, _pow2(tokens_per_group)),
-            TILE_R=self.tuning.tile_rows, BLOCK_H=block_h, SCAN=SCAN, PHASE_CODE=PHASE_LL_DISPATCH,
+            TILE_T=min(self.tuning.tile_tokens, _pow2(tokens_per_group)), TILE_R=self.tuning.tile_rows,
+            BLOCK_H=self.tuning.block_h, SCAN=SCAN, PHASE_CODE=PHASE_LL_DISPATCH,
             **self._common(regions))
         kernels.ep_ll_dispatch_kernel[(num_ranks * groups,)](PHASE=kernels.SEND.value, **args)
         self.epoch.add_(1)
@@ -279,8 +279,8 @@ class TritonLowLatencyBackend(Backend):
     def _zero_copy_source(self, num_max_tokens: int, hidden: int, num_experts: int) -> torch.Tensor:
         num_local, rows, row = num_experts // self.num_ranks, self.num_ranks * num_max_tokens, hidden + hidden // 64
         if self._combine_buffer is None or self._combine_buffer.numel() < num_local * rows * row:
-            raise ValueError("zero_copy=True: write the expert outputs into get_next_low_latency_combine_buffer(handle) "
-                             "first (no such buffer exists for this handle's sizes)")
+            raise ValueError("zero_copy=True: write the expert outputs into "
+                             "get_next_low_latency_combine_buffer(handle) first (no such buffer exists for these sizes)")
         return self._combine_buffer.as_strided((num_local, rows, hidden), (rows * row, row, 1))
 
     # ---- hooks, cleaning, teardown -----------------------------------------------------------------------------
