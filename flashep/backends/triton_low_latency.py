@@ -280,7 +280,7 @@ class TritonLowLatencyBackend(Backend):
         num_local, rows, row = num_experts // self.num_ranks, self.num_ranks * num_max_tokens, hidden + hidden // 64
         if self._combine_buffer is None or self._combine_buffer.numel() < num_local * rows * row:
             raise ValueError("zero_copy=True: write the expert outputs into "
-                             "get_next_low_latency_combine_buffer(handle) first (no such buffer exists for these sizes)")
+                             "get_next_low_latency_combine_buffer(handle) first (none exists for these sizes)")
         return self._combine_buffer.as_strided((num_local, rows, hidden), (rows * row, row, 1))
 
     # ---- hooks, cleaning, teardown -----------------------------------------------------------------------------
