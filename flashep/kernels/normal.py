@@ -484,6 +484,14 @@ def _combine_send_tile(begin, end, x_row0, slot0, home, my_flag, e, half_offset,
 
 
 @triton.jit
+def _combine_home(rank, channel, step, NUM_RANKS: tl.constexpr):
+    """The peer a channel pushes to at `step` (1 .. R-1): every peer once, and the channels of a rank
+    start at different peers so that all links carry traffic at once."""
+    PEERS: tl.constexpr = NUM_RANKS - 1 if NUM_RANKS > 1 else 1
+    return (rank + 1 + (channel + step - 1) % PEERS) % NUM_RANKS
+
+
+@triton.jit
 def _combine_home_block(rank_prefix_ptr, recv_prefix_ptr, home, rank, channel, num_channels, valid,
                         NUM_RANKS: tl.constexpr, R_PAD: tl.constexpr):
     """Rows of `home`'s channel `channel` held here: (count, first row in x, first slot on home)."""
@@ -611,9 +619,9 @@ def ep_combine_kernel(x_ptr, weights_ptr, bias0_ptr, bias1_ptr, in_rank_ptr, sen
     in_flags = tl.load(signal_bases_ptr + rank) + flags_offset + ((ranks * MAX_C + channel) * MAX_LANES + lane) * 8
     _publish(out_flags, tl.zeros([R_PAD], tl.int64) + (e << 32), peer_ok)  # epoch e, no rows yet
 
-    # ---- push state: homes in ring order
+    # ---- push state: every peer once, starting at a different peer per channel
     send_step = zero + 1
-    home = (rank + send_step) % NUM_RANKS
+    home = _combine_home(rank, channel, send_step, NUM_RANKS)
     send_count, x_row0, slot0 = _combine_home_block(rank_prefix_ptr, recv_prefix_ptr, home, rank, channel,
                                                     num_channels, send_step < NUM_RANKS, NUM_RANKS, R_PAD)
     pushed = zero
@@ -645,7 +653,7 @@ def ep_combine_kernel(x_ptr, weights_ptr, bias0_ptr, bias1_ptr, in_rank_ptr, sen
                 pushed = end
             if pushed >= send_count:
                 send_step += 1
-                home = (rank + send_step) % NUM_RANKS
+                home = _combine_home(rank, channel, send_step, NUM_RANKS)
                 send_count, x_row0, slot0 = _combine_home_block(rank_prefix_ptr, recv_prefix_ptr, home, rank,
                                                                 channel, num_channels, send_step < NUM_RANKS,
                                                                 NUM_RANKS, R_PAD)
