@@ -29,7 +29,7 @@ def select_backends(buffer) -> tuple[Backend, Backend]:
             raise RuntimeError(f"FLASHEP_BACKEND=triton is not usable here: {why}")
         return collective, collective
     normal = low_latency = collective
-    if not buffer.is_internode:
+    if not buffer.is_internode and buffer.group_size > 1:  # one rank has nothing to move over NVLink
         from .triton_normal import TritonNormalBackend
 
         normal = TritonNormalBackend(buffer)

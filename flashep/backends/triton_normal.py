@@ -14,7 +14,7 @@ Two symmetric heaps per backend:
 
 Tuning knobs (environment at construction, or the attributes of the same names in lower case):
 FLASHEP_TILE_TOKENS (rows per tile, default 8), FLASHEP_TILE_HIDDEN (2-byte elements per tile row,
-default 2048), FLASHEP_NUM_WARPS (default 8) and FLASHEP_LANES (programs per channel, 1 or 2: with 2 the
+default 1024), FLASHEP_NUM_WARPS (default 8) and FLASHEP_LANES (programs per channel, 1 or 2: with 2 the
 kernels use all `num_sms` SMs, each program moving half of every row; default 2 on GPUs, 1 under the
 interpreter, where programs run one after another).
 """
@@ -46,7 +46,7 @@ class TritonNormalBackend(Backend):
         self.device = buffer.device
         self.num_nvl_bytes = buffer.num_nvl_bytes
         self.tile_tokens = _env_power_of_two("FLASHEP_TILE_TOKENS", 8)
-        self.tile_hidden = _env_power_of_two("FLASHEP_TILE_HIDDEN", 2048)
+        self.tile_hidden = _env_power_of_two("FLASHEP_TILE_HIDDEN", 1024)
         self.num_warps = _env_power_of_two("FLASHEP_NUM_WARPS", 8)
         self.lanes = _env_power_of_two("FLASHEP_LANES", 1 if self.device.type == "cpu" else kernels.MAX_LANES)
         if self.lanes > kernels.MAX_LANES:
@@ -197,7 +197,7 @@ class TritonNormalBackend(Backend):
             send_prefix, rank_prefix, recv_prefix, summary[pairs:pairs + num_local], summary[pairs + num_local:],
             self.rank, num_tokens, num_channels, _tokens_per_channel(num_tokens, num_channels), num_local,
             wait_budget(),
-            NUM_RANKS=num_ranks, R_PAD=self._rank_pad, C_PAD=_pow2(num_channels), L_BLOCK=min(1024, _pow2(num_local)),
+            NUM_RANKS=num_ranks, R_PAD=self._rank_pad, L_BLOCK=min(1024, _pow2(num_local)),
             BLOCK_T=_NOTIFY_BLOCK_T, MAX_C=kernels.MAX_CHANNELS, MAX_L=kernels.MAX_LOCAL_EXPERTS,
             USE_TIMER=use_timer(), num_warps=4)
         return rank_prefix, send_prefix, recv_prefix, summary

@@ -38,6 +38,7 @@ MAX_LOCAL_EXPERTS = 1024
 MAX_LANES = 2  # programs per channel
 RECORD_ALIGN = 64  # bytes; keeps record strides divisible by 16 elements for vectorised access
 
+_max_lanes = tl.constexpr(MAX_LANES)
 _phase_dispatch = tl.constexpr(PHASE_DISPATCH)
 _phase_combine = tl.constexpr(PHASE_COMBINE)
 _phase_notify = tl.constexpr(PHASE_NOTIFY)
@@ -147,7 +148,7 @@ def ep_layout_kernel(topk_ptr, per_rank_ptr, per_expert_ptr, in_rank_ptr, num_to
 def ep_notify_kernel(in_rank_ptr, expert_counts_ptr, signal_bases_ptr, notify_flags_offset, slots_offset,
                      epoch_ptr, err_addr_ptr, send_prefix_ptr, rank_prefix_ptr, recv_prefix_ptr, recv_expert_ptr,
                      tokens_ptr, rank, num_tokens, num_channels, tokens_per_channel, num_local_experts, budget,
-                     NUM_RANKS: tl.constexpr, R_PAD: tl.constexpr, C_PAD: tl.constexpr, L_BLOCK: tl.constexpr,
+                     NUM_RANKS: tl.constexpr, R_PAD: tl.constexpr, L_BLOCK: tl.constexpr,
                      BLOCK_T: tl.constexpr, MAX_C: tl.constexpr, MAX_L: tl.constexpr, USE_TIMER: tl.constexpr):
     """Slot of source s on each rank (int32): [0, MAX_C) tokens per channel sent to that rank,
     [MAX_C, MAX_C + MAX_L) selections of that rank's experts, then s's send totals to every rank, then
@@ -203,17 +204,21 @@ def ep_notify_kernel(in_rank_ptr, expert_counts_ptr, signal_bases_ptr, notify_fl
                 record_timeout(err_ptr, _phase_notify, rank, src)
                 failed = 1
     if failed == 0:
+        # prefix sums with loops: tl.cumsum's lowering fails on some tiny tiles (Triton 3.6)
         slots = _heap_ptr(signal_bases_ptr, rank, slots_offset, tl.int32, 4)
         src_slots = slots + ranks[:, None] * SLOT_INTS
-        channels = tl.arange(0, C_PAD)
-        chan_ok = rank_ok[:, None] & (channels < num_channels)[None, :]
-        per_channel = tl.load(src_slots + channels[None, :], mask=chan_ok, other=0, cache_modifier=".cg")
-        tl.store(recv_prefix_ptr + ranks[:, None] * num_channels + channels[None, :],
-                 tl.cumsum(per_channel, axis=1) - per_channel, mask=chan_ok)
-        pair_ok = rank_ok[:, None] & rank_ok[None, :]
-        sends = tl.load(src_slots + MAX_C + MAX_L + ranks[None, :], mask=pair_ok, other=0, cache_modifier=".cg")
-        tl.store(rank_prefix_ptr + ranks[:, None] * NUM_RANKS + ranks[None, :], tl.cumsum(sends, axis=0),
-                 mask=pair_ok)
+        before = tl.zeros([R_PAD], tl.int32)  # per source: its rows in the channels so far
+        channel = zero
+        while channel < num_channels:
+            count = tl.load(slots + ranks * SLOT_INTS + channel, mask=rank_ok, other=0, cache_modifier=".cg")
+            tl.store(recv_prefix_ptr + ranks * num_channels + channel, before, mask=rank_ok)
+            before += count
+            channel += 1
+        upto = tl.zeros([R_PAD], tl.int32)  # per destination: rows from the sources so far
+        for src in tl.static_range(NUM_RANKS):
+            upto += tl.load(slots + src * SLOT_INTS + MAX_C + MAX_L + ranks, mask=rank_ok, other=0,
+                            cache_modifier=".cg")
+            tl.store(rank_prefix_ptr + src * NUM_RANKS + ranks, upto, mask=rank_ok)
         src_tokens = tl.load(slots + ranks * SLOT_INTS + MAX_C + MAX_L + NUM_RANKS, mask=rank_ok, other=0,
                              cache_modifier=".cg")
         tl.store(tokens_ptr + ranks, src_tokens, mask=rank_ok)
@@ -246,7 +251,10 @@ def _dispatch_send_tile(start, last, sent, prev_channel, block_start, out_flags,
     tile_ok = tok_ok[:, None] & (ranks < NUM_RANKS)[None, :]
     toks64 = toks.to(tl.int64)
     chosen = tl.load(in_rank_ptr + toks64[:, None] * NUM_RANKS + ranks[None, :], mask=tile_ok, other=0).to(tl.int32)
-    pos = prev_channel[None, :] + sent[None, :] + tl.cumsum(chosen, axis=0) - 1  # rank among tokens sent to j
+    # rank of each token among the tokens sent to j: an inclusive prefix over the tile's tokens, as a
+    # masked sum (tl.cumsum's lowering fails on some tiny tiles in Triton 3.6)
+    earlier = (tl.arange(0, BLOCK_T)[None, :] <= tl.arange(0, BLOCK_T)[:, None]).to(tl.int32)
+    pos = prev_channel[None, :] + sent[None, :] + tl.sum(earlier[:, :, None] * chosen[None, :, :], axis=1) - 1
     sent += tl.sum(chosen, axis=0)
     if WRITE_SEND_HEAD:
         if lane == 0:
@@ -383,7 +391,7 @@ def ep_dispatch_kernel(x_ptr, scales_ptr, scale_stride_t, scale_stride_s, topk_p
     failed = tl.load(err_ptr + 3, volatile=True)
     zero = tl.full((), 0, tl.int32)
     # this program's flag (source rank, channel, lane) on every peer
-    my_flag = flags_offset + ((rank * MAX_C + channel) * MAX_LANES + lane) * 8
+    my_flag = flags_offset + ((rank * MAX_C + channel) * _max_lanes + lane) * 8
     out_flags = (tl.load(signal_bases_ptr + ranks, mask=rank_ok, other=0) + my_flag).to(tl.pointer_type(tl.int64))
     _publish(out_flags, tl.zeros([R_PAD], tl.int64) + (e << 32), peer_ok)  # epoch e, no rows yet
 
@@ -432,7 +440,7 @@ def ep_dispatch_kernel(x_ptr, scales_ptr, scale_stride_t, scale_stride_s, topk_p
         if peer_step < NUM_RANKS:
             blocking = next_token >= last  # nothing left to push: wait for the peers
             need = tl.minimum(count, copied + BLOCK_T)
-            flag = flags + (src * MAX_C + channel) * MAX_LANES + lane
+            flag = flags + (src * MAX_C + channel) * _max_lanes + lane
             arrived, failed = _poll(flag, e, need, arrived, failed, blocking, err_ptr, _phase_dispatch, rank, src,
                                     budget, USE_TIMER)
             if (arrived >= need) & (failed == 0):
@@ -614,9 +622,9 @@ def ep_combine_kernel(x_ptr, weights_ptr, bias0_ptr, bias1_ptr, in_rank_ptr, sen
     failed = tl.load(err_ptr + 3, volatile=True)
     zero = tl.full((), 0, tl.int32)
     # this program's flag (sender rank, channel, lane) on every home, and every peer's flag here
-    my_flag = flags_offset + ((rank * MAX_C + channel) * MAX_LANES + lane) * 8
+    my_flag = flags_offset + ((rank * MAX_C + channel) * _max_lanes + lane) * 8
     out_flags = (tl.load(signal_bases_ptr + ranks, mask=rank_ok, other=0) + my_flag).to(tl.pointer_type(tl.int64))
-    in_flags = tl.load(signal_bases_ptr + rank) + flags_offset + ((ranks * MAX_C + channel) * MAX_LANES + lane) * 8
+    in_flags = tl.load(signal_bases_ptr + rank) + flags_offset + ((ranks * MAX_C + channel) * _max_lanes + lane) * 8
     _publish(out_flags, tl.zeros([R_PAD], tl.int64) + (e << 32), peer_ok)  # epoch e, no rows yet
 
     # ---- push state: every peer once, starting at a different peer per channel
@@ -635,7 +643,9 @@ def ep_combine_kernel(x_ptr, weights_ptr, bias0_ptr, bias1_ptr, in_rank_ptr, sen
     upto = tl.load(rank_prefix_ptr + rank * NUM_RANKS + ranks, mask=rank_ok, other=0)
     before = tl.load(rank_prefix_ptr + (rank - 1) * NUM_RANKS + ranks, mask=rank_ok & (rank > 0), other=0)
     sent_to = upto - before  # n(rank -> j)
-    slot_base = tl.cumsum(sent_to, axis=0) - sent_to  # where peer j's rows start in my combine region
+    slot_base = tl.zeros([R_PAD], tl.int32)  # where peer j's rows start in my combine region
+    for j in tl.static_range(1, NUM_RANKS):
+        slot_base += tl.where(ranks >= j, tl.sum(tl.where(ranks == j - 1, sent_to, 0), axis=0), 0)
     self_row0 = tl.sum(tl.where(ranks == rank, before, 0), axis=0)
     region_base = tl.load(data_bases_ptr + rank) + half_offset
     arrived = tl.full([R_PAD], -1, tl.int32)
