@@ -79,7 +79,7 @@ def dispatch(xs: Sequence, topk_idxs: Sequence[torch.Tensor], topk_weights: Opti
         for src in range(num_ranks):
             tokens = memberships[src][:, dst].nonzero().flatten()
             x_data, x_scales = _split_x(xs[src])
-            data.append(x_data[tokens])
+            data.append(_take_rows(x_data, tokens))
             if x_scales is not None:
                 scales.append(x_scales[tokens])
             idx = topk_idxs[src][tokens]
@@ -96,14 +96,14 @@ def dispatch(xs: Sequence, topk_idxs: Sequence[torch.Tensor], topk_weights: Opti
             selections = sum(int((idx == first + local_expert).sum()) for idx in topk_idxs)
             per_expert.append(-(-selections // expert_alignment) * expert_alignment)
         expects.append(DispatchExpect(
-            recv_x=torch.cat(data),
+            recv_x=_cat_rows(data),
             recv_x_scales=torch.cat(scales).contiguous() if scales else None,
             recv_topk_idx=torch.cat(ids),
             recv_topk_weights=torch.cat(weights) if topk_weights is not None else None,
             num_recv_tokens_per_expert=per_expert,
             recv_src_rank=torch.cat(src_rank),
             recv_src_idx=torch.cat(src_idx),
-            rank_prefix=torch.tensor(counts, dtype=torch.int64).cumsum(0).to(torch.int32)))
+            rank_prefix=torch.tensor(counts, device=topk_idxs[dst].device).cumsum(0).to(torch.int32)))
     return expects
 
 
@@ -209,12 +209,12 @@ def low_latency_dispatch(xs: Sequence[torch.Tensor], topk_idxs: Sequence[torch.T
                 tokens = (topk_idxs[src] == expert).nonzero()[:, 0]
                 src_rank.append(torch.full((tokens.numel(),), src, dtype=torch.int64, device=tokens.device))
                 src_idx.append(tokens.to(torch.int64))
-                data.append(payloads[src][tokens])
+                data.append(_take_rows(payloads[src], tokens))
                 if scales is not None:
                     expert_scales.append(scales[src][tokens])
             per_expert["src_rank"].append(torch.cat(src_rank))
             per_expert["src_idx"].append(torch.cat(src_idx))
-            per_expert["data"].append(torch.cat(data))
+            per_expert["data"].append(_cat_rows(data))
             per_expert["scales"].append(torch.cat(expert_scales) if scales is not None else None)
             counts.append(per_expert["src_idx"][-1].numel())
         expects.append(LowLatencyExpect(
@@ -294,7 +294,7 @@ def canonical_low_latency_rows(recv_x: Union[torch.Tensor, tuple], recv_count: t
         rows = torch.tensor([row for _, _, row in order], dtype=torch.int64, device=data.device)
         out.src_rank.append(torch.tensor([s for s, _, _ in order], dtype=torch.int64, device=data.device))
         out.src_idx.append(torch.tensor([t for _, t, _ in order], dtype=torch.int64, device=data.device))
-        out.data.append(data[local_expert, rows])
+        out.data.append(_take_rows(data[local_expert], rows))
         if scales is not None:
             out.scales.append(scales[local_expert, rows])
     return out
@@ -321,6 +321,19 @@ def _expert_rows(handles: Sequence[tuple], topk_idxs: Sequence[torch.Tensor], nu
                 raise AssertionError(f"no row for expert {key[0]}, source rank {home}, token {token} in the "
                                      f"owner's low-latency handle")
     return rows
+
+
+def _take_rows(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """t[index] along dim 0; FP8 rows move as bytes (FP8 indexing is not implemented on every device)."""
+    if t.dtype == torch.float8_e4m3fn:
+        return t.view(torch.uint8)[index].view(t.dtype)
+    return t[index]
+
+
+def _cat_rows(tensors: list) -> torch.Tensor:
+    if tensors[0].dtype == torch.float8_e4m3fn:
+        return torch.cat([t.view(torch.uint8) for t in tensors]).view(torch.float8_e4m3fn)
+    return torch.cat(tensors)
 
 
 def _split_x(x):

@@ -12,12 +12,12 @@ from test_normal import NormalCase, normal_body
 CPU_CASES = (
     NormalCase("gated_1_of_2_nodes", tokens=(24,), topk_groups=1),
     NormalCase("gated_2_of_2_uneven", tokens=(9, 0, 30, 14), topk_groups=2, minus_one=0.2,
-               topk_dtype=torch.int32, expert_alignment=2, thorough=False),
+               topk_dtype=torch.int32, expert_alignment=2, streams="diagonal"),
 )
 GPU_CASES = (
     NormalCase("deepseek_v3_gated", tokens=(4096,), hidden=7168, num_topk=8, num_experts=256, topk_groups=1),
     NormalCase("h4096_uneven", tokens=(3000, 1, 4096, 0), hidden=4096, num_topk=6, num_experts=128,
-               topk_groups=2, minus_one=0.1, thorough=False),
+               topk_groups=2, minus_one=0.1, streams="diagonal"),
 )
 
 

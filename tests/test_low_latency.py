@@ -6,6 +6,7 @@ Row order inside an expert's block is not part of the contract, so rows are comp
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Optional
 
@@ -57,7 +58,7 @@ CPU_CASES = (
 TRITON_CASES = (
     LowLatencyCase("deepep", t_max=4, tokens=(4, 0, 3, 2), hidden=512, num_topk=3, experts_per_rank=2,
                    reruns=1),
-    LowLatencyCase("bf16_hidden128_top8", t_max=3, tokens=(3, 1, 2), hidden=128, num_topk=8, experts_per_rank=4,
+    LowLatencyCase("bf16_hidden256_top8", t_max=3, tokens=(3, 1, 2), hidden=256, num_topk=8, experts_per_rank=4,
                    modes=("bf16",), hooks=(True,), reruns=1),
 )
 GPU_CASES = (
@@ -112,6 +113,8 @@ def low_latency_body(rank: int, num_ranks: int, group, cases: tuple, seed: int) 
     num_qps = max(c.experts(num_ranks) // num_ranks for c in cases)
     buffer = flashep.Buffer(group, num_rdma_bytes=hint, low_latency_mode=True, num_qps_per_rank=num_qps,
                             explicitly_destroy=True)
+    expected_backend = os.environ["FLASHEP_BACKEND"]
+    assert buffer.backend_name.split("/")[1] == expected_backend, f"low-latency mode runs on {buffer.backend_name}"
     for index, case in enumerate(cases):
         try:
             LowLatencyRun(buffer, rank, num_ranks, case, seed * 1000 + index, device).run()
@@ -223,7 +226,9 @@ class LowLatencyRun:
             self.check_rank_valued(d, round_scale)
 
     def check_rank_valued(self, d: Dispatched, round_scale: bool):
-        """DeepEP's checks on the rank-valued input, read through the backend's own layout."""
+        """DeepEP's checks on the rank-valued input, read through the backend's own layout (needs hidden > 128:
+        the last 128 channels carry the token index)."""
+        assert self.case.hidden > 128, "the rank-valued input needs more than 128 channels"
         src_info, layout_range = d.handle[0], d.handle[1]
         values = (per_token_cast_back(*d.recv_x) if isinstance(d.recv_x, tuple) else d.recv_x).float()
         for i in range(self.local_experts):
@@ -291,7 +296,7 @@ class LowLatencyRun:
             layout_range[i] = ((per_source.cumsum(0) - per_source) << 32) | per_source
         return y, (src_info, layout_range, self.case.t_max, self.case.hidden, self.num_experts)
 
-    def check_combine(self, d: Dispatched, hook: bool, zero_copy: bool):
+    def check_combine(self, d: Dispatched, hook: bool, zero_copy: bool, use_out: bool = True):
         y = self.expert_outputs(d)
         x = y
         if zero_copy:
@@ -303,15 +308,20 @@ class LowLatencyRun:
                 f"combine buffer strides {buffer_view.stride()}"
             buffer_view.copy_(y)
             x = torch.full_like(y, float("nan"))  # zero_copy reads the buffer, not x
-        out = torch.full((self.case.num_tokens(self.rank), self.case.hidden), float("nan"), dtype=torch.bfloat16,
-                         device=self.device)
+        out = None
+        if use_out:
+            out = torch.full((self.case.num_tokens(self.rank), self.case.hidden), float("nan"), dtype=torch.bfloat16,
+                             device=self.device)
         wait_stats = torch.zeros(self.num_ranks, dtype=torch.int64, device=self.device)
         combined, event, recv_hook = self.buffer.low_latency_combine(
             x, self.mine.topk_idx, self.mine.topk_weights, d.handle, zero_copy=zero_copy, async_finish=not hook,
             return_recv_hook=hook, out=out, combine_wait_recv_cost_stats=wait_stats)
         _finish(event, recv_hook, hook)
         where = f"combine (zero_copy={zero_copy}, inputs={d.x_kind})"
-        assert combined is out, f"{where}: the result must be written into `out`"
+        if use_out:
+            assert combined is out, f"{where}: the result must be written into `out`"
+        assert combined.shape == (self.case.num_tokens(self.rank), self.case.hidden), f"{where}: output shape"
+        assert combined.dtype == torch.bfloat16, f"{where}: output dtype {combined.dtype}"
         assert not torch.isnan(combined).any(), f"{where}: NaN in the output (invalid rows read?)"
         assert torch.all(wait_stats >= 0), f"{where}: combine_wait_recv_cost_stats negative"
         if d.combine_expect is None:
@@ -343,7 +353,7 @@ class LowLatencyRun:
         for _ in range(self.case.reruns):
             d = self.dispatch("x_rand", mode, hook=self.case.hooks[-1])
             rows = reference.canonical_low_latency_rows(d.recv_x, d.recv_count, d.handle, self.num_ranks)
-            combined = self.check_combine(d, self.case.hooks[-1], zero_copy=False).clone()
+            combined = self.check_combine(d, self.case.hooks[-1], zero_copy=False, use_out=False)
             fingerprint = [rows.src_idx, [t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t
                                           for t in rows.data], rows.scales, combined]
             if first is None:

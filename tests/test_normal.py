@@ -35,7 +35,10 @@ class NormalCase:
     expert_alignment: int = 1
     topk_groups: int = 0  # group-limited gating over nodes (spec 9); 0 = plain top-k
     skew: float = 0.0  # expert popularity ~ (i + 1)^-skew over a random order of the experts
-    thorough: bool = True  # every (previous_event, async_finish) combination and bias variant
+    # (previous_event, async_finish) combinations: "all" 4 (plus 0, 1, 2 biases), "diagonal" 2, "plain" 1
+    streams: str = "all"
+    variants: tuple = ()  # names of the dispatch inputs to run (all of VARIANTS when empty)
+    num_sms: int = 24  # DeepEP's tests use 24; the Triton interpreter runs one program after another
 
     def num_tokens(self, rank: int) -> int:
         return self.tokens[rank % len(self.tokens)]
@@ -47,20 +50,28 @@ class NormalCase:
 CPU_CASES = (
     NormalCase("random"),
     NormalCase("uneven_minus_one_int32", tokens=(5, 0, 32, 17), minus_one=0.25, topk_dtype=torch.int32),
-    NormalCase("hot_expert", tokens=(16, 9), num_topk=1, hot_expert=True, hidden=128, thorough=False),
+    NormalCase("hot_expert", tokens=(16, 9), num_topk=1, hot_expert=True, hidden=128, streams="diagonal"),
     NormalCase("aligned", tokens=(12, 20), num_topk=3, experts_per_rank=3, expert_alignment=4, hidden=128,
-               minus_one=0.1, thorough=False),
+               minus_one=0.1, streams="diagonal"),
 )
-TRITON_CASES = tuple(NormalCase(c.name, c.tokens, min(c.hidden, 128), c.num_topk, c.experts_per_rank, None,
-                                c.minus_one, c.hot_expert, c.topk_dtype, c.expert_alignment, 0, False)
-                     for c in CPU_CASES)
+# the interpreter runs every program in Python: fewer SMs (channels), inputs and stream combinations
+TRITON_CASES = (
+    NormalCase("random", hidden=128, num_sms=4, streams="diagonal",
+               variants=("bf16_rand", "bf16_rank", "fp8_rank_f32_column_major", "fp8_rand_ue8m0_strided")),
+    NormalCase("uneven_minus_one_int32", tokens=(5, 0, 32, 17), hidden=128, minus_one=0.25, topk_dtype=torch.int32,
+               num_sms=4, streams="plain", variants=("bf16_rank", "fp8_rank_ue8m0_strided")),
+    NormalCase("hot_expert", tokens=(16, 9), num_topk=1, hot_expert=True, hidden=128, num_sms=6, streams="plain",
+               variants=("bf16_rand",)),
+    NormalCase("aligned", tokens=(12, 20), num_topk=3, experts_per_rank=3, expert_alignment=4, hidden=128,
+               minus_one=0.1, num_sms=2, streams="plain", variants=("bf16_rank",)),
+)
 GPU_CASES = (
     NormalCase("deepseek_v3", tokens=(4096,), hidden=7168, num_topk=8, num_experts=256),
-    NormalCase("h2048_top1_one_token", tokens=(1, 3), hidden=2048, num_topk=1, num_experts=64, thorough=False),
+    NormalCase("h2048_top1_one_token", tokens=(1, 3), hidden=2048, num_topk=1, num_experts=64, streams="diagonal"),
     NormalCase("h4096_top9_8192", tokens=(8192, 5000), hidden=4096, num_topk=9, num_experts=256,
-               minus_one=0.05, topk_dtype=torch.int32, thorough=False),
+               minus_one=0.05, topk_dtype=torch.int32, streams="diagonal"),
     NormalCase("h7680_top6_uneven", tokens=(777, 0, 1500, 64), hidden=7680, num_topk=6, num_experts=128,
-               minus_one=0.2, expert_alignment=128, thorough=False),
+               minus_one=0.2, expert_alignment=128, streams="diagonal"),
 )
 
 
@@ -172,6 +183,8 @@ def normal_body(rank: int, num_ranks: int, group, cases: tuple, seed: int, inter
     device = _device(group)
     buffer = flashep.Buffer(group, num_nvl_bytes=_nvl_bytes(cases, num_ranks),
                             num_rdma_bytes=1 << 20 if internode else 0, explicitly_destroy=True)
+    expected_backend = "collective" if internode else os.environ["FLASHEP_BACKEND"]
+    assert buffer.backend_name.split("/")[0] == expected_backend, f"normal mode runs on {buffer.backend_name}"
     for index, case in enumerate(cases):
         try:
             CaseRun(buffer, rank, num_ranks, case, seed * 1000 + index, internode, device).run()
@@ -195,14 +208,18 @@ class CaseRun:
         self.layouts = [reference.layout(idx, self.num_experts, num_ranks, self.node_size) for idx in self.all_topk]
         self.num_reached = self.layouts[rank][3].sum(dim=1)  # destination ranks of each token
         self.reached = self.num_reached > 0
-        self.config = flashep.Config(24, 8, 256, 16, 128) if internode else flashep.Config(24, 8, 256)
+        rdma_chunks = (16, 128) if internode else ()
+        self.config = flashep.Config(case.num_sms, 8, 256, *rdma_chunks)
         # DeepEP's num_worst_tokens = T * R (at least 1: 0 means the normal mode)
         self.worst = max(1, max(case.num_tokens(r) for r in range(num_ranks)) * num_ranks)
-        self.modes = [(p, a) for p in (False, True) for a in (False, True) if case.thorough or p == a]
+        self.modes = {"all": [(False, False), (False, True), (True, False), (True, True)],
+                      "diagonal": [(False, False), (True, True)], "plain": [(False, False)]}[case.streams]
 
     def run(self):
         layout_args = self.check_layout()
         for variant in VARIANTS:
+            if self.case.variants and variant.name not in self.case.variants:
+                continue
             xs = [variant.x(inp) for inp in self.everyone]
             weights = [variant.weights(inp) for inp in self.everyone]
             expects = reference.dispatch(xs, self.all_topk, weights, self.num_experts, self.case.expert_alignment)
@@ -263,7 +280,7 @@ class CaseRun:
         if self.internode:  # DeepEP's internode test combines every input with two biases
             bias_counts = (0, 2)
         else:
-            bias_counts = (0, 1, 2) if (self.case.thorough and variant.name == "bf16_rand") else (0,)
+            bias_counts = (0, 1, 2) if (self.case.streams == "all" and variant.name == "bf16_rand") else (0,)
         for num_biases in bias_counts:
             self.check_combine(as_bf16(recv_x), handle, recv_w, expects, combine_weights, num_biases, variant, xs,
                                weights, mode, worst_handle)

@@ -40,7 +40,7 @@ def normal_cases(draw, num_ranks: int):
         topk_dtype=draw(st.sampled_from([torch.int64, torch.int32])),
         expert_alignment=draw(st.integers(1, 4)),
         skew=draw(st.sampled_from([0.0, 1.0, 4.0])),
-        thorough=False)
+        streams="plain")
 
 
 @st.composite
