@@ -533,6 +533,7 @@ def _poll_peers(flag_addrs, e, need, arrived, failed, blocking, peer_ok, err_ptr
         else:
             values = tl.atomic_add(flag_addrs.to(tl.pointer_type(tl.int64)), 0, mask=behind, sem="acquire", scope="sys")
             arrived = tl.where(behind & (values >= (e << 32)), _rows_arrived(values, e), arrived)
+            tl.debug_barrier()  # threads that did not acquire read the rows only after those that did
     return arrived, failed
 
 
