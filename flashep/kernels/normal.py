@@ -89,17 +89,24 @@ def _poll(flag_ptr, e, need, arrived, failed, blocking, err_ptr, phase, rank, pe
 
 
 @triton.jit
-def _source_block(rank_prefix_ptr, recv_prefix_ptr, src, rank, channel, num_channels, valid,
-                  NUM_RANKS: tl.constexpr):
-    """Rows that `src` sends to `rank` in `channel`: (count, first row in rank's receive order, position
-    of the channel's first row among all rows from src)."""
-    prev = tl.load(rank_prefix_ptr + tl.maximum(src - 1, 0) * NUM_RANKS + rank, mask=valid & (src > 0), other=0)
-    total = tl.load(rank_prefix_ptr + src * NUM_RANKS + rank, mask=valid, other=0) - prev
-    begin = tl.load(recv_prefix_ptr + src * num_channels + channel, mask=valid, other=0)
+def _peer_blocks(rank_prefix_ptr, recv_prefix_ptr, rank, channel, num_channels, NUM_RANKS: tl.constexpr,
+                 R_PAD: tl.constexpr):
+    """For every rank p, the rows p sends to `rank` in `channel`: (count, first row in rank's receive
+    order, first slot in p's combine region for these rows when they come back), as [R_PAD] vectors."""
+    peers = tl.arange(0, R_PAD)
+    valid = peers < NUM_RANKS
+    prev = tl.load(rank_prefix_ptr + (peers - 1) * NUM_RANKS + rank, mask=valid & (peers > 0), other=0)
+    total = tl.load(rank_prefix_ptr + peers * NUM_RANKS + rank, mask=valid, other=0) - prev
+    begin = tl.load(recv_prefix_ptr + peers * num_channels + channel, mask=valid, other=0)
     has_next = valid & (channel + 1 < num_channels)
-    end = tl.load(recv_prefix_ptr + src * num_channels + channel + 1, mask=has_next, other=0)
-    end = tl.where(has_next, end, total)
-    return end - begin, prev + begin, begin
+    end = tl.load(recv_prefix_ptr + peers * num_channels + channel + 1, mask=has_next, other=0)
+    count = tl.where(has_next, end, total) - begin
+    # p's combine region holds the rows of lower ranks first: sum over j < rank of n(p -> j)
+    lower = valid[:, None] & (peers < rank)[None, :]
+    upto = tl.load(rank_prefix_ptr + peers[:, None] * NUM_RANKS + peers[None, :], mask=lower, other=0)
+    below = tl.load(rank_prefix_ptr + (peers[:, None] - 1) * NUM_RANKS + peers[None, :],
+                    mask=lower & (peers > 0)[:, None], other=0)
+    return count, prev + begin, tl.sum(upto - below, axis=1) + begin
 
 
 @triton.jit
@@ -420,14 +427,13 @@ def ep_dispatch_kernel(x_ptr, scales_ptr, scale_stride_t, scale_stride_s, topk_p
                          tl.full([BLOCK_T, K_PAD], -1, recv_topk_ptr.dtype.element_ty),
                          mask=tail_ok[:, None] & (ks < num_topk)[None, :])
             r0 += LANES * num_channels * BLOCK_T
-    peer_step = zero + 1
-    src = (rank + peer_step) % NUM_RANKS
-    count, row0, _ = _source_block(rank_prefix_ptr, recv_prefix_ptr, src, rank, channel, num_channels,
-                                   peer_step < NUM_RANKS, NUM_RANKS)
-    copied = zero
-    arrived = zero - 1
+    count, row0, _ = _peer_blocks(rank_prefix_ptr, recv_prefix_ptr, rank, channel, num_channels, NUM_RANKS, R_PAD)
+    copied = tl.zeros([R_PAD], tl.int32)
+    arrived = tl.where(peer_ok, -1, 0x7FFFFFFF)  # rows each peer published (-1: no flag of epoch e yet)
 
-    while (next_token < last) | (peer_step < NUM_RANKS):
+    # each round: push one tile, then take the next tile of every peer that has one ready (all, once
+    # nothing is left to push); a peer is done when its rows are copied and its epoch-e flag was seen
+    while (next_token < last) | (tl.sum((peer_ok & ((copied < count) | (arrived < count))).to(tl.int32), axis=0) > 0):
         if next_token < last:
             sent = _dispatch_send_tile(
                 next_token, last, sent, prev_channel, block_start, out_flags, peer_ok, e, half_offset, lane,
@@ -437,28 +443,31 @@ def ep_dispatch_kernel(x_ptr, scales_ptr, scale_stride_t, scale_stride_s, topk_p
                 NUM_RANKS, R_PAD, ROW_WORDS, LANE_WORDS, RECORD_WORDS, S_PAD, K_PAD, BLOCK_T, BLOCK_W,
                 HAS_SCALES, HAS_TOPK, WRITE_SEND_HEAD)
             next_token += BLOCK_T
-        if peer_step < NUM_RANKS:
-            blocking = next_token >= last  # nothing left to push: wait for the peers
-            need = tl.minimum(count, copied + BLOCK_T)
-            flag = flags + (src * MAX_C + channel) * _max_lanes + lane
-            arrived, failed = _poll(flag, e, need, arrived, failed, blocking, err_ptr, _phase_dispatch, rank, src,
-                                    budget, USE_TIMER)
-            if (arrived >= need) & (failed == 0):
-                if need > copied:
-                    _dispatch_copy_tile(row0, copied, need, region, lane, recv_x_ptr, recv_scales_ptr, recv_topk_ptr,
-                                        recv_weights_ptr, recv_src_ptr, rank, num_local_experts, num_scales,
-                                        num_topk, capacity, num_out_rows, ROW_WORDS, LANE_WORDS, RECORD_WORDS, S_PAD,
-                                        K_PAD, BLOCK_T, BLOCK_W, HAS_SCALES, HAS_TOPK)
-                copied = need
-                if copied >= count:  # this peer is done: next one
-                    peer_step += 1
-                    src = (rank + peer_step) % NUM_RANKS
-                    count, row0, _ = _source_block(rank_prefix_ptr, recv_prefix_ptr, src, rank, channel,
-                                                   num_channels, peer_step < NUM_RANKS, NUM_RANKS)
-                    copied = zero
-                    arrived = zero - 1
-            if failed != 0:
-                peer_step = zero + NUM_RANKS
+        blocking = next_token >= last  # nothing left to push: wait for the peers
+        step = zero + 1
+        while step < NUM_RANKS:
+            src = (rank + step) % NUM_RANKS
+            pick = ranks == src
+            src_count = tl.sum(tl.where(pick, count, 0), axis=0)
+            src_copied = tl.sum(tl.where(pick, copied, 0), axis=0)
+            src_arrived = tl.sum(tl.where(pick, arrived, 0), axis=0)
+            if ((src_copied < src_count) | (src_arrived < src_count)) & (failed == 0):
+                need = tl.minimum(src_count, src_copied + BLOCK_T)
+                src_arrived, failed = _poll(flags + (src * MAX_C + channel) * _max_lanes + lane, e, need, src_arrived,
+                                            failed, blocking, err_ptr, _phase_dispatch, rank, src, budget, USE_TIMER)
+                if (src_arrived >= need) & (need > src_copied) & (failed == 0):
+                    _dispatch_copy_tile(tl.sum(tl.where(pick, row0, 0), axis=0), src_copied, need, region, lane,
+                                        recv_x_ptr, recv_scales_ptr, recv_topk_ptr, recv_weights_ptr, recv_src_ptr,
+                                        rank, num_local_experts, num_scales, num_topk, capacity, num_out_rows,
+                                        ROW_WORDS, LANE_WORDS, RECORD_WORDS, S_PAD, K_PAD, BLOCK_T, BLOCK_W,
+                                        HAS_SCALES, HAS_TOPK)
+                    src_copied = need
+                copied = tl.where(pick, src_copied, copied)
+                arrived = tl.where(pick, src_arrived, arrived)
+            step += 1
+        if failed != 0:  # give up receiving; the pushes still complete
+            copied = count
+            arrived = tl.zeros([R_PAD], tl.int32) + 0x7FFFFFFF
 
 
 # ---------------------------------------------------------------- combine
@@ -497,20 +506,6 @@ def _combine_home(rank, channel, step, NUM_RANKS: tl.constexpr):
     start at different peers so that all links carry traffic at once."""
     PEERS: tl.constexpr = NUM_RANKS - 1 if NUM_RANKS > 1 else 1
     return (rank + 1 + (channel + step - 1) % PEERS) % NUM_RANKS
-
-
-@triton.jit
-def _combine_home_block(rank_prefix_ptr, recv_prefix_ptr, home, rank, channel, num_channels, valid,
-                        NUM_RANKS: tl.constexpr, R_PAD: tl.constexpr):
-    """Rows of `home`'s channel `channel` held here: (count, first row in x, first slot on home)."""
-    count, x_row0, begin = _source_block(rank_prefix_ptr, recv_prefix_ptr, home, rank, channel, num_channels, valid,
-                                         NUM_RANKS)
-    ranks = tl.arange(0, R_PAD)
-    # slots on `home` start with the rows of lower ranks: sum over j < rank of n(home -> j)
-    row_ok = valid & (ranks < rank)
-    upto = tl.load(rank_prefix_ptr + home * NUM_RANKS + ranks, mask=row_ok, other=0)
-    before = tl.load(rank_prefix_ptr + (home - 1) * NUM_RANKS + ranks, mask=row_ok & (home > 0), other=0)
-    return count, x_row0, tl.sum(upto - before, axis=0) + begin
 
 
 @triton.jit
@@ -628,12 +623,10 @@ def ep_combine_kernel(x_ptr, weights_ptr, bias0_ptr, bias1_ptr, in_rank_ptr, sen
     in_flags = tl.load(signal_bases_ptr + rank) + flags_offset + ((ranks * MAX_C + channel) * _max_lanes + lane) * 8
     _publish(out_flags, tl.zeros([R_PAD], tl.int64) + (e << 32), peer_ok)  # epoch e, no rows yet
 
-    # ---- push state: every peer once, starting at a different peer per channel
-    send_step = zero + 1
-    home = _combine_home(rank, channel, send_step, NUM_RANKS)
-    send_count, x_row0, slot0 = _combine_home_block(rank_prefix_ptr, recv_prefix_ptr, home, rank, channel,
-                                                    num_channels, send_step < NUM_RANKS, NUM_RANKS, R_PAD)
-    pushed = zero
+    # ---- push state, per home: the rows of its channel `channel` held here
+    send_count, x_row0, slot0 = _peer_blocks(rank_prefix_ptr, recv_prefix_ptr, rank, channel, num_channels,
+                                             NUM_RANKS, R_PAD)
+    pushed = tl.where(peer_ok, 0, send_count)
 
     # ---- reduce state: this rank's tokens of channel `channel`
     first = channel * tokens_per_channel
@@ -652,24 +645,25 @@ def ep_combine_kernel(x_ptr, weights_ptr, bias0_ptr, bias1_ptr, in_rank_ptr, sen
     arrived = tl.full([R_PAD], -1, tl.int32)
     next_token = first
 
-    # loop until pushed everything, reduced every token and seen every peer's final flag of this epoch
-    while (send_step < NUM_RANKS) | (tl.sum((peer_ok & (arrived < chan_total)).to(tl.int32), axis=0) > 0) | \
-            (next_token < last):
-        if send_step < NUM_RANKS:
-            if pushed < send_count:
-                end = tl.minimum(pushed + BLOCK_T, send_count)
-                _combine_send_tile(pushed, end, x_row0, slot0, home, my_flag, e, half_offset, lane, x_ptr,
-                                   weights_ptr, data_bases_ptr, signal_bases_ptr, num_topk, capacity, HIDDEN, LANE_ELEMS, RECORD_ELEMS,
-                                   K_PAD, BLOCK_T, BLOCK_H, HAS_WEIGHTS)
-                pushed = end
-            if pushed >= send_count:
-                send_step += 1
-                home = _combine_home(rank, channel, send_step, NUM_RANKS)
-                send_count, x_row0, slot0 = _combine_home_block(rank_prefix_ptr, recv_prefix_ptr, home, rank,
-                                                                channel, num_channels, send_step < NUM_RANKS,
-                                                                NUM_RANKS, R_PAD)
-                pushed = zero
-        blocking = send_step >= NUM_RANKS  # nothing left to push: wait for the peers
+    # each round: push one tile to every home with rows left (homes in a per-channel order, so that a
+    # rank's channels load all links), then reduce one tile of own tokens if every peer's rows for it
+    # arrived; until everything is pushed and reduced and every peer's final flag of epoch e was seen
+    while (tl.sum((pushed < send_count).to(tl.int32), axis=0) > 0) | (next_token < last) | \
+            (tl.sum((peer_ok & (arrived < chan_total)).to(tl.int32), axis=0) > 0):
+        step = zero + 1
+        while step < NUM_RANKS:
+            home = _combine_home(rank, channel, step, NUM_RANKS)
+            pick = ranks == home
+            begin = tl.sum(tl.where(pick, pushed, 0), axis=0)
+            end = tl.minimum(begin + BLOCK_T, tl.sum(tl.where(pick, send_count, 0), axis=0))
+            if begin < end:
+                _combine_send_tile(begin, end, tl.sum(tl.where(pick, x_row0, 0), axis=0),
+                                   tl.sum(tl.where(pick, slot0, 0), axis=0), home, my_flag, e, half_offset, lane,
+                                   x_ptr, weights_ptr, data_bases_ptr, signal_bases_ptr, num_topk, capacity, HIDDEN,
+                                   LANE_ELEMS, RECORD_ELEMS, K_PAD, BLOCK_T, BLOCK_H, HAS_WEIGHTS)
+                pushed = tl.where(pick, end, pushed)
+            step += 1
+        blocking = tl.sum((pushed < send_count).to(tl.int32), axis=0) == 0  # nothing left to push: wait
         if next_token < last:
             toks = next_token + tl.arange(0, BLOCK_T)
             tile_ok = (toks < last)[:, None] & rank_ok[None, :]
