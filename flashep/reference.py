@@ -170,13 +170,13 @@ def quantize_low_latency(x: torch.Tensor, round_scale: bool, use_ue8m0: bool):
     grouped = x.float().view(num_tokens, groups, _GROUP)
     amax = grouped.abs().amax(dim=2).clamp(min=_AMAX_FLOOR)
     if round_scale:
-        bits = (amax / _FP8_MAX).view(torch.int32)
+        bits = _divide(amax, _FP8_MAX).view(torch.int32)
         exponent = ((bits >> 23) & 0xFF) - 127 + ((bits & 0x7FFFFF) != 0).to(torch.int32)
         scale = _power_of_two(-exponent)
         scale_inv = _power_of_two(exponent)
     else:
-        scale = _FP8_MAX / amax
-        scale_inv = amax / _FP8_MAX
+        scale = torch.reciprocal(amax) * _FP8_MAX
+        scale_inv = _divide(amax, _FP8_MAX)
     q = (grouped * scale.unsqueeze(2)).to(torch.float8_e4m3fn).view(num_tokens, hidden)
     if not use_ue8m0:
         return q, scale_inv
@@ -343,3 +343,9 @@ def _split_x(x):
 def _power_of_two(exponent: torch.Tensor) -> torch.Tensor:
     """Exact float32 2^exponent for exponents of normal floats."""
     return ((exponent + 127).to(torch.int32) << 23).view(torch.float32)
+
+
+def _divide(t: torch.Tensor, divisor: float) -> torch.Tensor:
+    """Correctly rounded t / divisor on every device (CUDA turns division by a Python scalar into a
+    multiplication by its reciprocal, which rounds differently)."""
+    return t / torch.full_like(t, divisor)

@@ -411,16 +411,22 @@ def _quantize_words(x: torch.Tensor, use_fp8: bool, round_scale: bool, use_ue8m0
     groups = x.float().view(num_tokens, hidden // FP8_GROUP, FP8_GROUP)
     amax = groups.abs().amax(2).clamp_min(1e-4)
     if round_scale:
-        bits = (amax / FP8_MAX).view(torch.int32)
+        bits = _divide(amax, FP8_MAX).view(torch.int32)
         exponent = ((bits >> 23) & 0xFF) - 127 + ((bits & 0x7FFFFF) != 0).to(torch.int32)
         scale = ((127 - exponent) << 23).view(torch.float32)
         scale_inv = ((127 + exponent) << 23).view(torch.float32)
     else:
-        scale = FP8_MAX / amax
-        scale_inv = amax / FP8_MAX
+        scale = torch.reciprocal(amax) * FP8_MAX
+        scale_inv = _divide(amax, FP8_MAX)
     data = (groups * scale.unsqueeze(2)).to(torch.float8_e4m3fn).view(num_tokens, hidden)
     if use_ue8m0:
         scale_words = (exponent + 127).to(torch.uint8).view(torch.int32)  # group 4p + j in byte j
     else:
         scale_words = scale_inv.view(torch.int32)
     return data.view(torch.int32), scale_words
+
+
+def _divide(t: torch.Tensor, divisor: float) -> torch.Tensor:
+    """Correctly rounded t / divisor on every device (CUDA turns division by a Python scalar into a
+    multiplication by its reciprocal, which rounds differently)."""
+    return t / torch.full_like(t, divisor)
