@@ -9,8 +9,8 @@ Two symmetric heaps per backend:
   A non-cached dispatch without `num_worst_tokens` learns every rank's token count in notify, so all
   ranks grow it together, to the worst case of those counts (T_max * R rows: every token to every rank,
   in bf16, and back through the combine) with a quarter of headroom: worst-token dispatches with
-  num_worst_tokens <= T_max * R, cached dispatches and combines then fit. Calls without a host sync (worst-token and cached dispatch, combine)
-  cannot grow it and raise instead, naming the bytes needed.
+  num_worst_tokens <= T_max * R, cached dispatches and combines then fit. Calls without a host sync
+  (worst-token and cached dispatch, combine) cannot grow it and raise instead, naming the bytes needed.
 
 Tuning knobs (environment at construction, or the attributes of the same names in lower case):
 FLASHEP_TILE_TOKENS (rows per tile, default 8), FLASHEP_TILE_HIDDEN (2-byte elements per tile row,
@@ -125,6 +125,7 @@ class TritonNormalBackend(Backend):
     # ---- dispatch ---------------------------------------------------------------------------------------
     def dispatch(self, x, x_scales, topk_idx, topk_weights, num_tokens_per_rank, is_token_in_rank,
                  num_tokens_per_expert, expert_alignment, num_worst_tokens, num_channels, cached):
+        # num_tokens_per_rank is implied by is_token_in_rank, which notify counts per channel anyway
         self.errors.check()
         _check_channels(num_channels)
         if cached is not None:
@@ -227,9 +228,8 @@ class TritonNormalBackend(Backend):
             self.rank, num_tokens, num_channels, _tokens_per_channel(num_tokens, num_channels), num_local,
             num_scales, num_topk, self._half() // record_bytes, out.x.size(0), wait_budget(),
             NUM_RANKS=self.num_ranks, R_PAD=self._rank_pad, LANES=self.lanes, ROW_WORDS=row_words,
-            LANE_WORDS=lane_words,
-            RECORD_WORDS=record_bytes // 4, S_PAD=_pow2(num_scales), K_PAD=_pow2(num_topk), BLOCK_T=self.tile_tokens,
-            BLOCK_W=min(max(self.tile_hidden // 2, 16), _pow2(lane_words)), MAX_C=kernels.MAX_CHANNELS,
+            LANE_WORDS=lane_words, RECORD_WORDS=record_bytes // 4, S_PAD=_pow2(num_scales), K_PAD=_pow2(num_topk),
+            BLOCK_T=self.tile_tokens, BLOCK_W=min(max(self.tile_hidden // 2, 16), _pow2(lane_words)), MAX_C=kernels.MAX_CHANNELS,
             HAS_SCALES=x_scales is not None, HAS_TOPK=topk_idx is not None, WRITE_SEND_HEAD=write_send_head,
             WORST=worst, USE_TIMER=use_timer(), num_warps=self.num_warps)
 

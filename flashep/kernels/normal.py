@@ -3,16 +3,17 @@
 Kernels (profilers find them by name: exactly one name holds "notify", one "dispatch", one "combine"):
 - `ep_layout_kernel`: per-rank and per-expert counts and `is_token_in_rank` from `topk_idx`.
 - `ep_notify_kernel`: one program; sends every peer its per-channel token counts, the counts for its
-  experts and this rank's send totals, waits for every peer's, and builds the routing prefix matrices.
-- `ep_dispatch_kernel`, `ep_combine_kernel`: grid = num_sms programs. Program p serves channel p // 2
-  and hidden "lane" p % 2 (the two programs of a channel move the two halves of each row; lane 0 also
-  moves the small per-row fields). Every program first publishes "epoch e, 0 rows" to every peer, then
-  alternates between pushing one tile of its own rows to the peers (NVLink stores at their final
-  places, then a progress flag) and consuming one tile of what the peers pushed to it (non-blocking
-  while it still has rows to push, blocking afterwards). So all programs drive NVLink, and the local
-  copy / reduction overlaps with it. Pushes never wait, so the kernels cannot deadlock as long as
-  every rank runs them (a wait only depends on the same program id on a peer, which only depends on
-  lower program ids there; that also holds when the interpreter runs programs one after another).
+  experts, its send totals and its token count, waits for every peer's, and builds the routing.
+- `ep_dispatch_kernel`, `ep_combine_kernel`: LANES programs per channel (grid = LANES * num_sms / 2).
+  Program p serves channel p // LANES and hidden lane p % LANES (with 2 lanes the programs of a channel
+  move the two halves of each row; lane 0 also moves the small per-row fields). Every program first
+  publishes "epoch e, 0 rows" to every peer, then repeats rounds: push one tile of its rows to every
+  peer that needs it (NVLink stores at their final places, then a progress flag), then take the next
+  tile from every peer whose rows arrived (non-blocking while it still has rows to push, blocking
+  after). So all programs drive NVLink and the local copy / reduction keeps pace with it. Pushes never
+  wait, so the kernels cannot deadlock as long as every rank runs them (a wait only depends on the same
+  program id on a peer, whose pushes only follow its lower program ids; that also holds when the
+  interpreter runs programs one after another).
 
 Flags hold `(epoch << 32) | rows`. Every program observes every peer's flag of the current epoch, even
 when no rows flow, which keeps peers at most one operation apart (docs/design.md, "Symmetric heap and
@@ -21,7 +22,7 @@ signalling"); data lives in half `epoch % 2` of the data heap.
 Heap regions (byte offsets from the backend):
 - signal heap: notify flags int64[R] (one per source), dispatch flags int64[R, MAX_CHANNELS, 2]
   (source, channel, lane), combine flags int64[R, MAX_CHANNELS, 2] (sender, channel, lane), notify
-  slots int32[R, slot_ints] (one per source).
+  slots int32[R, MAX_CHANNELS + MAX_LOCAL_EXPERTS + R + 1] (one per source).
 - data heap, per half, one record per row. Dispatch record (4-byte words): the row, its scales, top-k
   ids, top-k weights (float bits), source token index. Combine record: the bf16 row, then the float32
   weights.
