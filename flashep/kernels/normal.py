@@ -473,12 +473,11 @@ def ep_dispatch_kernel(x_ptr, scales_ptr, scale_stride_t, scale_stride_s, topk_p
 
 # ---------------------------------------------------------------- combine
 @triton.jit
-def _combine_send_tile(begin, end, x_row0, slot0, home, my_flag, e, half_offset, lane, x_ptr, weights_ptr,
-                       data_bases_ptr, signal_bases_ptr, num_topk, capacity, HIDDEN: tl.constexpr, LANE_ELEMS: tl.constexpr,
+def _combine_send_tile(begin, end, x_row0, slot0, home, half_offset, lane, x_ptr, weights_ptr, data_bases_ptr,
+                       num_topk, capacity, HIDDEN: tl.constexpr, LANE_ELEMS: tl.constexpr,
                        RECORD_ELEMS: tl.constexpr, K_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
                        BLOCK_H: tl.constexpr, HAS_WEIGHTS: tl.constexpr):
-    """Push rows x_row0 + [begin, end) of x to `home`'s combine region at slots slot0 + [begin, end), then
-    publish `end` on `home`."""
+    """Push rows x_row0 + [begin, end) of x to `home`'s combine region at slots slot0 + [begin, end)."""
     idx = begin + tl.arange(0, BLOCK_T)
     slots = (slot0 + idx).to(tl.int64)
     row_ok = (idx < end) & (slots < capacity)
@@ -498,7 +497,6 @@ def _combine_send_tile(begin, end, x_row0, slot0, home, my_flag, e, half_offset,
             weights = tl.load(weights_ptr + rows[:, None] * num_topk + ks[None, :], mask=k_ok)
             weight_region = (home_base + HIDDEN * 2).to(tl.pointer_type(tl.float32))
             tl.store(weight_region + slots[:, None] * (RECORD_ELEMS // 2) + ks[None, :], weights, mask=k_ok)
-    signal((tl.load(signal_bases_ptr + home) + my_flag).to(tl.pointer_type(tl.int64)), (e << 32) | end.to(tl.int64))
 
 
 @triton.jit
@@ -651,19 +649,21 @@ def ep_combine_kernel(x_ptr, weights_ptr, bias0_ptr, bias1_ptr, in_rank_ptr, sen
     # arrived; until everything is pushed and reduced and every peer's final flag of epoch e was seen
     while (tl.sum((pushed < send_count).to(tl.int32), axis=0) > 0) | (next_token < last) | \
             (tl.sum((peer_ok & (arrived < chan_total)).to(tl.int32), axis=0) > 0):
-        step = zero + 1
-        while step < NUM_RANKS:
-            home = _combine_home(rank, channel, step, NUM_RANKS)
-            pick = ranks == home
-            begin = tl.sum(tl.where(pick, pushed, 0), axis=0)
-            end = tl.minimum(begin + BLOCK_T, tl.sum(tl.where(pick, send_count, 0), axis=0))
-            if begin < end:
-                _combine_send_tile(begin, end, tl.sum(tl.where(pick, x_row0, 0), axis=0),
-                                   tl.sum(tl.where(pick, slot0, 0), axis=0), home, my_flag, e, half_offset, lane,
-                                   x_ptr, weights_ptr, data_bases_ptr, signal_bases_ptr, num_topk, capacity, HIDDEN,
-                                   LANE_ELEMS, RECORD_ELEMS, K_PAD, BLOCK_T, BLOCK_H, HAS_WEIGHTS)
-                pushed = tl.where(pick, end, pushed)
-            step += 1
+        if tl.sum((pushed < send_count).to(tl.int32), axis=0) > 0:
+            step = zero + 1
+            while step < NUM_RANKS:
+                home = _combine_home(rank, channel, step, NUM_RANKS)
+                pick = ranks == home
+                begin = tl.sum(tl.where(pick, pushed, 0), axis=0)
+                end = tl.minimum(begin + BLOCK_T, tl.sum(tl.where(pick, send_count, 0), axis=0))
+                if begin < end:
+                    _combine_send_tile(begin, end, tl.sum(tl.where(pick, x_row0, 0), axis=0),
+                                       tl.sum(tl.where(pick, slot0, 0), axis=0), home, half_offset, lane, x_ptr,
+                                       weights_ptr, data_bases_ptr, num_topk, capacity, HIDDEN, LANE_ELEMS,
+                                       RECORD_ELEMS, K_PAD, BLOCK_T, BLOCK_H, HAS_WEIGHTS)
+                    pushed = tl.where(pick, end, pushed)
+                step += 1
+            _publish(out_flags, (e << 32) | pushed.to(tl.int64), peer_ok)  # this round's progress, every home
         blocking = tl.sum((pushed < send_count).to(tl.int32), axis=0) == 0  # nothing left to push: wait
         if next_token < last:
             toks = next_token + tl.arange(0, BLOCK_T)
