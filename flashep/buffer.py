@@ -16,7 +16,7 @@ import torch.distributed as dist
 from . import handles
 from .backends.base import Backend, Routing
 from .config import INT32_MAX, Config, default_combine_config, default_dispatch_config
-from .event import EventHandle, EventOverlap, StreamScope
+from .event import EventHandle, EventOverlap, OpOrder, StreamScope
 from .validate import (check_bf16_rows, check_dispatch_x, check_expert_ids, check_int, check_stats,
                        check_tensor, check_topk)
 
@@ -67,6 +67,7 @@ class Buffer:
         self.enable_shrink = enable_shrink
         self.device = _group_device(group)
         self.comm_stream = torch.cuda.Stream(self.device, priority=-1) if self.device.type == "cuda" else None
+        self._order = OpOrder()  # the normal-mode calls of this buffer run one after another
         from .backends import select_backends  # deferred: backends import this module's helpers
         self._normal, self._low_latency = select_backends(self)
         self.runtime = self._normal  # DeepEP exposes its native object here; destroy() sets it to None
@@ -183,7 +184,7 @@ class Buffer:
         self._check_num_experts(num_experts)
         check_expert_ids("topk_idx", topk_idx, num_experts)
         with StreamScope(self.device, self.comm_stream, previous_event, async_finish,
-                         allocate_on_comm_stream) as scope:
+                         allocate_on_comm_stream, self._order) as scope:
             per_rank, per_expert, in_rank = self._normal.get_dispatch_layout(topk_idx, num_experts)
             per_rdma_rank = None
             if self.is_internode:
@@ -230,7 +231,7 @@ class Buffer:
                 check_topk("topk_idx", topk_idx, num_tokens, self.device, weights=topk_weights)
                 check_expert_ids("topk_idx", topk_idx, num_experts)
         with StreamScope(self.device, self.comm_stream, previous_event, async_finish,
-                         allocate_on_comm_stream) as scope:
+                         allocate_on_comm_stream, self._order) as scope:
             result = self._normal.dispatch(data, scales, topk_idx, topk_weights, num_tokens_per_rank,
                                            is_token_in_rank, num_tokens_per_expert, expert_alignment,
                                            num_worst_tokens, config.num_channels, cached)
@@ -272,7 +273,7 @@ class Buffer:
                     raise ValueError(f"bias[{i}] must have shape {(routing.num_tokens, x.size(1))}, "
                                      f"got {tuple(b.shape)}")
         with StreamScope(self.device, self.comm_stream, previous_event, async_finish,
-                         allocate_on_comm_stream) as scope:
+                         allocate_on_comm_stream, self._order) as scope:
             combined_x, combined_w = self._normal.combine(x, routing, topk_weights, biases[0], biases[1])
             scope.keep(x, topk_weights, biases[0], biases[1], combined_x, combined_w)
         return combined_x, combined_w, scope.event

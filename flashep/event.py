@@ -85,20 +85,42 @@ class EventOverlap:
         self._release_on_exit = False
 
 
+class OpOrder:
+    """Keeps one buffer's operations in issue order, whichever stream each runs on (DeepEP runs them all on
+    one comm stream; flashep runs synchronous calls on the current stream, so they stay capturable)."""
+
+    def __init__(self):
+        self._last: Optional[torch.cuda.Event] = None
+
+    def wait_previous(self, stream: torch.cuda.Stream) -> None:
+        # work captured in a CUDA graph cannot wait on work outside it; inside, the capture orders it
+        if self._last is not None and not torch.cuda.is_current_stream_capturing():
+            stream.wait_event(self._last)
+
+    def record(self, stream: torch.cuda.Stream) -> None:
+        if torch.cuda.is_current_stream_capturing():
+            self._last = None
+            return
+        self._last = torch.cuda.Event()
+        self._last.record(stream)
+
+
 class StreamScope:
     """Runs one normal-mode call with DeepEP's stream and event semantics (spec 2.9).
 
     With `async_finish` or a `previous_event` the work goes to the comm stream: it waits on
     `previous_event` (else on the current stream), and either returns an event (`async_finish`) or makes
     the current stream wait for it. Otherwise the work is enqueued on the current stream directly, which is
-    observably the same and keeps the call capturable in a CUDA graph.
+    observably the same and keeps the call capturable in a CUDA graph. Either way it follows the buffer's
+    previous operation (`order`).
 
     Usage: `with StreamScope(...) as scope:` enqueue the work, `scope.keep(...)` every input and output;
     read `scope.event` (an `EventOverlap`) after the block.
     """
 
     def __init__(self, device: torch.device, comm_stream: Optional[torch.cuda.Stream],
-                 previous_event: Optional[EventOverlap], async_finish: bool, allocate_on_comm_stream: bool):
+                 previous_event: Optional[EventOverlap], async_finish: bool, allocate_on_comm_stream: bool,
+                 order: Optional[OpOrder] = None):
         if allocate_on_comm_stream and not (previous_event is not None and async_finish):
             raise ValueError("allocate_on_comm_stream=True requires previous_event and async_finish=True")
         if previous_event is not None and not isinstance(previous_event, EventOverlap):
@@ -106,8 +128,10 @@ class StreamScope:
         self.device = device
         self.previous_event = previous_event
         self.async_finish = async_finish
-        use_comm = comm_stream is not None and (async_finish or previous_event is not None)
+        self.on_gpu = comm_stream is not None
+        use_comm = self.on_gpu and (async_finish or previous_event is not None)
         self.comm_stream = comm_stream if use_comm else None
+        self.order = order if order is not None else OpOrder()
         self.event = EventOverlap(None)
         self._tensors: list[torch.Tensor] = []
         self._stack = contextlib.ExitStack()
@@ -116,13 +140,17 @@ class StreamScope:
         self._tensors.extend(_flatten(tensors))
 
     def __enter__(self) -> "StreamScope":
-        if self.comm_stream is None:
+        if not self.on_gpu:
             return self
         self._compute = torch.cuda.current_stream(self.device)
+        if self.comm_stream is None:
+            self.order.wait_previous(self._compute)
+            return self
         if self.previous_event is not None and self.previous_event.event is not None:
             self.previous_event.event.wait_on(self.comm_stream)
         else:
             self.comm_stream.wait_stream(self._compute)
+        self.order.wait_previous(self.comm_stream)
         self._stack.enter_context(torch.cuda.stream(self.comm_stream))
         return self
 
@@ -130,10 +158,14 @@ class StreamScope:
         self._stack.close()
         if exc_type is not None:
             return
-        if self.comm_stream is None:
+        if not self.on_gpu:
             if self.async_finish:  # CPU: the work is already done
                 self.event = EventOverlap(EventHandle(self.device))
             return
+        if self.comm_stream is None:
+            self.order.record(self._compute)
+            return
+        self.order.record(self.comm_stream)
         if self.async_finish:
             self.event = EventOverlap(EventHandle(self.device, self.comm_stream))
             # tensors touched on the comm stream must not be recycled before it is done with them,
