@@ -56,8 +56,8 @@ CPU_CASES = (
 )
 # the interpreter runs every program in Python: fewer SMs (channels), inputs and stream combinations
 TRITON_CASES = (
-    NormalCase("random", hidden=128, num_sms=4, streams="diagonal",
-               variants=("bf16_rand", "bf16_rank", "fp8_rank_f32_column_major", "fp8_rand_ue8m0_strided")),
+    NormalCase("random", tokens=(16,), hidden=128, num_sms=4, streams="diagonal",
+               variants=("bf16_rand", "fp8_rank_f32_column_major", "fp8_rand_ue8m0_strided")),
     NormalCase("uneven_minus_one_int32", tokens=(5, 0, 32, 17), hidden=128, minus_one=0.25, topk_dtype=torch.int32,
                num_sms=4, streams="plain", variants=("bf16_rank", "fp8_rank_ue8m0_strided")),
     NormalCase("hot_expert", tokens=(16, 9), num_topk=1, hot_expert=True, hidden=128, num_sms=6, streams="plain",
@@ -203,6 +203,9 @@ class CaseRun:
         self.num_experts = case.experts(num_ranks)
         self.local_experts = self.num_experts // num_ranks
         self.everyone = [make_inputs(case, seed, r, num_ranks, self.node_size, device) for r in range(num_ranks)]
+        if internode:  # DeepEP's internode test combines with bias = (ones, randn)
+            for inp in self.everyone:
+                inp.bias0 = torch.ones_like(inp.bias0)
         self.mine = self.everyone[rank]
         self.all_topk = [inp.topk_idx for inp in self.everyone]
         self.layouts = [reference.layout(idx, self.num_experts, num_ranks, self.node_size) for idx in self.all_topk]
