@@ -16,7 +16,8 @@ Tuning knobs (environment at construction, or the attributes of the same names i
 FLASHEP_TILE_TOKENS (rows per tile, default 8), FLASHEP_TILE_HIDDEN (2-byte elements per tile row,
 default 1024), FLASHEP_NUM_WARPS (default 8) and FLASHEP_LANES (programs per channel, 1 or 2: with 2 the
 kernels use all `num_sms` SMs, each program moving half of every row; default 2 on GPUs, 1 under the
-interpreter, where programs run one after another).
+interpreter, where programs run one after another), FLASHEP_STAGES (software-pipelining depth of the loops
+over a row's hidden chunks: 1 = none; 2-3 prefetch the next chunk with cp.async).
 """
 from __future__ import annotations
 
@@ -48,6 +49,8 @@ class TritonNormalBackend(Backend):
         self.tile_tokens = _env_power_of_two("FLASHEP_TILE_TOKENS", 8)
         self.tile_hidden = _env_power_of_two("FLASHEP_TILE_HIDDEN", 1024)
         self.num_warps = _env_power_of_two("FLASHEP_NUM_WARPS", 8)
+        # software-pipelining depth of the loops over a row's hidden chunks (1: none)
+        self.stages = int(os.environ.get("FLASHEP_STAGES", "1"))
         self.lanes = _env_power_of_two("FLASHEP_LANES", 1 if self.device.type == "cpu" else kernels.MAX_LANES)
         if self.lanes > kernels.MAX_LANES:
             raise ValueError(f"FLASHEP_LANES must be 1 or {kernels.MAX_LANES}, got {self.lanes}")
@@ -231,7 +234,7 @@ class TritonNormalBackend(Backend):
             LANE_WORDS=lane_words, RECORD_WORDS=record_bytes // 4, S_PAD=_pow2(num_scales), K_PAD=_pow2(num_topk),
             BLOCK_T=self.tile_tokens, BLOCK_W=min(max(self.tile_hidden // 2, 16), _pow2(lane_words)), MAX_C=kernels.MAX_CHANNELS,
             HAS_SCALES=x_scales is not None, HAS_TOPK=topk_idx is not None, WRITE_SEND_HEAD=write_send_head,
-            WORST=worst, USE_TIMER=use_timer(), num_warps=self.num_warps)
+            WORST=worst, USE_TIMER=use_timer(), STAGES=self.stages, num_warps=self.num_warps)
 
     # ---- combine ----------------------------------------------------------------------------------------
     def combine(self, x, routing, topk_weights, bias0, bias1):
@@ -264,7 +267,7 @@ class TritonNormalBackend(Backend):
             RECORD_ELEMS=record_bytes // 2, K_PAD=_pow2(num_topk), BLOCK_T=self.tile_tokens,
             BLOCK_H=min(max(self.tile_hidden, 32), _pow2(lane_elems)), MAX_C=kernels.MAX_CHANNELS,
             HAS_WEIGHTS=topk_weights is not None, HAS_BIAS0=bias0 is not None, HAS_BIAS1=bias1 is not None,
-            USE_TIMER=use_timer(), num_warps=self.num_warps)
+            USE_TIMER=use_timer(), STAGES=self.stages, num_warps=self.num_warps)
         self.epoch.add_(1)
         return combined, combined_weights
 

@@ -249,7 +249,8 @@ def _dispatch_send_tile(start, last, sent, prev_channel, block_start, out_flags,
                         NUM_RANKS: tl.constexpr, R_PAD: tl.constexpr, ROW_WORDS: tl.constexpr,
                         LANE_WORDS: tl.constexpr, RECORD_WORDS: tl.constexpr, S_PAD: tl.constexpr,
                         K_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_W: tl.constexpr,
-                        HAS_SCALES: tl.constexpr, HAS_TOPK: tl.constexpr, WRITE_SEND_HEAD: tl.constexpr):
+                        HAS_SCALES: tl.constexpr, HAS_TOPK: tl.constexpr, WRITE_SEND_HEAD: tl.constexpr,
+                        STAGES: tl.constexpr):
     """Push tokens [start, start + BLOCK_T) of this channel, each loaded once: the lane's columns to every
     destination, lane 0 also the per-row fields; then publish the rows sent so far to every peer. Rows
     for this rank go straight into the output tensors. -> new `sent`."""
@@ -270,7 +271,7 @@ def _dispatch_send_tile(start, last, sent, prev_channel, block_start, out_flags,
                      mask=tile_ok)
     rows = block_start[None, :] + pos  # final row on destination j
     col_begin = lane * LANE_WORDS
-    for c0 in range(0, LANE_WORDS, BLOCK_W):
+    for c0 in tl.range(0, LANE_WORDS, BLOCK_W, num_stages=STAGES):
         cols = col_begin + c0 + tl.arange(0, BLOCK_W)
         col_ok = (cols < col_begin + LANE_WORDS) & (cols < ROW_WORDS)
         data = tl.load(x_ptr + toks64[:, None] * ROW_WORDS + cols[None, :], mask=tok_ok[:, None] & col_ok[None, :])
@@ -335,14 +336,14 @@ def _dispatch_copy_tile(row0, begin, end, region, lane, recv_x_ptr, recv_scales_
                         recv_src_ptr, rank, num_local_experts, num_scales, num_topk, capacity, num_out_rows,
                         ROW_WORDS: tl.constexpr, LANE_WORDS: tl.constexpr, RECORD_WORDS: tl.constexpr,
                         S_PAD: tl.constexpr, K_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_W: tl.constexpr,
-                        HAS_SCALES: tl.constexpr, HAS_TOPK: tl.constexpr):
+                        HAS_SCALES: tl.constexpr, HAS_TOPK: tl.constexpr, STAGES: tl.constexpr):
     """Copy received rows row0 + [begin, end) from the local receive region into the outputs."""
     idx = begin + tl.arange(0, BLOCK_T)
     rows = row0 + idx
     row_ok = (idx < end) & (rows < capacity) & (rows < num_out_rows)
     rows64 = rows.to(tl.int64)
     col_begin = lane * LANE_WORDS
-    for c0 in range(0, LANE_WORDS, BLOCK_W):
+    for c0 in tl.range(0, LANE_WORDS, BLOCK_W, num_stages=STAGES):
         cols = col_begin + c0 + tl.arange(0, BLOCK_W)
         ok = row_ok[:, None] & ((cols < col_begin + LANE_WORDS) & (cols < ROW_WORDS))[None, :]
         data = tl.load(region + rows64[:, None] * RECORD_WORDS + cols[None, :], mask=ok, cache_modifier=".cg")
@@ -384,7 +385,7 @@ def ep_dispatch_kernel(x_ptr, scales_ptr, scale_stride_t, scale_stride_s, topk_p
                        LANE_WORDS: tl.constexpr, RECORD_WORDS: tl.constexpr, S_PAD: tl.constexpr,
                        K_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_W: tl.constexpr, MAX_C: tl.constexpr,
                        HAS_SCALES: tl.constexpr, HAS_TOPK: tl.constexpr, WRITE_SEND_HEAD: tl.constexpr,
-                       WORST: tl.constexpr, USE_TIMER: tl.constexpr):
+                       WORST: tl.constexpr, USE_TIMER: tl.constexpr, STAGES: tl.constexpr):
     """Rows are 4-byte words (`x_ptr`/`recv_x_ptr` are int32 views). Row j of the receive order sits at
     the same index in the receive region and in `recv_x`."""
     pid = tl.program_id(0)
@@ -442,7 +443,7 @@ def ep_dispatch_kernel(x_ptr, scales_ptr, scale_stride_t, scale_stride_s, topk_p
                 recv_x_ptr, recv_scales_ptr, recv_topk_ptr, recv_weights_ptr, recv_src_ptr, send_head_ptr,
                 data_bases_ptr, rank, num_local_experts, num_scales, num_topk, capacity, num_out_rows,
                 NUM_RANKS, R_PAD, ROW_WORDS, LANE_WORDS, RECORD_WORDS, S_PAD, K_PAD, BLOCK_T, BLOCK_W,
-                HAS_SCALES, HAS_TOPK, WRITE_SEND_HEAD)
+                HAS_SCALES, HAS_TOPK, WRITE_SEND_HEAD, STAGES)
             next_token += BLOCK_T
         blocking = next_token >= last  # nothing left to push: wait for the peers
         step = zero + 1
@@ -461,7 +462,7 @@ def ep_dispatch_kernel(x_ptr, scales_ptr, scale_stride_t, scale_stride_s, topk_p
                                         recv_x_ptr, recv_scales_ptr, recv_topk_ptr, recv_weights_ptr, recv_src_ptr,
                                         rank, num_local_experts, num_scales, num_topk, capacity, num_out_rows,
                                         ROW_WORDS, LANE_WORDS, RECORD_WORDS, S_PAD, K_PAD, BLOCK_T, BLOCK_W,
-                                        HAS_SCALES, HAS_TOPK)
+                                        HAS_SCALES, HAS_TOPK, STAGES)
                     src_copied = need
                 copied = tl.where(pick, src_copied, copied)
                 arrived = tl.where(pick, src_arrived, arrived)
@@ -476,7 +477,7 @@ def ep_dispatch_kernel(x_ptr, scales_ptr, scale_stride_t, scale_stride_s, topk_p
 def _combine_send_tile(begin, end, x_row0, slot0, home, half_offset, lane, x_ptr, weights_ptr, data_bases_ptr,
                        num_topk, capacity, HIDDEN: tl.constexpr, LANE_ELEMS: tl.constexpr,
                        RECORD_ELEMS: tl.constexpr, K_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
-                       BLOCK_H: tl.constexpr, HAS_WEIGHTS: tl.constexpr):
+                       BLOCK_H: tl.constexpr, HAS_WEIGHTS: tl.constexpr, STAGES: tl.constexpr):
     """Push rows x_row0 + [begin, end) of x to `home`'s combine region at slots slot0 + [begin, end)."""
     idx = begin + tl.arange(0, BLOCK_T)
     slots = (slot0 + idx).to(tl.int64)
@@ -485,7 +486,7 @@ def _combine_send_tile(begin, end, x_row0, slot0, home, half_offset, lane, x_ptr
     home_base = tl.load(data_bases_ptr + home) + half_offset
     region = tl.multiple_of(home_base.to(tl.pointer_type(tl.bfloat16)), 16)
     col_begin = lane * LANE_ELEMS
-    for c0 in range(0, LANE_ELEMS, BLOCK_H):
+    for c0 in tl.range(0, LANE_ELEMS, BLOCK_H, num_stages=STAGES):
         cols = col_begin + c0 + tl.arange(0, BLOCK_H)
         ok = row_ok[:, None] & ((cols < col_begin + LANE_ELEMS) & (cols < HIDDEN))[None, :]
         data = tl.load(x_ptr + rows[:, None] * HIDDEN + cols[None, :], mask=ok)
@@ -537,7 +538,7 @@ def _combine_reduce_tile(start, last, x_ptr, weights_ptr, bias0_ptr, bias1_ptr, 
                          NUM_RANKS: tl.constexpr, R_PAD: tl.constexpr, HIDDEN: tl.constexpr,
                          LANE_ELEMS: tl.constexpr, RECORD_ELEMS: tl.constexpr, K_PAD: tl.constexpr,
                          BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, HAS_WEIGHTS: tl.constexpr,
-                         HAS_BIAS0: tl.constexpr, HAS_BIAS1: tl.constexpr):
+                         HAS_BIAS0: tl.constexpr, HAS_BIAS1: tl.constexpr, STAGES: tl.constexpr):
     """Reduce tokens [start, start + BLOCK_T): bias0 + bias1 + the rows of destination ranks ascending, in
     float32, one rounding to bf16. Peer j's row of token t is staged at slot slot_base[j] + send_head[t, j];
     this rank's own row is x[self_row0 + send_head[t, rank]]."""
@@ -552,7 +553,7 @@ def _combine_reduce_tile(start, last, x_ptr, weights_ptr, bias0_ptr, bias1_ptr, 
     where = tl.where(ranks[None, :] == rank, self_row0, slot_base[None, :]) + head
     region = tl.multiple_of(region_base.to(tl.pointer_type(tl.bfloat16)), 16)
     col_begin = lane * LANE_ELEMS
-    for c0 in range(0, LANE_ELEMS, BLOCK_H):
+    for c0 in tl.range(0, LANE_ELEMS, BLOCK_H, num_stages=STAGES):
         cols = col_begin + c0 + tl.arange(0, BLOCK_H)
         ok = tok_ok[:, None] & ((cols < col_begin + LANE_ELEMS) & (cols < HIDDEN))[None, :]
         acc = tl.zeros([BLOCK_T, BLOCK_H], tl.float32)
@@ -601,7 +602,8 @@ def ep_combine_kernel(x_ptr, weights_ptr, bias0_ptr, bias1_ptr, in_rank_ptr, sen
                       NUM_RANKS: tl.constexpr, R_PAD: tl.constexpr, LANES: tl.constexpr, HIDDEN: tl.constexpr,
                       LANE_ELEMS: tl.constexpr, RECORD_ELEMS: tl.constexpr, K_PAD: tl.constexpr,
                       BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, MAX_C: tl.constexpr, HAS_WEIGHTS: tl.constexpr,
-                      HAS_BIAS0: tl.constexpr, HAS_BIAS1: tl.constexpr, USE_TIMER: tl.constexpr):
+                      HAS_BIAS0: tl.constexpr, HAS_BIAS1: tl.constexpr, USE_TIMER: tl.constexpr,
+                      STAGES: tl.constexpr):
     """Push: the rows this rank received from `home` go back to `home`'s combine region, at slot
     sum_{j < rank} n(home -> j) + send_head_home[t, rank]. Reduce: this rank's own tokens of the channel,
     a tile at a time once every peer's rows for it arrived."""
@@ -660,7 +662,7 @@ def ep_combine_kernel(x_ptr, weights_ptr, bias0_ptr, bias1_ptr, in_rank_ptr, sen
                     _combine_send_tile(begin, end, tl.sum(tl.where(pick, x_row0, 0), axis=0),
                                        tl.sum(tl.where(pick, slot0, 0), axis=0), home, half_offset, lane, x_ptr,
                                        weights_ptr, data_bases_ptr, num_topk, capacity, HIDDEN, LANE_ELEMS,
-                                       RECORD_ELEMS, K_PAD, BLOCK_T, BLOCK_H, HAS_WEIGHTS)
+                                       RECORD_ELEMS, K_PAD, BLOCK_T, BLOCK_H, HAS_WEIGHTS, STAGES)
                     pushed = tl.where(pick, end, pushed)
                 step += 1
             _publish(out_flags, (e << 32) | pushed.to(tl.int64), peer_ok)  # this round's progress, every home
@@ -681,7 +683,7 @@ def ep_combine_kernel(x_ptr, weights_ptr, bias0_ptr, bias1_ptr, in_rank_ptr, sen
             _combine_reduce_tile(next_token, last, x_ptr, weights_ptr, bias0_ptr, bias1_ptr, in_rank_ptr,
                                  send_head_ptr, out_ptr, out_weights_ptr, slot_base, self_row0, region_base, lane, rank,
                                  num_topk, NUM_RANKS, R_PAD, HIDDEN, LANE_ELEMS, RECORD_ELEMS, K_PAD, BLOCK_T, BLOCK_H,
-                                 HAS_WEIGHTS, HAS_BIAS0, HAS_BIAS1)
+                                 HAS_WEIGHTS, HAS_BIAS0, HAS_BIAS1, STAGES)
             next_token += BLOCK_T
         if failed != 0:  # give up receiving; the pushes still complete
             next_token = last
