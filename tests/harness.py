@@ -48,8 +48,8 @@ def run_ranks(world_size: int, fn: Callable, *args, backend: str = "collective",
     overrides.update(env or {})
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
-    port = _free_port()
-    with _environ(overrides):
+    port = free_port()
+    with environment(overrides):
         procs = [ctx.Process(target=_rank_main, args=(rank, world_size, port, device, timeout, fn, args, results),
                              daemon=True) for rank in range(world_size)]
         for p in procs:
@@ -119,14 +119,15 @@ def _stop(procs, grace_s: float):
             p.join()
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
 @contextlib.contextmanager
-def _environ(overrides: dict):
+def environment(overrides: dict):
+    """Set environment variables for the duration of a `with` block."""
     saved = {key: os.environ.get(key) for key in overrides}
     os.environ.update({k: str(v) for k, v in overrides.items()})
     try:
@@ -173,6 +174,20 @@ def generator(seed: int, *keys: int) -> torch.Generator:
     for key in keys:
         mixed = (mixed * 1_000_003 + key + 1) % (2**63 - 1)
     return torch.Generator().manual_seed(mixed)
+
+
+def rank_device(group) -> torch.device:
+    """The device of this rank's tensors: its GPU under NCCL, else the CPU."""
+    if "nccl" in str(dist.get_backend(group)).lower():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def as_bf16(x) -> torch.Tensor:
+    """A dispatch input or output as bf16: FP8 (data, scales) tuples are cast back with their scales."""
+    from flashep.fp8 import per_token_cast_back
+
+    return per_token_cast_back(*x) if isinstance(x, tuple) else x
 
 
 def expert_popularity(num_experts: int, skew: float, seed: int) -> torch.Tensor:

@@ -12,13 +12,12 @@ from typing import Optional
 
 import pytest
 import torch
-import torch.distributed as dist
 
 import flashep
 from flashep import reference
 from flashep.fp8 import calc_diff, per_token_cast_back
-from harness import (TRITON_LOW_LATENCY, TRITON_NORMAL, assert_same, backend_params, expert_popularity,
-                     generator, gpu_world, run_ranks)
+from harness import (TRITON_LOW_LATENCY, TRITON_NORMAL, as_bf16, assert_same, backend_params, expert_popularity,
+                     generator, gpu_world, rank_device, run_ranks)
 
 MODES = {  # name -> (use_fp8, round_scale, use_ue8m0)
     "bf16": (False, False, False),
@@ -106,8 +105,7 @@ def expert_multiplier(num_experts: int, device) -> torch.Tensor:
 
 # ---- the body run on every rank ------------------------------------------------------------------------------
 def low_latency_body(rank: int, num_ranks: int, group, cases: tuple, seed: int) -> None:
-    device = torch.device("cuda", torch.cuda.current_device()) if "nccl" in str(dist.get_backend(group)).lower() \
-        else torch.device("cpu")
+    device = rank_device(group)
     hint = max(flashep.Buffer.get_low_latency_rdma_size_hint(c.t_max, c.hidden, num_ranks, c.experts(num_ranks))
                for c in cases)
     num_qps = max(c.experts(num_ranks) // num_ranks for c in cases)
@@ -230,7 +228,7 @@ class LowLatencyRun:
         the last 128 channels carry the token index)."""
         assert self.case.hidden > 128, "the rank-valued input needs more than 128 channels"
         src_info, layout_range = d.handle[0], d.handle[1]
-        values = (per_token_cast_back(*d.recv_x) if isinstance(d.recv_x, tuple) else d.recv_x).float()
+        values = as_bf16(d.recv_x).float()
         for i in range(self.local_experts):
             count = int(d.recv_count[i])
             rows = values[i, :count]
@@ -258,7 +256,7 @@ class LowLatencyRun:
     def expert_outputs(self, d: Dispatched) -> torch.Tensor:
         """The simulated expert output of every received row; rows past recv_count are NaN, which a
         combine that reads them would propagate."""
-        values = per_token_cast_back(*d.recv_x) if isinstance(d.recv_x, tuple) else d.recv_x
+        values = as_bf16(d.recv_x)
         local_multiplier = self.multiplier[self.rank * self.local_experts:(self.rank + 1) * self.local_experts]
         y = (values.float() * local_multiplier.view(-1, 1, 1)).to(torch.bfloat16)
         valid = torch.arange(y.size(1), device=y.device).unsqueeze(0) < d.recv_count.unsqueeze(1)

@@ -12,13 +12,12 @@ from typing import Optional
 
 import pytest
 import torch
-import torch.distributed as dist
 
 import flashep
 from flashep import reference
-from flashep.fp8 import pack_ue8m0, per_token_cast_back, per_token_cast_to_fp8, to_column_major, calc_diff
-from harness import (TRITON_NORMAL, assert_same, backend_params, expert_popularity, generator, gpu_world,
-                     run_ranks)
+from flashep.fp8 import calc_diff, pack_ue8m0, per_token_cast_to_fp8, to_column_major
+from harness import (TRITON_NORMAL, as_bf16, assert_same, backend_params, expert_popularity, generator, gpu_world,
+                     rank_device, run_ranks)
 
 
 @dataclass(frozen=True)
@@ -173,14 +172,9 @@ def _strided(words: torch.Tensor) -> torch.Tensor:
     return wide[:, ::2]
 
 
-def as_bf16(x) -> torch.Tensor:
-    """A dispatch input or output as bf16 (FP8 cast back with its scales)."""
-    return per_token_cast_back(*x) if isinstance(x, tuple) else x
-
-
 # ---- the body run on every rank ------------------------------------------------------------------------------
 def normal_body(rank: int, num_ranks: int, group, cases: tuple, seed: int, internode: bool = False) -> None:
-    device = _device(group)
+    device = rank_device(group)
     buffer = flashep.Buffer(group, num_nvl_bytes=_nvl_bytes(cases, num_ranks),
                             num_rdma_bytes=1 << 20 if internode else 0, explicitly_destroy=True)
     expected_backend = "collective" if internode else os.environ["FLASHEP_BACKEND"]
@@ -480,12 +474,6 @@ def _wait(event, async_mode: bool) -> None:
         event.current_stream_wait()
     else:
         assert event.event is None, "async_finish=False must return an EventOverlap without event"
-
-
-def _device(group) -> torch.device:
-    if "nccl" in str(dist.get_backend(group)).lower():
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
 
 
 def _nvl_bytes(cases, num_ranks: int) -> int:

@@ -9,13 +9,13 @@ the drawn example; FLASHEP_TEST_SEED replays the search.
 """
 from __future__ import annotations
 
+import pytest
 import torch
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import seed as hypothesis_seed
 from hypothesis import strategies as st
 
 import flashep
-import pytest
 from flashep import reference
 from harness import run_ranks
 from test_low_latency import MODES, LowLatencyCase, LowLatencyRun

@@ -6,14 +6,12 @@ collective would hang there instead of raising.
 """
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 import torch.distributed as dist
 
 import flashep
-from harness import TRITON_LOW_LATENCY, TRITON_NORMAL, _free_port, backend_params, run_ranks
+from harness import TRITON_LOW_LATENCY, TRITON_NORMAL, backend_params, environment, free_port, run_ranks
 
 T, H, K, E = 6, 128, 2, 4
 BF16, FP8 = torch.bfloat16, torch.float8_e4m3fn
@@ -21,17 +19,13 @@ BF16, FP8 = torch.bfloat16, torch.float8_e4m3fn
 
 @pytest.fixture(scope="module")
 def buffer():
-    saved = os.environ.get("FLASHEP_BACKEND")
-    os.environ["FLASHEP_BACKEND"] = "collective"
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
-    try:
-        yield flashep.Buffer(dist.group.WORLD, num_nvl_bytes=1 << 20, num_rdma_bytes=1 << 20, low_latency_mode=True)
-    finally:
-        dist.destroy_process_group()
-        if saved is None:
-            os.environ.pop("FLASHEP_BACKEND", None)
-        else:
-            os.environ["FLASHEP_BACKEND"] = saved
+    with environment({"FLASHEP_BACKEND": "collective"}):
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+        try:
+            yield flashep.Buffer(dist.group.WORLD, num_nvl_bytes=1 << 20, num_rdma_bytes=1 << 20,
+                                 low_latency_mode=True)
+        finally:
+            dist.destroy_process_group()
 
 
 class Inputs:
