@@ -1,5 +1,5 @@
 """The Triton normal-mode kernels under the interpreter, on 2-4 spawned ranks, bit for bit against
-flashep.reference: shapes and paths the API suite does not reach (rows whose second lane is empty,
+flashep.reference: shapes and paths the API suite does not reach (16-byte rows, pusher/receiver splits,
 several tiles and column chunks per program, channels without tokens, top-32, odd FP8 scale counts,
 back-to-back operations on both heap halves), buffer growth and capacity errors, timeouts naming rank
 and phase, and the bf16 rounding helper. Shapes stay tiny: the interpreter runs every program in Python.
@@ -140,12 +140,19 @@ def test_dispatch_and_combine_match_the_oracle(world_size, seed):
     run_ranks(world_size, _run_cases, seed, CASES, 1, backend="triton")
 
 
-def test_two_lanes_small_tiles_and_repeats(seed):
-    """Two programs per channel, 2-token tiles and 16-word column chunks: several tiles and chunks per
-    program; three rounds so both data halves are reused."""
-    cases = (Case("lanes", (13, 6, 9), hidden=96, num_topk=2, experts_per_rank=2, num_sms=4, minus_one=0.2),)
-    run_ranks(3, _run_cases, seed, cases, 3, backend="triton",
-              env={"FLASHEP_LANES": "2", "FLASHEP_TILE_TOKENS": "2", "FLASHEP_TILE_HIDDEN": "32"})
+@pytest.mark.parametrize("env", [
+    # one receiver per launch, a flag after every channel: many tiles per program, every program's tiles
+    # spread over several channels
+    {"FLASHEP_RECEIVERS": "1", "FLASHEP_TILE_TOKENS": "2", "FLASHEP_TILE_HIDDEN": "32", "FLASHEP_PUBLISH_TOKENS": "1"},
+    # one pusher per launch, flags only at the end, a combine split unlike the dispatch's
+    {"FLASHEP_RECEIVERS": "3", "FLASHEP_COMBINE_RECEIVERS": "2", "FLASHEP_TILE_TOKENS": "4",
+     "FLASHEP_PUBLISH_TOKENS": "100000"},
+], ids=["one_receiver_flag_per_channel", "one_pusher_final_flag_only"])
+def test_program_roles_tiles_and_repeats(env, seed):
+    """Pusher/receiver splits at both extremes, small tiles and column chunks (several per program), and
+    three rounds so both data halves are reused."""
+    cases = (Case("roles", (13, 6, 9), hidden=96, num_topk=2, experts_per_rank=2, num_sms=4, minus_one=0.2),)
+    run_ranks(3, _run_cases, seed, cases, 3, backend="triton", env=env)
 
 
 def _growth(rank: int, num_ranks: int, group, seed: int) -> None:
@@ -237,8 +244,9 @@ def test_bf16_rounding_matches_torch():
 
 def test_data_path_vectorises_for_hopper(tmp_path):
     """At DeepSeek-V3 widths (and a rank count that pads the rank axis) the dispatch and combine data
-    paths must compile for sm_90 to 128-bit loads from the heap and 128-bit stores. Compiled offline,
-    no GPU needed (tests/test_gpu_compile.py checks that every recorded launch compiles)."""
+    paths must compile for sm_90 to pipelined 16-byte copies (cp.async) and 128-bit stores, within the
+    shared memory of one SM. Compiled offline, no GPU needed (tests/test_gpu_compile.py checks that every
+    recorded launch compiles)."""
     import os
     import subprocess
     import sys
@@ -251,8 +259,12 @@ def test_data_path_vectorises_for_hopper(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
 
 
+HOPPER_SHARED_BYTES = 227 * 1024  # per block, opt-in maximum of sm_90
+
+
 def check_hopper_vectorisation() -> None:
-    """Compile for sm_90 with a stand-in driver that only names the target (run without TRITON_INTERPRET)."""
+    """Compile for sm_90 with a stand-in driver that only names the target (run without TRITON_INTERPRET),
+    with the backend's default tiles and stages."""
     from triton.backends.compiler import GPUTarget
     from triton.runtime import driver
 
@@ -273,22 +285,25 @@ def check_hopper_vectorisation() -> None:
     def t(dtype=torch.int32):
         return torch.empty(64, dtype=dtype)  # only dtype and alignment matter
 
+    def check(kernel, what):
+        ptx = kernel.asm["ptx"]
+        assert "cp.async.cg.shared.global" in ptx, f"{what}: the chunk loops are not pipelined"
+        assert "st.global.v4" in ptx, f"{what}: the stores are not vectorised"
+        assert kernel.metadata.shared <= HOPPER_SHARED_BYTES, f"{what}: {kernel.metadata.shared} bytes of shared memory"
+
     i64, f32, bf16, u8 = torch.int64, torch.float32, torch.bfloat16, torch.uint8
-    common = dict(NUM_RANKS=3, R_PAD=4, LANES=2, K_PAD=8, BLOCK_T=8, MAX_C=kernels.MAX_CHANNELS, USE_TIMER=True,
-                  num_warps=8, grid=(1,))
+    common = dict(NUM_RANKS=3, R_PAD=4, P_PAD=16, K_PAD=8, BLOCK_T=16, USE_TIMER=True, STAGES=3, num_warps=8,
+                  grid=(1,))
     for fp8 in (False, True):  # hidden 7168: bf16 rows of 3584 words, fp8 rows of 1792 words + 56 scales
         row_words, scales = (1792, 56) if fp8 else (3584, 0)
         dispatch = kernels.ep_dispatch_kernel.warmup(
             t(), t(), 1, 56, t(i64), t(f32), t(u8), t(), t(), t(), t(), t(), t(i64), t(f32), t(), t(),
-            t(i64), 1 << 30, t(i64), 4096, t(i64), t(i64), 1, 4096, 12, 342, 64, scales, 8, 10**5, 10**5, 10**9,
-            ROW_WORDS=row_words, LANE_WORDS=row_words // 2, RECORD_WORDS=row_words + 48 + (16 if fp8 else 0),
-            S_PAD=64 if fp8 else 2, BLOCK_W=512, HAS_SCALES=fp8, HAS_TOPK=True, WRITE_SEND_HEAD=True, WORST=fp8,
-            **common)
-        ptx = dispatch.asm["ptx"]
-        assert "ld.global.cg.v4" in ptx and "st.global.v4" in ptx, f"dispatch (fp8={fp8}) is not vectorised"
+            t(i64), 1 << 30, t(i64), 4096, t(i64), t(i64), 1, 4096, 12, 342, 16, 2, 64, scales, 8, 10**5, 10**5,
+            10**9, ROW_WORDS=row_words, RECORD_WORDS=row_words + 48 + (16 if fp8 else 0), S_PAD=64 if fp8 else 2,
+            BLOCK_W=512, HAS_SCALES=fp8, HAS_TOPK=True, WRITE_SEND_HEAD=not fp8, WORST=fp8, **common)
+        check(dispatch, f"dispatch (fp8={fp8})")
     combine = kernels.ep_combine_kernel.warmup(
-        t(bf16), t(f32), t(bf16), t(bf16), t(u8), t(), t(), t(), t(), t(bf16), t(f32), t(i64), 1 << 30, t(i64),
-        8192, t(i64), t(i64), 1, 4096, 12, 342, 8, 10**5, 10**9, HIDDEN=7168, LANE_ELEMS=3584, RECORD_ELEMS=7184,
-        BLOCK_H=1024, HAS_WEIGHTS=True, HAS_BIAS0=True, HAS_BIAS1=True, **common)
-    ptx = combine.asm["ptx"]
-    assert "ld.global.cg.v4" in ptx and "st.global.v4" in ptx, "the combine data path is not vectorised"
+        t(bf16), t(f32), t(bf16), t(bf16), t(u8), t(), t(), t(), t(bf16), t(f32), t(i64), 1 << 30, t(i64),
+        8192, t(i64), t(i64), 1, 4096, 12, 342, 16, 2, 8, 10**5, 10**9, HIDDEN=7168, RECORD_ELEMS=7184,
+        BLOCK_H=1024, REDUCE_BLOCK_H=256, HAS_WEIGHTS=True, HAS_BIAS0=True, HAS_BIAS1=True, **common)
+    check(combine, "combine")

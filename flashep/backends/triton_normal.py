@@ -12,15 +12,27 @@ Two symmetric heaps per backend:
   num_worst_tokens <= T_max * R, cached dispatches and combines then fit. Calls without a host sync
   (worst-token and cached dispatch, combine) cannot grow it and raise instead, naming the bytes needed.
 
-Tuning knobs (environment at construction, or the attributes of the same names in lower case):
-FLASHEP_TILE_TOKENS (rows per tile, default 8), FLASHEP_TILE_HIDDEN (2-byte elements per tile row,
-default 1024), FLASHEP_NUM_WARPS (default 8) and FLASHEP_LANES (programs per channel, 1 or 2: with 2 the
-kernels use all `num_sms` SMs, each program moving half of every row; default 2 on GPUs, 1 under the
-interpreter, where programs run one after another), FLASHEP_STAGES (software-pipelining depth of the loops
-over a row's hidden chunks: 1 = none; 2-3 prefetch the next chunk with cp.async).
+Kernel roles: each dispatch and combine launches `num_sms` programs; the first `num_sms - receivers` push
+rows over NVLink and never wait, the others wait for the peers' pushers and copy (dispatch) or reduce
+(combine). The split and the publish interval must be the same on every rank.
+
+Tuning knobs (environment at construction; they must be equal on every rank):
+- FLASHEP_TILE_TOKENS: rows per tile, pushers and receivers (power of two, default 16);
+- FLASHEP_TILE_HIDDEN: 2-byte elements per row chunk of a tile (power of two, default 1024);
+- FLASHEP_NUM_WARPS: warps per program (default 8);
+- FLASHEP_STAGES: software-pipelining depth of the loops over a row's chunks (1: none; 2-3 keep the next
+  chunks' loads in flight through cp.async; default 3 on GPUs). The combine's reduction, which loads one
+  tile per rank and bias per chunk, narrows its chunks so that its stages fit FLASHEP_REDUCE_SMEM bytes
+  of shared memory (default 98304);
+- FLASHEP_RECEIVERS: receiver programs of a dispatch (default num_sms // 3, at least 1, at most
+  num_sms - 1); FLASHEP_COMBINE_RECEIVERS: the same for a combine (default FLASHEP_RECEIVERS);
+- FLASHEP_PUBLISH_TOKENS: tokens (combine: rows) a pusher moves between two progress flags, rounded to
+  whole channels (default 32; 1 = after every channel). Fewer flags keep the NVLink stores streaming
+  (a flag's release waits for the stores before it); more let receivers start earlier and finish sooner.
 """
 from __future__ import annotations
 
+import math
 import os
 from typing import Optional
 
@@ -46,14 +58,14 @@ class TritonNormalBackend(Backend):
         self.num_ranks = buffer.group_size
         self.device = buffer.device
         self.num_nvl_bytes = buffer.num_nvl_bytes
-        self.tile_tokens = _env_power_of_two("FLASHEP_TILE_TOKENS", 8)
+        self.tile_tokens = _env_power_of_two("FLASHEP_TILE_TOKENS", 16)
         self.tile_hidden = _env_power_of_two("FLASHEP_TILE_HIDDEN", 1024)
         self.num_warps = _env_power_of_two("FLASHEP_NUM_WARPS", 8)
-        # software-pipelining depth of the loops over a row's hidden chunks (1: none)
-        self.stages = int(os.environ.get("FLASHEP_STAGES", "1"))
-        self.lanes = _env_power_of_two("FLASHEP_LANES", 1 if self.device.type == "cpu" else kernels.MAX_LANES)
-        if self.lanes > kernels.MAX_LANES:
-            raise ValueError(f"FLASHEP_LANES must be 1 or {kernels.MAX_LANES}, got {self.lanes}")
+        self.stages = _env_int("FLASHEP_STAGES", 3 if self.device.type == "cuda" else 1, minimum=1)
+        self.reduce_smem = _env_int("FLASHEP_REDUCE_SMEM", 96 * 1024, minimum=1)
+        self.receivers = _env_int("FLASHEP_RECEIVERS", None, minimum=1)
+        self.combine_receivers = _env_int("FLASHEP_COMBINE_RECEIVERS", self.receivers, minimum=1)
+        self.publish_tokens = _env_int("FLASHEP_PUBLISH_TOKENS", 32, minimum=1)
         self.signal_layout = _SignalLayout(self.num_ranks)
         self.signal_heap = SymmetricHeap(self.group, self.signal_layout.nbytes, self.device)
         self.data_heap: Optional[SymmetricHeap] = None
@@ -212,13 +224,16 @@ class TritonNormalBackend(Backend):
         num_tokens = x.size(0)
         words = x.view(torch.int32)
         row_words = words.size(1)
-        lane_words = _round_up(-(-row_words // self.lanes), 16)
         num_scales = x_scales.size(1) if x_scales is not None else 0
         scales = x_scales.view(torch.int32) if x_scales is not None else self._dummy[torch.int32]
         num_topk = topk_idx.size(1) if topk_idx is not None else 0
         int32, int64, f32 = (self._dummy[d] for d in (torch.int32, torch.int64, torch.float32))
-        layout = self.signal_layout
-        kernels.ep_dispatch_kernel[(self.lanes * num_channels,)](
+        num_programs = 2 * num_channels
+        pushers = num_programs - _receivers(self.receivers, num_programs)
+        tokens_per_channel = _tokens_per_channel(num_tokens, num_channels)
+        # a pusher moves about tokens_per_channel / pushers tokens of every channel
+        publish_every = _publish_every(self.publish_tokens, tokens_per_channel / pushers, num_channels)
+        kernels.ep_dispatch_kernel[(num_programs,)](
             words, scales, scales.stride(0) if x_scales is not None else 0,
             scales.stride(1) if x_scales is not None else 0,
             topk_idx if topk_idx is not None else int64, topk_weights if topk_weights is not None else f32,
@@ -226,13 +241,13 @@ class TritonNormalBackend(Backend):
             out.x.view(torch.int32), out.scales.view(torch.int32) if out.scales is not None else int32,
             out.topk_idx if out.topk_idx is not None else int64,
             out.topk_weights if out.topk_weights is not None else f32, out.src_idx, send_head,
-            self.data_heap.peer_bases, self._half(), self.signal_heap.peer_bases, layout.dispatch_flags, self.epoch,
-            self.errors.address,
-            self.rank, num_tokens, num_channels, _tokens_per_channel(num_tokens, num_channels), num_local,
+            self.data_heap.peer_bases, self._half(), self.signal_heap.peer_bases, self.signal_layout.dispatch_flags,
+            self.epoch, self.errors.address,
+            self.rank, num_tokens, num_channels, tokens_per_channel, pushers, publish_every, num_local,
             num_scales, num_topk, self._half() // record_bytes, out.x.size(0), wait_budget(),
-            NUM_RANKS=self.num_ranks, R_PAD=self._rank_pad, LANES=self.lanes, ROW_WORDS=row_words,
-            LANE_WORDS=lane_words, RECORD_WORDS=record_bytes // 4, S_PAD=_pow2(num_scales), K_PAD=_pow2(num_topk),
-            BLOCK_T=self.tile_tokens, BLOCK_W=min(max(self.tile_hidden // 2, 16), _pow2(lane_words)), MAX_C=kernels.MAX_CHANNELS,
+            NUM_RANKS=self.num_ranks, R_PAD=self._rank_pad, P_PAD=_pow2(pushers), ROW_WORDS=row_words,
+            RECORD_WORDS=record_bytes // 4, S_PAD=_pow2(num_scales), K_PAD=_pow2(num_topk),
+            BLOCK_T=self.tile_tokens, BLOCK_W=min(max(self.tile_hidden // 2, 16), _pow2(row_words)),
             HAS_SCALES=x_scales is not None, HAS_TOPK=topk_idx is not None, WRITE_SEND_HEAD=write_send_head,
             WORST=worst, USE_TIMER=use_timer(), STAGES=self.stages, num_warps=self.num_warps)
 
@@ -252,22 +267,32 @@ class TritonNormalBackend(Backend):
         combined = torch.empty(num_tokens, hidden, dtype=torch.bfloat16, device=self.device)
         combined_weights = (torch.empty(num_tokens, num_topk, dtype=torch.float32, device=self.device)
                             if topk_weights is not None else None)
-        lane_elems = _round_up(-(-hidden // self.lanes), 32)
+        num_programs = 2 * num_channels
+        pushers = num_programs - _receivers(self.combine_receivers, num_programs)
+        # a pusher moves about (rows from peers) / (channels * pushers) rows of every channel
+        peer_rows = x.size(0) * (self.num_ranks - 1) / self.num_ranks
+        publish_every = _publish_every(self.publish_tokens, peer_rows / (num_channels * pushers), num_channels)
+        block_h = min(max(self.tile_hidden, 32), _pow2(hidden))
+        # the reduction loads a tile per rank and per bias each chunk; its pipeline stages share the budget
+        loads = self.num_ranks + (bias0 is not None) + (bias1 is not None)
+        reduce_block_h = block_h
+        while (self.stages > 1 and reduce_block_h > 64
+               and self.stages * loads * self.tile_tokens * reduce_block_h * 2 > self.reduce_smem):
+            reduce_block_h //= 2
         bf16, f32 = self._dummy[torch.bfloat16], self._dummy[torch.float32]
-        kernels.ep_combine_kernel[(self.lanes * num_channels,)](
+        kernels.ep_combine_kernel[(num_programs,)](
             x, topk_weights if topk_weights is not None else f32, bias0 if bias0 is not None else bf16,
             bias1 if bias1 is not None else bf16, routing.is_token_in_rank.view(torch.uint8), routing.send_head,
-            routing.rank_prefix_matrix, routing.channel_prefix_matrix, routing.recv_channel_prefix_matrix,
+            routing.rank_prefix_matrix, routing.recv_channel_prefix_matrix,
             combined, combined_weights if combined_weights is not None else f32,
             self.data_heap.peer_bases, self._half(), self.signal_heap.peer_bases, self.signal_layout.combine_flags,
             self.epoch, self.errors.address,
-            self.rank, num_tokens, num_channels, _tokens_per_channel(num_tokens, num_channels), num_topk,
-            self._half() // record_bytes, wait_budget(),
-            NUM_RANKS=self.num_ranks, R_PAD=self._rank_pad, LANES=self.lanes, HIDDEN=hidden, LANE_ELEMS=lane_elems,
-            RECORD_ELEMS=record_bytes // 2, K_PAD=_pow2(num_topk), BLOCK_T=self.tile_tokens,
-            BLOCK_H=min(max(self.tile_hidden, 32), _pow2(lane_elems)), MAX_C=kernels.MAX_CHANNELS,
-            HAS_WEIGHTS=topk_weights is not None, HAS_BIAS0=bias0 is not None, HAS_BIAS1=bias1 is not None,
-            USE_TIMER=use_timer(), STAGES=self.stages, num_warps=self.num_warps)
+            self.rank, num_tokens, num_channels, _tokens_per_channel(num_tokens, num_channels), pushers,
+            publish_every, num_topk, self._half() // record_bytes, wait_budget(),
+            NUM_RANKS=self.num_ranks, R_PAD=self._rank_pad, P_PAD=_pow2(pushers), HIDDEN=hidden,
+            RECORD_ELEMS=record_bytes // 2, K_PAD=_pow2(num_topk), BLOCK_T=self.tile_tokens, BLOCK_H=block_h,
+            REDUCE_BLOCK_H=reduce_block_h, HAS_WEIGHTS=topk_weights is not None, HAS_BIAS0=bias0 is not None,
+            HAS_BIAS1=bias1 is not None, USE_TIMER=use_timer(), STAGES=self.stages, num_warps=self.num_warps)
         self.epoch.add_(1)
         return combined, combined_weights
 
@@ -288,7 +313,7 @@ class _SignalLayout:
 
     def __init__(self, num_ranks: int):
         slot_ints = kernels.MAX_CHANNELS + kernels.MAX_LOCAL_EXPERTS + num_ranks + 1
-        flags_per_kind = num_ranks * kernels.MAX_CHANNELS * kernels.MAX_LANES * 8
+        flags_per_kind = num_ranks * kernels.MAX_PUSHERS * 8
         layout = Layout()
         self.notify_flags = layout.add("notify_flags", num_ranks * 8)
         self.dispatch_flags = layout.add("dispatch_flags", flags_per_kind)
@@ -356,6 +381,32 @@ def _pow2(n: int) -> int:
 
 def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
+
+
+def _receivers(knob: Optional[int], num_programs: int) -> int:
+    """Receiver programs of a launch: the knob (default a third), leaving at least one pusher."""
+    wanted = knob if knob is not None else num_programs // 3
+    return min(max(1, wanted), num_programs - 1)
+
+
+def _publish_every(publish_tokens: int, per_channel: float, num_channels: int) -> int:
+    """Channels between two progress flags of a pusher that moves `per_channel` tokens of each channel."""
+    if per_channel <= 0:
+        return num_channels
+    return min(num_channels, max(1, math.ceil(publish_tokens / per_channel)))
+
+
+def _env_int(name: str, default: Optional[int], minimum: int) -> Optional[int]:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return default
+    try:
+        number = int(value)
+    except ValueError:
+        raise ValueError(f"{name} must be an integer, got {value!r}") from None
+    if number < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {number}")
+    return number
 
 
 def _env_power_of_two(name: str, default: int) -> int:

@@ -4,25 +4,29 @@ Kernels (profilers find them by name: exactly one name holds "notify", one "disp
 - `ep_layout_kernel`: per-rank and per-expert counts and `is_token_in_rank` from `topk_idx`.
 - `ep_notify_kernel`: one program; sends every peer its per-channel token counts, the counts for its
   experts, its send totals and its token count, waits for every peer's, and builds the routing.
-- `ep_dispatch_kernel`, `ep_combine_kernel`: LANES programs per channel (grid = LANES * num_sms / 2).
-  Program p serves channel p // LANES and hidden lane p % LANES (with 2 lanes the programs of a channel
-  move the two halves of each row; lane 0 also moves the small per-row fields). Every program first
-  publishes "epoch e, 0 rows" to every peer, then repeats rounds: push one tile of its rows to every
-  peer that needs it (NVLink stores at their final places, then a progress flag), then take the next
-  tile from every peer whose rows arrived (non-blocking while it still has rows to push, blocking
-  after). So all programs drive NVLink and the local copy / reduction keeps pace with it. Pushes never
-  wait, so the kernels cannot deadlock as long as every rank runs them (a wait only depends on the same
-  program id on a peer, whose pushes only follow its lower program ids; that also holds when the
-  interpreter runs programs one after another).
+- `ep_dispatch_kernel`, `ep_combine_kernel`: `num_sms` programs in two roles. Programs
+  [0, num_pushers) are pushers: they stream rows over NVLink to their final places and never wait.
+  The others are receivers: they wait for peers' pushers and copy (dispatch) or reduce (combine).
+  Pushers have the lower program ids, so they are scheduled first on a GPU and run first under the
+  interpreter (which runs programs one after another): a wait never depends on a program that can only
+  run after the waiting one.
 
-Flags hold `(epoch << 32) | rows`. Every program observes every peer's flag of the current epoch, even
-when no rows flow, which keeps peers at most one operation apart (docs/design.md, "Symmetric heap and
-signalling"); data lives in half `epoch % 2` of the data heap.
+Work is ordered by channel (a channel is the token range of the handle's routing, `num_channels =
+num_sms // 2`): pushers take the tiles of channel 0, then channel 1, ..., dealt round-robin (tile g goes to
+pusher g % num_pushers, counting on across channels so that every pusher gets the same share). A
+pusher publishes `(epoch << 32) | channels it finished` to every peer after every `publish_every`
+channels and at the end: one CTA barrier and one release atomic per peer, rarely, so its stores stream.
+Receivers deal the tiles of the receive side round-robin in the same channel order and wait, per
+channel, until every pusher of the peers they need has passed it: one vector of acquire atomics over
+(source, pusher) flags. So all pushers of a rank move through the channels together and the receivers
+follow a channel behind. At the end every receiver sees every peer's final flag of the epoch, which
+keeps peers at most one operation apart (docs/design.md, "Symmetric heap and signalling"); data lives in
+half `epoch % 2` of the data heap.
 
 Heap regions (byte offsets from the backend):
-- signal heap: notify flags int64[R] (one per source), dispatch flags int64[R, MAX_CHANNELS, 2]
-  (source, channel, lane), combine flags int64[R, MAX_CHANNELS, 2] (sender, channel, lane), notify
-  slots int32[R, MAX_CHANNELS + MAX_LOCAL_EXPERTS + R + 1] (one per source).
+- signal heap: notify flags int64[R] (one per source), dispatch flags int64[R, MAX_PUSHERS] (source
+  rank, pusher), combine flags int64[R, MAX_PUSHERS] (sender rank, pusher), notify slots
+  int32[R, MAX_CHANNELS + MAX_LOCAL_EXPERTS + R + 1] (one per source).
 - data heap, per half, one record per row. Dispatch record (4-byte words): the row, its scales, top-k
   ids, top-k weights (float bits), source token index. Combine record: the bf16 row, then the float32
   weights.
@@ -32,14 +36,16 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .sync import PHASE_COMBINE, PHASE_DISPATCH, PHASE_NOTIFY, load_acquire, record_timeout, signal, wait_ge
+from .sync import PHASE_COMBINE, PHASE_DISPATCH, PHASE_NOTIFY, now_ns, record_timeout, signal, wait_ge
 
 MAX_CHANNELS = 128  # num_sms <= 256
+MAX_PUSHERS = 2 * MAX_CHANNELS  # at most num_sms - 1 programs push
 MAX_LOCAL_EXPERTS = 1024
-MAX_LANES = 2  # programs per channel
 RECORD_ALIGN = 64  # bytes; keeps record strides divisible by 16 elements for vectorised access
+SCAN_TOKENS = 256  # tokens per step when a pusher counts the earlier tokens of its channel
 
-_max_lanes = tl.constexpr(MAX_LANES)
+_max_pushers = tl.constexpr(MAX_PUSHERS)
+_scan_tokens = tl.constexpr(SCAN_TOKENS)
 _phase_dispatch = tl.constexpr(PHASE_DISPATCH)
 _phase_combine = tl.constexpr(PHASE_COMBINE)
 _phase_notify = tl.constexpr(PHASE_NOTIFY)
@@ -65,35 +71,50 @@ def _publish(flag_ptrs, values, mask):
 
 
 @triton.jit
-def _rows_arrived(value, e):
-    """Rows published in a flag for epoch e; a later epoch means the peer already finished epoch e."""
-    rows = (value & 0xFFFFFFFF).to(tl.int32)
-    return tl.where((value >> 32) > e, 0x7FFFFFFF, rows)
+def _channels_done(values, e, num_channels):
+    """Channels a pusher finished in epoch e, from its flag: an older epoch means none yet, a later one
+    that the pusher already finished epoch e."""
+    epoch = values >> 32
+    done = tl.where(epoch > e, num_channels, (values & 0xFFFFFFFF).to(tl.int32))
+    return tl.where(epoch < e, 0, done)
 
 
 @triton.jit
-def _poll(flag_ptr, e, need, arrived, failed, blocking, err_ptr, phase, rank, peer, budget, USE_TIMER: tl.constexpr):
-    """Refresh `arrived` (rows the peer published for epoch e, -1 before its first flag of e) unless it
-    already covers `need`. Blocking polls wait (bounded) and record a timeout. -> (arrived, failed)."""
-    if (arrived < need) & (failed == 0):
-        target = (e << 32) | need.to(tl.int64)
-        if blocking:
-            value = wait_ge(flag_ptr, target, budget, USE_TIMER)
-            if value < target:
-                record_timeout(err_ptr, phase, rank, peer)
-                failed = 1
-        else:
-            value = load_acquire(flag_ptr)
-        if (value >= (e << 32)) & (failed == 0):
-            arrived = _rows_arrived(value, e)
-    return arrived, failed
+def _wait_channels(flag_ptrs, flag_ok, needed, channel, ready, e, num_channels, failed, err_ptr, phase, rank, budget,
+                   R_PAD: tl.constexpr, USE_TIMER: tl.constexpr):
+    """Wait (bounded) until every pusher of every source in `needed` finished `channel`.
+    flag_ptrs [R_PAD, P_PAD]: the flags of (source, pusher) here; `flag_ok` marks the real ones; `ready`
+    [R_PAD]: channels every pusher of a source finished, as last seen. A timeout is recorded in the
+    error word, naming the first source behind. -> (ready, failed)"""
+    ranks = tl.arange(0, R_PAD)
+    behind = needed & (ready <= channel)
+    if (tl.max(behind.to(tl.int32), axis=0) > 0) & (failed == 0):
+        start = now_ns(USE_TIMER)
+        spins = 0
+        alive = True
+        while (tl.max(behind.to(tl.int32), axis=0) > 0) & alive:
+            values = tl.atomic_add(flag_ptrs, 0, mask=flag_ok & behind[:, None], sem="acquire", scope="sys")
+            done = tl.min(tl.where(flag_ok, _channels_done(values, e, num_channels), num_channels), axis=1)
+            ready = tl.where(behind, done, ready)
+            behind = needed & (ready <= channel)
+            spins += 1
+            if USE_TIMER:
+                alive = (now_ns(USE_TIMER) - start) < budget
+            else:
+                alive = spins < budget
+        tl.debug_barrier()  # threads that did not acquire read the rows only after those that did
+        if tl.max(behind.to(tl.int32), axis=0) > 0:
+            record_timeout(err_ptr, phase, rank, tl.min(tl.where(behind, ranks, R_PAD), axis=0))
+            failed = 1
+    return ready, failed
 
 
 @triton.jit
 def _peer_blocks(rank_prefix_ptr, recv_prefix_ptr, rank, channel, num_channels, NUM_RANKS: tl.constexpr,
                  R_PAD: tl.constexpr):
-    """For every rank p, the rows p sends to `rank` in `channel`: (count, first row in rank's receive
-    order, first slot in p's combine region for these rows when they come back), as [R_PAD] vectors."""
+    """For every rank p, the rows p sends to `rank` in p's channel `channel`: (count, first row in rank's
+    receive order, first slot in p's combine region for these rows when they come back), as [R_PAD]
+    vectors."""
     peers = tl.arange(0, R_PAD)
     valid = peers < NUM_RANKS
     prev = tl.load(rank_prefix_ptr + (peers - 1) * NUM_RANKS + rank, mask=valid & (peers > 0), other=0)
@@ -242,38 +263,46 @@ def ep_notify_kernel(in_rank_ptr, expert_counts_ptr, signal_bases_ptr, notify_fl
 
 # ---------------------------------------------------------------- dispatch
 @triton.jit
-def _dispatch_send_tile(start, last, sent, prev_channel, block_start, out_flags, peer_ok, e, half_offset, lane,
+def _dispatch_push_tile(start, channel_begin, channel_end, channel_prefix, block_start, half_offset,
                         x_ptr, scales_ptr, scale_stride_t, scale_stride_s, topk_ptr, weights_ptr, in_rank_ptr,
                         recv_x_ptr, recv_scales_ptr, recv_topk_ptr, recv_weights_ptr, recv_src_ptr, send_head_ptr,
                         data_bases_ptr, rank, num_local_experts, num_scales, num_topk, capacity, num_out_rows,
                         NUM_RANKS: tl.constexpr, R_PAD: tl.constexpr, ROW_WORDS: tl.constexpr,
-                        LANE_WORDS: tl.constexpr, RECORD_WORDS: tl.constexpr, S_PAD: tl.constexpr,
-                        K_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_W: tl.constexpr,
-                        HAS_SCALES: tl.constexpr, HAS_TOPK: tl.constexpr, WRITE_SEND_HEAD: tl.constexpr,
-                        STAGES: tl.constexpr):
-    """Push tokens [start, start + BLOCK_T) of this channel, each loaded once: the lane's columns to every
-    destination, lane 0 also the per-row fields; then publish the rows sent so far to every peer. Rows
-    for this rank go straight into the output tensors. -> new `sent`."""
+                        RECORD_WORDS: tl.constexpr, S_PAD: tl.constexpr, K_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
+                        BLOCK_W: tl.constexpr, HAS_SCALES: tl.constexpr, HAS_TOPK: tl.constexpr,
+                        WRITE_SEND_HEAD: tl.constexpr, STAGES: tl.constexpr):
+    """Push tokens [start, start + BLOCK_T) of a channel, each loaded once, to every destination at its final
+    row; rows for this rank go straight into the output tensors. A token's position among the tokens sent
+    to j comes from `send_head` (cached dispatch) or is counted and written there."""
     ranks = tl.arange(0, R_PAD)
+    rank_ok = ranks < NUM_RANKS
     toks = start + tl.arange(0, BLOCK_T)
-    tok_ok = toks < last
-    tile_ok = tok_ok[:, None] & (ranks < NUM_RANKS)[None, :]
+    tok_ok = toks < channel_end
+    tile_ok = tok_ok[:, None] & rank_ok[None, :]
     toks64 = toks.to(tl.int64)
-    chosen = tl.load(in_rank_ptr + toks64[:, None] * NUM_RANKS + ranks[None, :], mask=tile_ok, other=0).to(tl.int32)
-    # rank of each token among the tokens sent to j: an inclusive prefix over the tile's tokens, as a
-    # masked sum (tl.cumsum's lowering fails on some tiny tiles in Triton 3.6)
-    earlier = (tl.arange(0, BLOCK_T)[None, :] <= tl.arange(0, BLOCK_T)[:, None]).to(tl.int32)
-    pos = prev_channel[None, :] + sent[None, :] + tl.sum(earlier[:, :, None] * chosen[None, :, :], axis=1) - 1
-    sent += tl.sum(chosen, axis=0)
+    offsets = toks64[:, None] * NUM_RANKS + ranks[None, :]
+    chosen = tl.load(in_rank_ptr + offsets, mask=tile_ok, other=0).to(tl.int32)
     if WRITE_SEND_HEAD:
-        if lane == 0:
-            tl.store(send_head_ptr + toks64[:, None] * NUM_RANKS + ranks[None, :], tl.where(chosen != 0, pos, -1),
-                     mask=tile_ok)
+        # the channel's earlier tokens to j, then an inclusive prefix over the tile's tokens as a masked sum
+        # (tl.cumsum's lowering fails on some tiny tiles in Triton 3.6)
+        before = channel_prefix
+        scan = channel_begin
+        while scan < start:
+            scan_toks = scan + tl.arange(0, _scan_tokens)
+            scan_ok = (scan_toks < start)[:, None] & rank_ok[None, :]
+            seen = tl.load(in_rank_ptr + scan_toks[:, None].to(tl.int64) * NUM_RANKS + ranks[None, :], mask=scan_ok,
+                           other=0)
+            before += tl.sum(seen.to(tl.int32), axis=0)
+            scan += _scan_tokens
+        earlier = (tl.arange(0, BLOCK_T)[None, :] <= tl.arange(0, BLOCK_T)[:, None]).to(tl.int32)
+        pos = before[None, :] + tl.sum(earlier[:, :, None] * chosen[None, :, :], axis=1) - 1
+        tl.store(send_head_ptr + offsets, tl.where(chosen != 0, pos, -1), mask=tile_ok)
+    else:
+        pos = tl.load(send_head_ptr + offsets, mask=tile_ok, other=0)
     rows = block_start[None, :] + pos  # final row on destination j
-    col_begin = lane * LANE_WORDS
-    for c0 in tl.range(0, LANE_WORDS, BLOCK_W, num_stages=STAGES):
-        cols = col_begin + c0 + tl.arange(0, BLOCK_W)
-        col_ok = (cols < col_begin + LANE_WORDS) & (cols < ROW_WORDS)
+    for c0 in tl.range(0, ROW_WORDS, BLOCK_W, num_stages=STAGES):
+        cols = c0 + tl.arange(0, BLOCK_W)
+        col_ok = cols < ROW_WORDS
         data = tl.load(x_ptr + toks64[:, None] * ROW_WORDS + cols[None, :], mask=tok_ok[:, None] & col_ok[None, :])
         for step in tl.static_range(NUM_RANKS):  # self first, then the peers in ring order (spreads the links)
             dst = (rank + step) % NUM_RANKS
@@ -288,90 +317,85 @@ def _dispatch_send_tile(start, last, sent, prev_channel, block_start, out_flags,
                 region = tl.multiple_of(region, 16)
                 tl.store(region + dst_rows[:, None] * RECORD_WORDS + cols[None, :], data,
                          mask=dst_ok & (dst_rows < capacity)[:, None])
-    if lane == 0:
-        ks = tl.arange(0, K_PAD)
-        k_ok = tok_ok[:, None] & (ks < num_topk)[None, :]
-        ss = tl.arange(0, S_PAD)
-        s_ok = tok_ok[:, None] & (ss < num_scales)[None, :]
-        if HAS_TOPK:
-            ids = tl.load(topk_ptr + toks64[:, None] * num_topk + ks[None, :], mask=k_ok, other=-1).to(tl.int32)
-            weights = tl.load(weights_ptr + toks64[:, None] * num_topk + ks[None, :], mask=k_ok, other=0.0)
-            local, local_weights = _localize(ids, weights, rank, num_local_experts)
-        if HAS_SCALES:
-            scales = tl.load(scales_ptr + toks64[:, None] * scale_stride_t + ss[None, :] * scale_stride_s, mask=s_ok)
-        for step in tl.static_range(NUM_RANKS):
-            dst = (rank + step) % NUM_RANKS
-            pick = ranks[None, :] == dst
-            dst_rows = tl.sum(tl.where(pick, rows, 0), axis=1).to(tl.int64)
-            row_ok = tl.sum(tl.where(pick, chosen, 0), axis=1) != 0
-            if step == 0:
-                row_ok = row_ok & (dst_rows < num_out_rows)
-                tl.store(recv_src_ptr + dst_rows, toks, mask=row_ok)
-                if HAS_TOPK:
-                    tl.store(recv_topk_ptr + dst_rows[:, None] * num_topk + ks[None, :],
-                             local.to(recv_topk_ptr.dtype.element_ty), mask=row_ok[:, None] & k_ok)
-                    tl.store(recv_weights_ptr + dst_rows[:, None] * num_topk + ks[None, :], local_weights,
-                             mask=row_ok[:, None] & k_ok)
-                if HAS_SCALES:
-                    tl.store(recv_scales_ptr + dst_rows[:, None] * num_scales + ss[None, :], scales,
-                             mask=row_ok[:, None] & s_ok)
-            else:
-                row_ok = row_ok & (dst_rows < capacity)
-                region = (tl.load(data_bases_ptr + dst) + half_offset).to(tl.pointer_type(tl.int32))
-                record = region + dst_rows * RECORD_WORDS + ROW_WORDS
-                if HAS_SCALES:
-                    tl.store(record[:, None] + ss[None, :], scales, mask=row_ok[:, None] & s_ok)
-                record += num_scales
-                if HAS_TOPK:
-                    tl.store(record[:, None] + ks[None, :], ids, mask=row_ok[:, None] & k_ok)
-                    tl.store(record[:, None] + num_topk + ks[None, :], weights.to(tl.int32, bitcast=True),
-                             mask=row_ok[:, None] & k_ok)
-                tl.store(record + 2 * num_topk, toks, mask=row_ok)
-    _publish(out_flags, (e << 32) | sent.to(tl.int64), peer_ok)
-    return sent
+    ks = tl.arange(0, K_PAD)
+    k_ok = tok_ok[:, None] & (ks < num_topk)[None, :]
+    ss = tl.arange(0, S_PAD)
+    s_ok = tok_ok[:, None] & (ss < num_scales)[None, :]
+    if HAS_TOPK:
+        ids = tl.load(topk_ptr + toks64[:, None] * num_topk + ks[None, :], mask=k_ok, other=-1).to(tl.int32)
+        weights = tl.load(weights_ptr + toks64[:, None] * num_topk + ks[None, :], mask=k_ok, other=0.0)
+        local, local_weights = _localize(ids, weights, rank, num_local_experts)
+    if HAS_SCALES:
+        scales = tl.load(scales_ptr + toks64[:, None] * scale_stride_t + ss[None, :] * scale_stride_s, mask=s_ok)
+    for step in tl.static_range(NUM_RANKS):
+        dst = (rank + step) % NUM_RANKS
+        pick = ranks[None, :] == dst
+        dst_rows = tl.sum(tl.where(pick, rows, 0), axis=1).to(tl.int64)
+        row_ok = tl.sum(tl.where(pick, chosen, 0), axis=1) != 0
+        if step == 0:
+            row_ok = row_ok & (dst_rows < num_out_rows)
+            tl.store(recv_src_ptr + dst_rows, toks, mask=row_ok)
+            if HAS_TOPK:
+                tl.store(recv_topk_ptr + dst_rows[:, None] * num_topk + ks[None, :],
+                         local.to(recv_topk_ptr.dtype.element_ty), mask=row_ok[:, None] & k_ok)
+                tl.store(recv_weights_ptr + dst_rows[:, None] * num_topk + ks[None, :], local_weights,
+                         mask=row_ok[:, None] & k_ok)
+            if HAS_SCALES:
+                tl.store(recv_scales_ptr + dst_rows[:, None] * num_scales + ss[None, :], scales,
+                         mask=row_ok[:, None] & s_ok)
+        else:
+            row_ok = row_ok & (dst_rows < capacity)
+            region = (tl.load(data_bases_ptr + dst) + half_offset).to(tl.pointer_type(tl.int32))
+            record = region + dst_rows * RECORD_WORDS + ROW_WORDS
+            if HAS_SCALES:
+                tl.store(record[:, None] + ss[None, :], scales, mask=row_ok[:, None] & s_ok)
+            record += num_scales
+            if HAS_TOPK:
+                tl.store(record[:, None] + ks[None, :], ids, mask=row_ok[:, None] & k_ok)
+                tl.store(record[:, None] + num_topk + ks[None, :], weights.to(tl.int32, bitcast=True),
+                         mask=row_ok[:, None] & k_ok)
+            tl.store(record + 2 * num_topk, toks, mask=row_ok)
 
 
 @triton.jit
-def _dispatch_copy_tile(row0, begin, end, region, lane, recv_x_ptr, recv_scales_ptr, recv_topk_ptr, recv_weights_ptr,
+def _dispatch_copy_tile(begin, end, region, recv_x_ptr, recv_scales_ptr, recv_topk_ptr, recv_weights_ptr,
                         recv_src_ptr, rank, num_local_experts, num_scales, num_topk, capacity, num_out_rows,
-                        ROW_WORDS: tl.constexpr, LANE_WORDS: tl.constexpr, RECORD_WORDS: tl.constexpr,
-                        S_PAD: tl.constexpr, K_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_W: tl.constexpr,
-                        HAS_SCALES: tl.constexpr, HAS_TOPK: tl.constexpr, STAGES: tl.constexpr):
-    """Copy received rows row0 + [begin, end) from the local receive region into the outputs."""
-    idx = begin + tl.arange(0, BLOCK_T)
-    rows = row0 + idx
-    row_ok = (idx < end) & (rows < capacity) & (rows < num_out_rows)
+                        ROW_WORDS: tl.constexpr, RECORD_WORDS: tl.constexpr, S_PAD: tl.constexpr,
+                        K_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_W: tl.constexpr, HAS_SCALES: tl.constexpr,
+                        HAS_TOPK: tl.constexpr, STAGES: tl.constexpr):
+    """Copy received rows [begin, min(begin + BLOCK_T, end)) from the local receive region into the outputs
+    (the row index is the same in both), rewriting top-k ids to local ones."""
+    rows = begin + tl.arange(0, BLOCK_T)
+    row_ok = (rows < end) & (rows < capacity) & (rows < num_out_rows)
     rows64 = rows.to(tl.int64)
-    col_begin = lane * LANE_WORDS
-    for c0 in tl.range(0, LANE_WORDS, BLOCK_W, num_stages=STAGES):
-        cols = col_begin + c0 + tl.arange(0, BLOCK_W)
-        ok = row_ok[:, None] & ((cols < col_begin + LANE_WORDS) & (cols < ROW_WORDS))[None, :]
+    for c0 in tl.range(0, ROW_WORDS, BLOCK_W, num_stages=STAGES):
+        cols = c0 + tl.arange(0, BLOCK_W)
+        ok = row_ok[:, None] & (cols < ROW_WORDS)[None, :]
         data = tl.load(region + rows64[:, None] * RECORD_WORDS + cols[None, :], mask=ok, cache_modifier=".cg")
         tl.store(recv_x_ptr + rows64[:, None] * ROW_WORDS + cols[None, :], data, mask=ok)
-    if lane == 0:
-        record = region + rows64 * RECORD_WORDS + ROW_WORDS
-        if HAS_SCALES:
-            ss = tl.arange(0, S_PAD)
-            s_ok = row_ok[:, None] & (ss < num_scales)[None, :]
-            scales = tl.load(record[:, None] + ss[None, :], mask=s_ok, cache_modifier=".cg")
-            tl.store(recv_scales_ptr + rows64[:, None] * num_scales + ss[None, :], scales, mask=s_ok)
-        record += num_scales
-        if HAS_TOPK:
-            ks = tl.arange(0, K_PAD)
-            k_ok = row_ok[:, None] & (ks < num_topk)[None, :]
-            ids = tl.load(record[:, None] + ks[None, :], mask=k_ok, other=-1, cache_modifier=".cg")
-            bits = tl.load(record[:, None] + num_topk + ks[None, :], mask=k_ok, other=0, cache_modifier=".cg")
-            local, weights = _localize(ids, bits.to(tl.float32, bitcast=True), rank, num_local_experts)
-            tl.store(recv_topk_ptr + rows64[:, None] * num_topk + ks[None, :],
-                     local.to(recv_topk_ptr.dtype.element_ty), mask=k_ok)
-            tl.store(recv_weights_ptr + rows64[:, None] * num_topk + ks[None, :], weights, mask=k_ok)
-        src_idx = tl.load(record + 2 * num_topk, mask=row_ok, cache_modifier=".cg")
-        tl.store(recv_src_ptr + rows64, src_idx, mask=row_ok)
+    record = region + rows64 * RECORD_WORDS + ROW_WORDS
+    if HAS_SCALES:
+        ss = tl.arange(0, S_PAD)
+        s_ok = row_ok[:, None] & (ss < num_scales)[None, :]
+        scales = tl.load(record[:, None] + ss[None, :], mask=s_ok, cache_modifier=".cg")
+        tl.store(recv_scales_ptr + rows64[:, None] * num_scales + ss[None, :], scales, mask=s_ok)
+    record += num_scales
+    if HAS_TOPK:
+        ks = tl.arange(0, K_PAD)
+        k_ok = row_ok[:, None] & (ks < num_topk)[None, :]
+        ids = tl.load(record[:, None] + ks[None, :], mask=k_ok, other=-1, cache_modifier=".cg")
+        bits = tl.load(record[:, None] + num_topk + ks[None, :], mask=k_ok, other=0, cache_modifier=".cg")
+        local, weights = _localize(ids, bits.to(tl.float32, bitcast=True), rank, num_local_experts)
+        tl.store(recv_topk_ptr + rows64[:, None] * num_topk + ks[None, :], local.to(recv_topk_ptr.dtype.element_ty),
+                 mask=k_ok)
+        tl.store(recv_weights_ptr + rows64[:, None] * num_topk + ks[None, :], weights, mask=k_ok)
+    src_idx = tl.load(record + 2 * num_topk, mask=row_ok, cache_modifier=".cg")
+    tl.store(recv_src_ptr + rows64, src_idx, mask=row_ok)
 
 
 DISPATCH_NO_SPECIALIZE = ["scale_stride_t", "scale_stride_s", "rank", "num_tokens", "num_channels",
-                          "tokens_per_channel", "num_local_experts", "num_scales", "num_topk", "capacity",
-                          "num_out_rows", "budget"]
+                          "tokens_per_channel", "num_pushers", "publish_every", "num_local_experts", "num_scales",
+                          "num_topk", "capacity", "num_out_rows", "budget"]
 
 
 @triton.jit(do_not_specialize=DISPATCH_NO_SPECIALIZE)
@@ -379,169 +403,139 @@ def ep_dispatch_kernel(x_ptr, scales_ptr, scale_stride_t, scale_stride_s, topk_p
                        rank_prefix_ptr, send_prefix_ptr, recv_prefix_ptr,
                        recv_x_ptr, recv_scales_ptr, recv_topk_ptr, recv_weights_ptr, recv_src_ptr, send_head_ptr,
                        data_bases_ptr, half_bytes, signal_bases_ptr, flags_offset, epoch_ptr, err_addr_ptr,
-                       rank, num_tokens, num_channels, tokens_per_channel, num_local_experts, num_scales, num_topk,
-                       capacity, num_out_rows, budget,
-                       NUM_RANKS: tl.constexpr, R_PAD: tl.constexpr, LANES: tl.constexpr, ROW_WORDS: tl.constexpr,
-                       LANE_WORDS: tl.constexpr, RECORD_WORDS: tl.constexpr, S_PAD: tl.constexpr,
-                       K_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_W: tl.constexpr, MAX_C: tl.constexpr,
-                       HAS_SCALES: tl.constexpr, HAS_TOPK: tl.constexpr, WRITE_SEND_HEAD: tl.constexpr,
-                       WORST: tl.constexpr, USE_TIMER: tl.constexpr, STAGES: tl.constexpr):
-    """Rows are 4-byte words (`x_ptr`/`recv_x_ptr` are int32 views). Row j of the receive order sits at
-    the same index in the receive region and in `recv_x`."""
+                       rank, num_tokens, num_channels, tokens_per_channel, num_pushers, publish_every,
+                       num_local_experts, num_scales, num_topk, capacity, num_out_rows, budget,
+                       NUM_RANKS: tl.constexpr, R_PAD: tl.constexpr, P_PAD: tl.constexpr, ROW_WORDS: tl.constexpr,
+                       RECORD_WORDS: tl.constexpr, S_PAD: tl.constexpr, K_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
+                       BLOCK_W: tl.constexpr, HAS_SCALES: tl.constexpr, HAS_TOPK: tl.constexpr,
+                       WRITE_SEND_HEAD: tl.constexpr, WORST: tl.constexpr, USE_TIMER: tl.constexpr,
+                       STAGES: tl.constexpr):
+    """Rows are 4-byte words (`x_ptr`/`recv_x_ptr` are int32 views). Row i of the receive order sits at the
+    same index in the receive region and in `recv_x`. Pushers: tiles of this rank's tokens. Receivers:
+    tiles of the rows each peer sends here, per channel of that peer."""
     pid = tl.program_id(0)
-    channel = pid // LANES
-    lane = pid % LANES
     e = tl.load(epoch_ptr) + 1
     half_offset = (e % 2) * half_bytes
     ranks = tl.arange(0, R_PAD)
     rank_ok = ranks < NUM_RANKS
     peer_ok = rank_ok & (ranks != rank)
-    err_ptr = tl.load(err_addr_ptr).to(tl.pointer_type(tl.int32))
-    failed = tl.load(err_ptr + 3, volatile=True)
     zero = tl.full((), 0, tl.int32)
-    # this program's flag (source rank, channel, lane) on every peer
-    my_flag = flags_offset + ((rank * MAX_C + channel) * _max_lanes + lane) * 8
-    out_flags = (tl.load(signal_bases_ptr + ranks, mask=rank_ok, other=0) + my_flag).to(tl.pointer_type(tl.int64))
-    _publish(out_flags, tl.zeros([R_PAD], tl.int64) + (e << 32), peer_ok)  # epoch e, no rows yet
-
-    # ---- push state: this channel's tokens, in order
-    first = channel * tokens_per_channel
-    last = tl.minimum(first + tokens_per_channel, num_tokens)
-    prev_channel = tl.load(send_prefix_ptr + ranks * num_channels + channel - 1, mask=rank_ok & (channel > 0),
-                           other=0)
-    block_start = tl.load(rank_prefix_ptr + (rank - 1) * NUM_RANKS + ranks, mask=rank_ok & (rank > 0), other=0)
-    sent = tl.zeros([R_PAD], tl.int32)
-    next_token = first
-
-    # ---- receive state: channel `channel` of every peer, peers in ring order
-    region = _heap_ptr(data_bases_ptr, rank, half_offset, tl.int32, 16)
-    flags = _heap_ptr(signal_bases_ptr, rank, flags_offset, tl.int64, 8)
-    if WORST:  # rows past the valid prefix: top-k -1 and source index -1
-        num_valid = tl.load(rank_prefix_ptr + (NUM_RANKS - 1) * NUM_RANKS + rank)
-        ks = tl.arange(0, K_PAD)
-        r0 = num_valid + pid * BLOCK_T
-        while r0 < num_out_rows:
-            tail = r0 + tl.arange(0, BLOCK_T)
-            tail_ok = tail < num_out_rows
-            tl.store(recv_src_ptr + tail, -1, mask=tail_ok)
-            if HAS_TOPK:
-                tl.store(recv_topk_ptr + tail[:, None].to(tl.int64) * num_topk + ks[None, :],
-                         tl.full([BLOCK_T, K_PAD], -1, recv_topk_ptr.dtype.element_ty),
-                         mask=tail_ok[:, None] & (ks < num_topk)[None, :])
-            r0 += LANES * num_channels * BLOCK_T
-    count, row0, _ = _peer_blocks(rank_prefix_ptr, recv_prefix_ptr, rank, channel, num_channels, NUM_RANKS, R_PAD)
-    copied = tl.zeros([R_PAD], tl.int32)
-    arrived = tl.where(peer_ok, -1, 0x7FFFFFFF)  # rows each peer published (-1: no flag of epoch e yet)
-
-    # each round: push one tile, then take the next tile of every peer that has one ready (all, once
-    # nothing is left to push); a peer is done when its rows are copied and its epoch-e flag was seen
-    while (next_token < last) | (tl.sum((peer_ok & ((copied < count) | (arrived < count))).to(tl.int32), axis=0) > 0):
-        if next_token < last:
-            sent = _dispatch_send_tile(
-                next_token, last, sent, prev_channel, block_start, out_flags, peer_ok, e, half_offset, lane,
-                x_ptr, scales_ptr, scale_stride_t, scale_stride_s, topk_ptr, weights_ptr, in_rank_ptr,
-                recv_x_ptr, recv_scales_ptr, recv_topk_ptr, recv_weights_ptr, recv_src_ptr, send_head_ptr,
-                data_bases_ptr, rank, num_local_experts, num_scales, num_topk, capacity, num_out_rows,
-                NUM_RANKS, R_PAD, ROW_WORDS, LANE_WORDS, RECORD_WORDS, S_PAD, K_PAD, BLOCK_T, BLOCK_W,
-                HAS_SCALES, HAS_TOPK, WRITE_SEND_HEAD, STAGES)
-            next_token += BLOCK_T
-        blocking = next_token >= last  # nothing left to push: wait for the peers
-        step = zero + 1
-        while step < NUM_RANKS:
-            src = (rank + step) % NUM_RANKS
-            pick = ranks == src
-            src_count = tl.sum(tl.where(pick, count, 0), axis=0)
-            src_copied = tl.sum(tl.where(pick, copied, 0), axis=0)
-            src_arrived = tl.sum(tl.where(pick, arrived, 0), axis=0)
-            if ((src_copied < src_count) | (src_arrived < src_count)) & (failed == 0):
-                need = tl.minimum(src_count, src_copied + BLOCK_T)
-                src_arrived, failed = _poll(flags + (src * MAX_C + channel) * _max_lanes + lane, e, need, src_arrived,
-                                            failed, blocking, err_ptr, _phase_dispatch, rank, src, budget, USE_TIMER)
-                if (src_arrived >= need) & (need > src_copied) & (failed == 0):
-                    _dispatch_copy_tile(tl.sum(tl.where(pick, row0, 0), axis=0), src_copied, need, region, lane,
+    channel = zero
+    first_tile = zero  # round-robin index of the current channel's first tile
+    if pid < num_pushers:
+        # this pusher's flag (source rank, pusher) on every peer
+        my_flag = flags_offset + (rank * _max_pushers + pid) * 8
+        out_flags = (tl.load(signal_bases_ptr + ranks, mask=rank_ok, other=0) + my_flag).to(tl.pointer_type(tl.int64))
+        block_start = tl.load(rank_prefix_ptr + (rank - 1) * NUM_RANKS + ranks, mask=rank_ok & (rank > 0), other=0)
+        tile = zero + pid
+        while channel < num_channels:
+            begin = channel * tokens_per_channel
+            end = tl.minimum(begin + tokens_per_channel, num_tokens)
+            tiles = tl.cdiv(tl.maximum(end - begin, 0), BLOCK_T)
+            # tokens of earlier channels sent to each rank
+            channel_prefix = tl.load(send_prefix_ptr + ranks * num_channels + channel - 1,
+                                     mask=rank_ok & (channel > 0), other=0)
+            while tile < first_tile + tiles:
+                _dispatch_push_tile(begin + (tile - first_tile) * BLOCK_T, begin, end, channel_prefix, block_start,
+                                    half_offset, x_ptr, scales_ptr, scale_stride_t, scale_stride_s, topk_ptr,
+                                    weights_ptr, in_rank_ptr, recv_x_ptr, recv_scales_ptr, recv_topk_ptr,
+                                    recv_weights_ptr, recv_src_ptr, send_head_ptr, data_bases_ptr, rank,
+                                    num_local_experts, num_scales, num_topk, capacity, num_out_rows,
+                                    NUM_RANKS, R_PAD, ROW_WORDS, RECORD_WORDS, S_PAD, K_PAD, BLOCK_T, BLOCK_W,
+                                    HAS_SCALES, HAS_TOPK, WRITE_SEND_HEAD, STAGES)
+                tile += num_pushers
+            first_tile += tiles
+            channel += 1
+            if (channel % publish_every == 0) | (channel == num_channels):
+                _publish(out_flags, tl.zeros([R_PAD], tl.int64) + ((e << 32) | channel.to(tl.int64)), peer_ok)
+    else:
+        worker = pid - num_pushers
+        num_workers = tl.num_programs(0) - num_pushers
+        err_ptr = tl.load(err_addr_ptr).to(tl.pointer_type(tl.int32))
+        failed = tl.load(err_ptr + 3, volatile=True)
+        region = _heap_ptr(data_bases_ptr, rank, half_offset, tl.int32, 16)
+        pushers = tl.arange(0, P_PAD)
+        flags = (tl.load(signal_bases_ptr + rank) + flags_offset
+                 + (ranks[:, None] * _max_pushers + pushers[None, :]) * 8).to(tl.pointer_type(tl.int64))
+        flag_ok = peer_ok[:, None] & (pushers < num_pushers)[None, :]
+        if WORST:  # rows past the valid prefix: top-k -1 and source index -1
+            num_valid = tl.load(rank_prefix_ptr + (NUM_RANKS - 1) * NUM_RANKS + rank)
+            ks = tl.arange(0, K_PAD)
+            r0 = num_valid + worker * BLOCK_T
+            while r0 < num_out_rows:
+                tail = r0 + tl.arange(0, BLOCK_T)
+                tail_ok = tail < num_out_rows
+                tl.store(recv_src_ptr + tail, -1, mask=tail_ok)
+                if HAS_TOPK:
+                    tl.store(recv_topk_ptr + tail[:, None].to(tl.int64) * num_topk + ks[None, :],
+                             tl.full([BLOCK_T, K_PAD], -1, recv_topk_ptr.dtype.element_ty),
+                             mask=tail_ok[:, None] & (ks < num_topk)[None, :])
+                r0 += num_workers * BLOCK_T
+        ready = tl.zeros([R_PAD], tl.int32)  # channels every pusher of a source finished, as last seen
+        tile = zero + worker
+        while channel < num_channels:
+            # tiles of this channel: source by source, each source's rows in BLOCK_T tiles
+            count, row0, _ = _peer_blocks(rank_prefix_ptr, recv_prefix_ptr, rank, channel, num_channels, NUM_RANKS,
+                                          R_PAD)
+            tiles = tl.where(peer_ok, tl.cdiv(count, BLOCK_T), 0)
+            tiles_before = tl.sum(tl.where(ranks[None, :] < ranks[:, None], tiles[None, :], 0), axis=1)
+            while tile < first_tile + tl.sum(tiles, axis=0):
+                index = tile - first_tile
+                pick = peer_ok & (tiles_before <= index) & (index < tiles_before + tiles)
+                ready, failed = _wait_channels(flags, flag_ok, pick, channel, ready, e, num_channels, failed, err_ptr,
+                                               _phase_dispatch, rank, budget, R_PAD, USE_TIMER)
+                if failed == 0:
+                    first_row = tl.sum(tl.where(pick, row0 + (index - tiles_before) * BLOCK_T, 0), axis=0)
+                    _dispatch_copy_tile(first_row, tl.sum(tl.where(pick, row0 + count, 0), axis=0), region,
                                         recv_x_ptr, recv_scales_ptr, recv_topk_ptr, recv_weights_ptr, recv_src_ptr,
                                         rank, num_local_experts, num_scales, num_topk, capacity, num_out_rows,
-                                        ROW_WORDS, LANE_WORDS, RECORD_WORDS, S_PAD, K_PAD, BLOCK_T, BLOCK_W,
-                                        HAS_SCALES, HAS_TOPK, STAGES)
-                    src_copied = need
-                copied = tl.where(pick, src_copied, copied)
-                arrived = tl.where(pick, src_arrived, arrived)
-            step += 1
-        if failed != 0:  # give up receiving; the pushes still complete
-            copied = count
-            arrived = tl.zeros([R_PAD], tl.int32) + 0x7FFFFFFF
+                                        ROW_WORDS, RECORD_WORDS, S_PAD, K_PAD, BLOCK_T, BLOCK_W, HAS_SCALES,
+                                        HAS_TOPK, STAGES)
+                tile += num_workers
+            first_tile += tl.sum(tiles, axis=0)
+            channel += 1
+        # every peer's final flags, also where no rows flow: keeps the ranks at most one operation apart
+        ready, failed = _wait_channels(flags, flag_ok, peer_ok, num_channels - 1, ready, e, num_channels, failed,
+                                       err_ptr, _phase_dispatch, rank, budget, R_PAD, USE_TIMER)
 
 
 # ---------------------------------------------------------------- combine
 @triton.jit
-def _combine_send_tile(begin, end, x_row0, slot0, home, half_offset, lane, x_ptr, weights_ptr, data_bases_ptr,
-                       num_topk, capacity, HIDDEN: tl.constexpr, LANE_ELEMS: tl.constexpr,
-                       RECORD_ELEMS: tl.constexpr, K_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
-                       BLOCK_H: tl.constexpr, HAS_WEIGHTS: tl.constexpr, STAGES: tl.constexpr):
-    """Push rows x_row0 + [begin, end) of x to `home`'s combine region at slots slot0 + [begin, end)."""
+def _combine_push_tile(begin, end, x_row0, slot0, home, half_offset, x_ptr, weights_ptr, data_bases_ptr, num_topk,
+                       capacity, HIDDEN: tl.constexpr, RECORD_ELEMS: tl.constexpr, K_PAD: tl.constexpr,
+                       BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, HAS_WEIGHTS: tl.constexpr,
+                       STAGES: tl.constexpr):
+    """Push rows x_row0 + [begin, min(begin + BLOCK_T, end)) of x to `home`'s combine region at slots slot0 +
+    the same offsets."""
     idx = begin + tl.arange(0, BLOCK_T)
     slots = (slot0 + idx).to(tl.int64)
     row_ok = (idx < end) & (slots < capacity)
     rows = (x_row0 + idx).to(tl.int64)
     home_base = tl.load(data_bases_ptr + home) + half_offset
     region = tl.multiple_of(home_base.to(tl.pointer_type(tl.bfloat16)), 16)
-    col_begin = lane * LANE_ELEMS
-    for c0 in tl.range(0, LANE_ELEMS, BLOCK_H, num_stages=STAGES):
-        cols = col_begin + c0 + tl.arange(0, BLOCK_H)
-        ok = row_ok[:, None] & ((cols < col_begin + LANE_ELEMS) & (cols < HIDDEN))[None, :]
+    for c0 in tl.range(0, HIDDEN, BLOCK_H, num_stages=STAGES):
+        cols = c0 + tl.arange(0, BLOCK_H)
+        ok = row_ok[:, None] & (cols < HIDDEN)[None, :]
         data = tl.load(x_ptr + rows[:, None] * HIDDEN + cols[None, :], mask=ok)
         tl.store(region + slots[:, None] * RECORD_ELEMS + cols[None, :], data, mask=ok)
     if HAS_WEIGHTS:
-        if lane == 0:
-            ks = tl.arange(0, K_PAD)
-            k_ok = row_ok[:, None] & (ks < num_topk)[None, :]
-            weights = tl.load(weights_ptr + rows[:, None] * num_topk + ks[None, :], mask=k_ok)
-            weight_region = (home_base + HIDDEN * 2).to(tl.pointer_type(tl.float32))
-            tl.store(weight_region + slots[:, None] * (RECORD_ELEMS // 2) + ks[None, :], weights, mask=k_ok)
-
-
-@triton.jit
-def _combine_home(rank, channel, step, NUM_RANKS: tl.constexpr):
-    """The peer a channel pushes to at `step` (1 .. R-1): every peer once, and the channels of a rank
-    start at different peers so that all links carry traffic at once."""
-    PEERS: tl.constexpr = NUM_RANKS - 1 if NUM_RANKS > 1 else 1
-    return (rank + 1 + (channel + step - 1) % PEERS) % NUM_RANKS
-
-
-@triton.jit
-def _poll_peers(flag_addrs, e, need, arrived, failed, blocking, peer_ok, err_ptr, rank, budget,
-                NUM_RANKS: tl.constexpr, R_PAD: tl.constexpr, USE_TIMER: tl.constexpr):
-    """`_poll` for every peer at once: one vector acquire, or (blocking) a bounded wait per peer still
-    behind. `flag_addrs`: int64 address of each peer's flag for this program. -> (arrived, failed)."""
-    ranks = tl.arange(0, R_PAD)
-    behind = peer_ok & (arrived < need)
-    if (tl.sum(behind.to(tl.int32), axis=0) > 0) & (failed == 0):
-        if blocking:
-            for step in tl.static_range(1, NUM_RANKS):
-                peer = (rank + step) % NUM_RANKS
-                peer_need = tl.sum(tl.where(ranks == peer, need, 0), axis=0)
-                peer_arrived = tl.sum(tl.where(ranks == peer, arrived, 0), axis=0)
-                flag = tl.sum(tl.where(ranks == peer, flag_addrs, 0), axis=0).to(tl.pointer_type(tl.int64))
-                peer_arrived, failed = _poll(flag, e, peer_need, peer_arrived, failed, True, err_ptr,
-                                             _phase_combine, rank, peer, budget, USE_TIMER)
-                arrived = tl.where(ranks == peer, peer_arrived, arrived)
-        else:
-            values = tl.atomic_add(flag_addrs.to(tl.pointer_type(tl.int64)), 0, mask=behind, sem="acquire", scope="sys")
-            arrived = tl.where(behind & (values >= (e << 32)), _rows_arrived(values, e), arrived)
-            tl.debug_barrier()  # threads that did not acquire read the rows only after those that did
-    return arrived, failed
+        ks = tl.arange(0, K_PAD)
+        k_ok = row_ok[:, None] & (ks < num_topk)[None, :]
+        weights = tl.load(weights_ptr + rows[:, None] * num_topk + ks[None, :], mask=k_ok)
+        weight_region = (home_base + HIDDEN * 2).to(tl.pointer_type(tl.float32))
+        tl.store(weight_region + slots[:, None] * (RECORD_ELEMS // 2) + ks[None, :], weights, mask=k_ok)
 
 
 @triton.jit
 def _combine_reduce_tile(start, last, x_ptr, weights_ptr, bias0_ptr, bias1_ptr, in_rank_ptr, send_head_ptr, out_ptr,
-                         out_weights_ptr, slot_base, self_row0, region_base, lane, rank, num_topk,
+                         out_weights_ptr, slot_base, self_row0, region_base, rank, num_topk,
                          NUM_RANKS: tl.constexpr, R_PAD: tl.constexpr, HIDDEN: tl.constexpr,
-                         LANE_ELEMS: tl.constexpr, RECORD_ELEMS: tl.constexpr, K_PAD: tl.constexpr,
-                         BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, HAS_WEIGHTS: tl.constexpr,
-                         HAS_BIAS0: tl.constexpr, HAS_BIAS1: tl.constexpr, STAGES: tl.constexpr):
-    """Reduce tokens [start, start + BLOCK_T): bias0 + bias1 + the rows of destination ranks ascending, in
-    float32, one rounding to bf16. Peer j's row of token t is staged at slot slot_base[j] + send_head[t, j];
-    this rank's own row is x[self_row0 + send_head[t, rank]]."""
+                         RECORD_ELEMS: tl.constexpr, K_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
+                         BLOCK_H: tl.constexpr, HAS_WEIGHTS: tl.constexpr, HAS_BIAS0: tl.constexpr,
+                         HAS_BIAS1: tl.constexpr, STAGES: tl.constexpr):
+    """Reduce tokens [start, min(start + BLOCK_T, last)): bias0 + bias1 + the rows of destination ranks
+    ascending, in float32, one rounding to bf16. Peer j's row of token t is staged at slot
+    slot_base[j] + send_head[t, j]; this rank's own row is x[self_row0 + send_head[t, rank]]."""
     ranks = tl.arange(0, R_PAD)
     toks = start + tl.arange(0, BLOCK_T)
     tok_ok = toks < last
@@ -552,10 +546,9 @@ def _combine_reduce_tile(start, last, x_ptr, weights_ptr, bias0_ptr, bias1_ptr, 
     # source row of every (token, rank): a slot in the staging region, or a row of x for this rank
     where = tl.where(ranks[None, :] == rank, self_row0, slot_base[None, :]) + head
     region = tl.multiple_of(region_base.to(tl.pointer_type(tl.bfloat16)), 16)
-    col_begin = lane * LANE_ELEMS
-    for c0 in tl.range(0, LANE_ELEMS, BLOCK_H, num_stages=STAGES):
-        cols = col_begin + c0 + tl.arange(0, BLOCK_H)
-        ok = tok_ok[:, None] & ((cols < col_begin + LANE_ELEMS) & (cols < HIDDEN))[None, :]
+    for c0 in tl.range(0, HIDDEN, BLOCK_H, num_stages=STAGES):
+        cols = c0 + tl.arange(0, BLOCK_H)
+        ok = tok_ok[:, None] & (cols < HIDDEN)[None, :]
         acc = tl.zeros([BLOCK_T, BLOCK_H], tl.float32)
         if HAS_BIAS0:
             acc += tl.load(bias0_ptr + toks64[:, None] * HIDDEN + cols[None, :], mask=ok, other=0.0).to(tl.float32)
@@ -565,126 +558,117 @@ def _combine_reduce_tile(start, last, x_ptr, weights_ptr, bias0_ptr, bias1_ptr, 
             pick = ranks[None, :] == j
             row = tl.sum(tl.where(pick, where, 0), axis=1).to(tl.int64)
             has = ok & (tl.sum(tl.where(pick, chosen, 0), axis=1) != 0)[:, None]
-            if j == rank:
-                part = tl.load(x_ptr + row[:, None] * HIDDEN + cols[None, :], mask=has, other=0.0)
-            else:
-                part = tl.load(region + row[:, None] * RECORD_ELEMS + cols[None, :], mask=has, other=0.0,
-                               cache_modifier=".cg")
-            acc += part.to(tl.float32)
+            # one unconditional load per rank (a pointer select, not a branch) lets the loop be pipelined
+            ptrs = tl.where(j == rank, x_ptr + row[:, None] * HIDDEN + cols[None, :],
+                            region + row[:, None] * RECORD_ELEMS + cols[None, :])
+            acc += tl.load(ptrs, mask=has, other=0.0, cache_modifier=".cg").to(tl.float32)
         tl.store(out_ptr + toks64[:, None] * HIDDEN + cols[None, :], _to_bf16(acc), mask=ok)
     if HAS_WEIGHTS:
-        if lane == 0:
-            ks = tl.arange(0, K_PAD)
-            ok = tok_ok[:, None] & (ks < num_topk)[None, :]
-            weight_region = (region_base + HIDDEN * 2).to(tl.pointer_type(tl.float32))
-            acc_w = tl.zeros([BLOCK_T, K_PAD], tl.float32)
-            for j in tl.static_range(NUM_RANKS):
-                pick = ranks[None, :] == j
-                row = tl.sum(tl.where(pick, where, 0), axis=1).to(tl.int64)
-                has = ok & (tl.sum(tl.where(pick, chosen, 0), axis=1) != 0)[:, None]
-                if j == rank:
-                    part = tl.load(weights_ptr + row[:, None] * num_topk + ks[None, :], mask=has, other=0.0)
-                else:
-                    part = tl.load(weight_region + row[:, None] * (RECORD_ELEMS // 2) + ks[None, :], mask=has,
-                                   other=0.0, cache_modifier=".cg")
-                acc_w += part
-            tl.store(out_weights_ptr + toks64[:, None] * num_topk + ks[None, :], acc_w, mask=ok)
+        ks = tl.arange(0, K_PAD)
+        ok = tok_ok[:, None] & (ks < num_topk)[None, :]
+        weight_region = (region_base + HIDDEN * 2).to(tl.pointer_type(tl.float32))
+        acc_w = tl.zeros([BLOCK_T, K_PAD], tl.float32)
+        for j in tl.static_range(NUM_RANKS):
+            pick = ranks[None, :] == j
+            row = tl.sum(tl.where(pick, where, 0), axis=1).to(tl.int64)
+            has = ok & (tl.sum(tl.where(pick, chosen, 0), axis=1) != 0)[:, None]
+            if j == rank:
+                part = tl.load(weights_ptr + row[:, None] * num_topk + ks[None, :], mask=has, other=0.0)
+            else:
+                part = tl.load(weight_region + row[:, None] * (RECORD_ELEMS // 2) + ks[None, :], mask=has, other=0.0,
+                               cache_modifier=".cg")
+            acc_w += part
+        tl.store(out_weights_ptr + toks64[:, None] * num_topk + ks[None, :], acc_w, mask=ok)
 
 
-COMBINE_NO_SPECIALIZE = ["rank", "num_tokens", "num_channels", "tokens_per_channel", "num_topk", "capacity", "budget"]
+COMBINE_NO_SPECIALIZE = ["rank", "num_tokens", "num_channels", "tokens_per_channel", "num_pushers", "publish_every",
+                         "num_topk", "capacity", "budget"]
 
 
 @triton.jit(do_not_specialize=COMBINE_NO_SPECIALIZE)
-def ep_combine_kernel(x_ptr, weights_ptr, bias0_ptr, bias1_ptr, in_rank_ptr, send_head_ptr,
-                      rank_prefix_ptr, send_prefix_ptr, recv_prefix_ptr, out_ptr, out_weights_ptr,
-                      data_bases_ptr, half_bytes, signal_bases_ptr, flags_offset, epoch_ptr, err_addr_ptr,
-                      rank, num_tokens, num_channels, tokens_per_channel, num_topk, capacity, budget,
-                      NUM_RANKS: tl.constexpr, R_PAD: tl.constexpr, LANES: tl.constexpr, HIDDEN: tl.constexpr,
-                      LANE_ELEMS: tl.constexpr, RECORD_ELEMS: tl.constexpr, K_PAD: tl.constexpr,
-                      BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, MAX_C: tl.constexpr, HAS_WEIGHTS: tl.constexpr,
-                      HAS_BIAS0: tl.constexpr, HAS_BIAS1: tl.constexpr, USE_TIMER: tl.constexpr,
-                      STAGES: tl.constexpr):
-    """Push: the rows this rank received from `home` go back to `home`'s combine region, at slot
-    sum_{j < rank} n(home -> j) + send_head_home[t, rank]. Reduce: this rank's own tokens of the channel,
-    a tile at a time once every peer's rows for it arrived."""
+def ep_combine_kernel(x_ptr, weights_ptr, bias0_ptr, bias1_ptr, in_rank_ptr, send_head_ptr, rank_prefix_ptr,
+                      recv_prefix_ptr, out_ptr, out_weights_ptr, data_bases_ptr, half_bytes, signal_bases_ptr,
+                      flags_offset, epoch_ptr, err_addr_ptr, rank, num_tokens, num_channels, tokens_per_channel,
+                      num_pushers, publish_every, num_topk, capacity, budget,
+                      NUM_RANKS: tl.constexpr, R_PAD: tl.constexpr, P_PAD: tl.constexpr, HIDDEN: tl.constexpr,
+                      RECORD_ELEMS: tl.constexpr, K_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
+                      REDUCE_BLOCK_H: tl.constexpr, HAS_WEIGHTS: tl.constexpr, HAS_BIAS0: tl.constexpr,
+                      HAS_BIAS1: tl.constexpr, USE_TIMER: tl.constexpr, STAGES: tl.constexpr):
+    """Pushers: the rows this rank received from `home` go back to `home`'s combine region, at slot
+    sum_{j < rank} n(home -> j) + send_head_home[t, rank]; per channel of the homes, tiles alternate
+    between homes (ring order from rank + 1), so that a rank's pushers load all its links. Receivers
+    reduce this rank's own tokens, a tile at a time once every peer's pushers finished its channel."""
+    PEERS: tl.constexpr = NUM_RANKS - 1 if NUM_RANKS > 1 else 1
     pid = tl.program_id(0)
-    channel = pid // LANES
-    lane = pid % LANES
     e = tl.load(epoch_ptr) + 1
     half_offset = (e % 2) * half_bytes
     ranks = tl.arange(0, R_PAD)
     rank_ok = ranks < NUM_RANKS
     peer_ok = rank_ok & (ranks != rank)
-    err_ptr = tl.load(err_addr_ptr).to(tl.pointer_type(tl.int32))
-    failed = tl.load(err_ptr + 3, volatile=True)
     zero = tl.full((), 0, tl.int32)
-    # this program's flag (sender rank, channel, lane) on every home, and every peer's flag here
-    my_flag = flags_offset + ((rank * MAX_C + channel) * _max_lanes + lane) * 8
-    out_flags = (tl.load(signal_bases_ptr + ranks, mask=rank_ok, other=0) + my_flag).to(tl.pointer_type(tl.int64))
-    in_flags = tl.load(signal_bases_ptr + rank) + flags_offset + ((ranks * MAX_C + channel) * _max_lanes + lane) * 8
-    _publish(out_flags, tl.zeros([R_PAD], tl.int64) + (e << 32), peer_ok)  # epoch e, no rows yet
-
-    # ---- push state, per home: the rows of its channel `channel` held here
-    send_count, x_row0, slot0 = _peer_blocks(rank_prefix_ptr, recv_prefix_ptr, rank, channel, num_channels,
-                                             NUM_RANKS, R_PAD)
-    pushed = tl.where(peer_ok, 0, send_count)
-
-    # ---- reduce state: this rank's tokens of channel `channel`
-    first = channel * tokens_per_channel
-    last = tl.minimum(first + tokens_per_channel, num_tokens)
-    # position of the channel's first token among the tokens sent to j, and the channel's count to j
-    chan_start = tl.load(send_prefix_ptr + ranks * num_channels + channel - 1, mask=rank_ok & (channel > 0), other=0)
-    chan_total = tl.load(send_prefix_ptr + ranks * num_channels + channel, mask=rank_ok, other=0) - chan_start
-    upto = tl.load(rank_prefix_ptr + rank * NUM_RANKS + ranks, mask=rank_ok, other=0)
-    before = tl.load(rank_prefix_ptr + (rank - 1) * NUM_RANKS + ranks, mask=rank_ok & (rank > 0), other=0)
-    sent_to = upto - before  # n(rank -> j)
-    slot_base = tl.zeros([R_PAD], tl.int32)  # where peer j's rows start in my combine region
-    for j in tl.static_range(1, NUM_RANKS):
-        slot_base += tl.where(ranks >= j, tl.sum(tl.where(ranks == j - 1, sent_to, 0), axis=0), 0)
-    self_row0 = tl.sum(tl.where(ranks == rank, before, 0), axis=0)
-    region_base = tl.load(data_bases_ptr + rank) + half_offset
-    arrived = tl.full([R_PAD], -1, tl.int32)
-    next_token = first
-
-    # each round: push one tile to every home with rows left (homes in a per-channel order, so that a
-    # rank's channels load all links), then reduce one tile of own tokens if every peer's rows for it
-    # arrived; until everything is pushed and reduced and every peer's final flag of epoch e was seen
-    while (tl.sum((pushed < send_count).to(tl.int32), axis=0) > 0) | (next_token < last) | \
-            (tl.sum((peer_ok & (arrived < chan_total)).to(tl.int32), axis=0) > 0):
-        if tl.sum((pushed < send_count).to(tl.int32), axis=0) > 0:
-            step = zero + 1
-            while step < NUM_RANKS:
-                home = _combine_home(rank, channel, step, NUM_RANKS)
-                pick = ranks == home
-                begin = tl.sum(tl.where(pick, pushed, 0), axis=0)
-                end = tl.minimum(begin + BLOCK_T, tl.sum(tl.where(pick, send_count, 0), axis=0))
+    channel = zero
+    first_tile = zero  # round-robin index of the current channel's first tile
+    if pid < num_pushers:
+        # this pusher's flag (sender rank, pusher) on every home
+        my_flag = flags_offset + (rank * _max_pushers + pid) * 8
+        out_flags = (tl.load(signal_bases_ptr + ranks, mask=rank_ok, other=0) + my_flag).to(tl.pointer_type(tl.int64))
+        tile = zero + pid
+        while channel < num_channels:
+            count, x_row0, slot0 = _peer_blocks(rank_prefix_ptr, recv_prefix_ptr, rank, channel, num_channels,
+                                                NUM_RANKS, R_PAD)
+            tiles = tl.where(peer_ok, tl.cdiv(count, BLOCK_T), 0)
+            # tile i of every home, then tile i + 1 (homes without tile i leave a hole)
+            num_slots = tl.max(tiles, axis=0) * PEERS
+            while tile < first_tile + num_slots:
+                index = tile - first_tile
+                pick = ranks == (rank + 1 + index % PEERS) % NUM_RANKS
+                begin = (index // PEERS) * BLOCK_T
+                end = tl.sum(tl.where(pick, count, 0), axis=0)
                 if begin < end:
-                    _combine_send_tile(begin, end, tl.sum(tl.where(pick, x_row0, 0), axis=0),
-                                       tl.sum(tl.where(pick, slot0, 0), axis=0), home, half_offset, lane, x_ptr,
-                                       weights_ptr, data_bases_ptr, num_topk, capacity, HIDDEN, LANE_ELEMS,
-                                       RECORD_ELEMS, K_PAD, BLOCK_T, BLOCK_H, HAS_WEIGHTS, STAGES)
-                    pushed = tl.where(pick, end, pushed)
-                step += 1
-            _publish(out_flags, (e << 32) | pushed.to(tl.int64), peer_ok)  # this round's progress, every home
-        blocking = tl.sum((pushed < send_count).to(tl.int32), axis=0) == 0  # nothing left to push: wait
-        if next_token < last:
-            toks = next_token + tl.arange(0, BLOCK_T)
-            tile_ok = (toks < last)[:, None] & rank_ok[None, :]
-            offsets = toks[:, None].to(tl.int64) * NUM_RANKS + ranks[None, :]
-            chosen = tl.load(in_rank_ptr + offsets, mask=tile_ok, other=0) != 0
-            head = tl.load(send_head_ptr + offsets, mask=tile_ok, other=0)
-            need = tl.max(tl.where(chosen, head - chan_start[None, :] + 1, 0), axis=0)
-        else:
-            need = chan_total  # the final flags
-        arrived, failed = _poll_peers(in_flags, e, need, arrived, failed, blocking, peer_ok, err_ptr, rank, budget,
-                                      NUM_RANKS, R_PAD, USE_TIMER)
-        ready = (tl.sum((peer_ok & (arrived < need)).to(tl.int32), axis=0) == 0) & (failed == 0)
-        if ready & (next_token < last):
-            _combine_reduce_tile(next_token, last, x_ptr, weights_ptr, bias0_ptr, bias1_ptr, in_rank_ptr,
-                                 send_head_ptr, out_ptr, out_weights_ptr, slot_base, self_row0, region_base, lane, rank,
-                                 num_topk, NUM_RANKS, R_PAD, HIDDEN, LANE_ELEMS, RECORD_ELEMS, K_PAD, BLOCK_T, BLOCK_H,
-                                 HAS_WEIGHTS, HAS_BIAS0, HAS_BIAS1, STAGES)
-            next_token += BLOCK_T
-        if failed != 0:  # give up receiving; the pushes still complete
-            next_token = last
-            arrived = tl.zeros([R_PAD], tl.int32) + 0x7FFFFFFF
+                    _combine_push_tile(begin, end, tl.sum(tl.where(pick, x_row0, 0), axis=0),
+                                       tl.sum(tl.where(pick, slot0, 0), axis=0),
+                                       tl.sum(tl.where(pick, ranks, 0), axis=0), half_offset, x_ptr, weights_ptr,
+                                       data_bases_ptr, num_topk, capacity, HIDDEN, RECORD_ELEMS, K_PAD, BLOCK_T,
+                                       BLOCK_H, HAS_WEIGHTS, STAGES)
+                tile += num_pushers
+            first_tile += num_slots
+            channel += 1
+            if (channel % publish_every == 0) | (channel == num_channels):
+                _publish(out_flags, tl.zeros([R_PAD], tl.int64) + ((e << 32) | channel.to(tl.int64)), peer_ok)
+    else:
+        worker = pid - num_pushers
+        num_workers = tl.num_programs(0) - num_pushers
+        err_ptr = tl.load(err_addr_ptr).to(tl.pointer_type(tl.int32))
+        failed = tl.load(err_ptr + 3, volatile=True)
+        pushers = tl.arange(0, P_PAD)
+        flags = (tl.load(signal_bases_ptr + rank) + flags_offset
+                 + (ranks[:, None] * _max_pushers + pushers[None, :]) * 8).to(tl.pointer_type(tl.int64))
+        flag_ok = peer_ok[:, None] & (pushers < num_pushers)[None, :]
+        upto = tl.load(rank_prefix_ptr + rank * NUM_RANKS + ranks, mask=rank_ok, other=0)
+        before = tl.load(rank_prefix_ptr + (rank - 1) * NUM_RANKS + ranks, mask=rank_ok & (rank > 0), other=0)
+        sent_to = upto - before  # n(rank -> j)
+        # where peer j's rows start in my combine region: sum over j' < j of n(rank -> j')
+        slot_base = tl.sum(tl.where(ranks[None, :] < ranks[:, None], sent_to[None, :], 0), axis=1)
+        self_row0 = tl.sum(tl.where(ranks == rank, before, 0), axis=0)
+        region_base = tl.load(data_bases_ptr + rank) + half_offset
+        ready = tl.zeros([R_PAD], tl.int32)  # channels every pusher of a peer finished, as last seen
+        tile = zero + worker
+        while channel < num_channels:
+            begin = channel * tokens_per_channel
+            end = tl.minimum(begin + tokens_per_channel, num_tokens)
+            tiles = tl.cdiv(tl.maximum(end - begin, 0), BLOCK_T)
+            while tile < first_tile + tiles:
+                ready, failed = _wait_channels(flags, flag_ok, peer_ok, channel, ready, e, num_channels, failed,
+                                               err_ptr, _phase_combine, rank, budget, R_PAD, USE_TIMER)
+                if failed == 0:
+                    _combine_reduce_tile(begin + (tile - first_tile) * BLOCK_T, end, x_ptr, weights_ptr, bias0_ptr,
+                                         bias1_ptr, in_rank_ptr, send_head_ptr, out_ptr, out_weights_ptr, slot_base,
+                                         self_row0, region_base, rank, num_topk, NUM_RANKS, R_PAD, HIDDEN,
+                                         RECORD_ELEMS, K_PAD, BLOCK_T, REDUCE_BLOCK_H, HAS_WEIGHTS, HAS_BIAS0,
+                                         HAS_BIAS1, STAGES)
+                tile += num_workers
+            first_tile += tiles
+            channel += 1
+        # every peer's final flags, also where no rows flow: keeps the ranks at most one operation apart
+        ready, failed = _wait_channels(flags, flag_ok, peer_ok, num_channels - 1, ready, e, num_channels, failed,
+                                       err_ptr, _phase_combine, rank, budget, R_PAD, USE_TIMER)
