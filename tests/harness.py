@@ -97,7 +97,8 @@ def _rank_main(rank, world_size, port, device, timeout, fn, args, results):
 
 def _check_alive(procs, outputs, deadline, timeout):
     for rank, p in enumerate(procs):
-        if rank not in outputs and p.exitcode is not None:
+        # exit code 0: the rank reported, and its message may still be in flight
+        if rank not in outputs and p.exitcode not in (None, 0):
             raise RankFailure(f"rank {rank} exited with code {p.exitcode} without reporting a result")
     if time.monotonic() > deadline:
         missing = [r for r in range(len(procs)) if r not in outputs]
