@@ -140,18 +140,25 @@ def test_dispatch_and_combine_match_the_oracle(world_size, seed):
     run_ranks(world_size, _run_cases, seed, CASES, 1, backend="triton")
 
 
-@pytest.mark.parametrize("env", [
+ROLES = (
     # one receiver per launch, a flag after every channel: many tiles per program, every program's tiles
     # spread over several channels
-    {"FLASHEP_RECEIVERS": "1", "FLASHEP_TILE_TOKENS": "2", "FLASHEP_TILE_HIDDEN": "32", "FLASHEP_PUBLISH_TOKENS": "1"},
+    ({"FLASHEP_RECEIVERS": "1", "FLASHEP_TILE_TOKENS": "2", "FLASHEP_TILE_HIDDEN": "32",
+      "FLASHEP_PUBLISH_TOKENS": "1"}, 4),
     # one pusher per launch, flags only at the end, a combine split unlike the dispatch's
-    {"FLASHEP_RECEIVERS": "3", "FLASHEP_COMBINE_RECEIVERS": "2", "FLASHEP_TILE_TOKENS": "4",
-     "FLASHEP_PUBLISH_TOKENS": "100000"},
-], ids=["one_receiver_flag_per_channel", "one_pusher_final_flag_only"])
-def test_program_roles_tiles_and_repeats(env, seed):
-    """Pusher/receiver splits at both extremes, small tiles and column chunks (several per program), and
-    three rounds so both data halves are reused."""
-    cases = (Case("roles", (13, 6, 9), hidden=96, num_topk=2, experts_per_rank=2, num_sms=4, minus_one=0.2),)
+    ({"FLASHEP_RECEIVERS": "3", "FLASHEP_COMBINE_RECEIVERS": "2", "FLASHEP_TILE_TOKENS": "4",
+      "FLASHEP_PUBLISH_TOKENS": "100000"}, 4),
+    # six channels, a flag every few channels plus the first and the last ones
+    ({"FLASHEP_TILE_TOKENS": "2", "FLASHEP_PUBLISH_TOKENS": "1"}, 12),
+)
+
+
+@pytest.mark.parametrize("env, num_sms", ROLES, ids=["one_receiver_flag_per_channel", "one_pusher_final_flag_only",
+                                                     "flag_every_few_channels"])
+def test_program_roles_tiles_and_repeats(env, num_sms, seed):
+    """Pusher/receiver splits at both extremes and in between, publish intervals, small tiles and column
+    chunks (several per program), and three rounds so both data halves are reused."""
+    cases = (Case("roles", (13, 6, 9), hidden=96, num_topk=2, experts_per_rank=2, num_sms=num_sms, minus_one=0.2),)
     run_ranks(3, _run_cases, seed, cases, 3, backend="triton", env=env)
 
 

@@ -27,8 +27,9 @@ Tuning knobs (environment at construction; they must be equal on every rank):
 - FLASHEP_RECEIVERS: receiver programs of a dispatch (default num_sms // 3, at least 1, at most
   num_sms - 1); FLASHEP_COMBINE_RECEIVERS: the same for a combine (default FLASHEP_RECEIVERS);
 - FLASHEP_PUBLISH_TOKENS: tokens (combine: rows) a pusher moves between two progress flags, rounded to
-  whole channels (default 32; 1 = after every channel). Fewer flags keep the NVLink stores streaming
-  (a flag's release waits for the stores before it); more let receivers start earlier and finish sooner.
+  whole channels (default 32); the first and each of the last channels get a flag too.
+  Fewer flags keep the NVLink stores streaming (a flag's release waits for the stores before it); more
+  let receivers follow closer.
 """
 from __future__ import annotations
 

@@ -15,7 +15,8 @@ Work is ordered by channel (a channel is the token range of the handle's routing
 num_sms // 2`): pushers take the tiles of channel 0, then channel 1, ..., dealt round-robin (tile g goes to
 pusher g % num_pushers, counting on across channels so that every pusher gets the same share). A
 pusher publishes `(epoch << 32) | channels it finished` to every peer after every `publish_every`
-channels and at the end: one CTA barrier and one release atomic per peer, rarely, so its stores stream.
+channels (and after the first and each of the last channels) and at the end: one CTA barrier and one
+release atomic per peer, rarely, so its stores stream.
 Receivers deal the tiles of the receive side round-robin in the same channel order and wait, per
 channel, until every pusher of the peers they need has passed it: one vector of acquire atomics over
 (source, pusher) flags. So all pushers of a rank move through the channels together and the receivers
@@ -68,6 +69,16 @@ def _publish(flag_ptrs, values, mask):
     """`signal` to several peers at once: one CTA barrier, then one release store per peer."""
     tl.debug_barrier()
     tl.atomic_xchg(flag_ptrs, values, mask=mask, sem="release", scope="sys")
+
+
+@triton.jit
+def _publish_now(channels_done, publish_every, num_channels):
+    """Whether a pusher raises its flag after finishing `channels_done` channels: every `publish_every`
+    channels, and, when that leaves several channels between flags, also after the first channel (the
+    receivers start sooner) and after each of the last channels (they finish sooner)."""
+    several = publish_every < num_channels
+    edge = (channels_done == 1) | (channels_done > num_channels - publish_every)
+    return (channels_done % publish_every == 0) | (channels_done == num_channels) | (several & edge)
 
 
 @triton.jit
@@ -446,7 +457,7 @@ def ep_dispatch_kernel(x_ptr, scales_ptr, scale_stride_t, scale_stride_s, topk_p
                 tile += num_pushers
             first_tile += tiles
             channel += 1
-            if (channel % publish_every == 0) | (channel == num_channels):
+            if _publish_now(channel, publish_every, num_channels):
                 _publish(out_flags, tl.zeros([R_PAD], tl.int64) + ((e << 32) | channel.to(tl.int64)), peer_ok)
     else:
         worker = pid - num_pushers
@@ -633,7 +644,7 @@ def ep_combine_kernel(x_ptr, weights_ptr, bias0_ptr, bias1_ptr, in_rank_ptr, sen
                 tile += num_pushers
             first_tile += num_slots
             channel += 1
-            if (channel % publish_every == 0) | (channel == num_channels):
+            if _publish_now(channel, publish_every, num_channels):
                 _publish(out_flags, tl.zeros([R_PAD], tl.int64) + ((e << 32) | channel.to(tl.int64)), peer_ok)
     else:
         worker = pid - num_pushers
