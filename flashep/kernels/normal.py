@@ -12,17 +12,18 @@ Kernels (profilers find them by name: exactly one name holds "notify", one "disp
   run after the waiting one.
 
 Work is ordered by channel (a channel is the token range of the handle's routing, `num_channels =
-num_sms // 2`): pushers take the tiles of channel 0, then channel 1, ..., dealt round-robin (tile g goes to
-pusher g % num_pushers, counting on across channels so that every pusher gets the same share). A
-pusher publishes `(epoch << 32) | channels it finished` to every peer after every `publish_every`
-channels (and after the first and each of the last channels) and at the end: one CTA barrier and one
-release atomic per peer, rarely, so its stores stream.
-Receivers deal the tiles of the receive side round-robin in the same channel order and wait, per
-channel, until every pusher of the peers they need has passed it: one vector of acquire atomics over
-(source, pusher) flags. So all pushers of a rank move through the channels together and the receivers
-follow a channel behind. At the end every receiver sees every peer's final flag of the epoch, which
-keeps peers at most one operation apart (docs/design.md, "Symmetric heap and signalling"); data lives in
-half `epoch % 2` of the data heap.
+num_sms // 2`), in segments of channels: a segment ends after every `publish_every` channels, and also
+after the first and each of the last channels (receivers start and finish sooner). Per segment, a
+dispatch pusher takes an equal contiguous part of the segment's tokens and a combine pusher an equal
+contiguous part of every home's rows (homes in ring order from a pusher-dependent start, so that a rank's
+pushers load all its links at once). At a segment's end a pusher publishes `(epoch << 32) | channels it
+finished` to every peer: one CTA barrier and one release atomic per peer, rarely, so its stores stream.
+Receivers take an equal contiguous part of the segment's rows (dispatch: of every peer; combine: of this
+rank's tokens) and wait until every pusher of the peers they need has passed the segment: one vector of
+acquire atomics over (source, pusher) flags. On a GPU the loops over (tile, row chunk) are
+software-pipelined (`STAGES`), also across tiles. At the end every receiver sees every peer's final flag
+of the epoch, which keeps peers at most one operation apart (docs/design.md, "Symmetric heap and
+signalling"); data lives in half `epoch % 2` of the data heap.
 
 Heap regions (byte offsets from the backend):
 - signal heap: notify flags int64[R] (one per source), dispatch flags int64[R, MAX_PUSHERS] (source
@@ -118,28 +119,6 @@ def _wait_channels(flag_ptrs, flag_ok, needed, channel, ready, e, num_channels, 
             record_timeout(err_ptr, phase, rank, tl.min(tl.where(behind, ranks, R_PAD), axis=0))
             failed = 1
     return ready, failed
-
-
-@triton.jit
-def _peer_blocks(rank_prefix_ptr, recv_prefix_ptr, rank, channel, num_channels, NUM_RANKS: tl.constexpr,
-                 R_PAD: tl.constexpr):
-    """For every rank p, the rows p sends to `rank` in p's channel `channel`: (count, first row in rank's
-    receive order, first slot in p's combine region for these rows when they come back), as [R_PAD]
-    vectors."""
-    peers = tl.arange(0, R_PAD)
-    valid = peers < NUM_RANKS
-    prev = tl.load(rank_prefix_ptr + (peers - 1) * NUM_RANKS + rank, mask=valid & (peers > 0), other=0)
-    total = tl.load(rank_prefix_ptr + peers * NUM_RANKS + rank, mask=valid, other=0) - prev
-    begin = tl.load(recv_prefix_ptr + peers * num_channels + channel, mask=valid, other=0)
-    has_next = valid & (channel + 1 < num_channels)
-    end = tl.load(recv_prefix_ptr + peers * num_channels + channel + 1, mask=has_next, other=0)
-    count = tl.where(has_next, end, total) - begin
-    # p's combine region holds the rows of lower ranks first: sum over j < rank of n(p -> j)
-    lower = valid[:, None] & (peers < rank)[None, :]
-    upto = tl.load(rank_prefix_ptr + peers[:, None] * NUM_RANKS + peers[None, :], mask=lower, other=0)
-    below = tl.load(rank_prefix_ptr + (peers[:, None] - 1) * NUM_RANKS + peers[None, :],
-                    mask=lower & (peers > 0)[:, None], other=0)
-    return count, prev + begin, tl.sum(upto - below, axis=1) + begin
 
 
 @triton.jit
@@ -272,65 +251,80 @@ def ep_notify_kernel(in_rank_ptr, expert_counts_ptr, signal_bases_ptr, notify_fl
             l0 += L_BLOCK
 
 
+# ---------------------------------------------------------------- segments and parts
+@triton.jit
+def _segment_end(begin, publish_every, num_channels):
+    """The first channel count after `begin` at which a pusher publishes: the end of a segment."""
+    end = begin + 1
+    while _publish_now(end, publish_every, num_channels) == 0:
+        end += 1
+    return end
+
+
+@triton.jit
+def _source_rows(rank_prefix_ptr, recv_prefix_ptr, rank, channel, num_channels, NUM_RANKS: tl.constexpr,
+                 R_PAD: tl.constexpr):
+    """For every rank p: where the rows p sends to `rank` from p's channel `channel` on start inside p's
+    block of rank's receive order (channel == num_channels: the block's end), and the block's first row.
+    Both as [R_PAD] vectors; the block's first row is also where p's rows start in rank's x in a combine."""
+    peers = tl.arange(0, R_PAD)
+    valid = peers < NUM_RANKS
+    block = tl.load(rank_prefix_ptr + (peers - 1) * NUM_RANKS + rank, mask=valid & (peers > 0), other=0)
+    total = tl.load(rank_prefix_ptr + peers * NUM_RANKS + rank, mask=valid, other=0) - block
+    inner = valid & (channel < num_channels)
+    start = tl.load(recv_prefix_ptr + peers * num_channels + channel, mask=inner, other=0)
+    return tl.where(inner, start, total), block
+
+
+@triton.jit
+def _parts(lo, hi, part, num_parts, peer_ok, first_peer, NUM_RANKS: tl.constexpr, R_PAD: tl.constexpr,
+           BLOCK_T: tl.constexpr):
+    """Part `part` of `num_parts` of every peer's row range [lo, hi) ([R_PAD] vectors), the peers taken in
+    ring order from `first_peer`. -> (part begin, part end, tiles, tiles of the peers before in the order)."""
+    ranks = tl.arange(0, R_PAD)
+    n = hi - lo
+    begin = lo + n * part // num_parts
+    end = lo + n * (part + 1) // num_parts
+    tiles = tl.where(peer_ok, tl.cdiv(end - begin, BLOCK_T), 0)
+    order = (ranks - first_peer % NUM_RANKS + NUM_RANKS) % NUM_RANKS
+    before = tl.sum(tl.where(order[None, :] < order[:, None], tiles[None, :], 0), axis=1)
+    return begin, end, tiles, before
+
+
 # ---------------------------------------------------------------- dispatch
 @triton.jit
-def _dispatch_push_tile(start, channel_begin, channel_end, channel_prefix, block_start, half_offset,
-                        x_ptr, scales_ptr, scale_stride_t, scale_stride_s, topk_ptr, weights_ptr, in_rank_ptr,
-                        recv_x_ptr, recv_scales_ptr, recv_topk_ptr, recv_weights_ptr, recv_src_ptr, send_head_ptr,
-                        data_bases_ptr, rank, num_local_experts, num_scales, num_topk, capacity, num_out_rows,
-                        NUM_RANKS: tl.constexpr, R_PAD: tl.constexpr, ROW_WORDS: tl.constexpr,
-                        RECORD_WORDS: tl.constexpr, S_PAD: tl.constexpr, K_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
-                        BLOCK_W: tl.constexpr, HAS_SCALES: tl.constexpr, HAS_TOPK: tl.constexpr,
-                        WRITE_SEND_HEAD: tl.constexpr, STAGES: tl.constexpr):
-    """Push tokens [start, start + BLOCK_T) of a channel, each loaded once, to every destination at its final
-    row; rows for this rank go straight into the output tensors. A token's position among the tokens sent
-    to j comes from `send_head` (cached dispatch) or is counted and written there."""
+def _dispatch_push_fields(start, last, before, block_start, half_offset, scales_ptr, scale_stride_t,
+                          scale_stride_s, topk_ptr, weights_ptr, in_rank_ptr, recv_scales_ptr, recv_topk_ptr,
+                          recv_weights_ptr, recv_src_ptr, send_head_ptr, data_bases_ptr, rank, num_local_experts,
+                          num_scales, num_topk, capacity, num_out_rows, NUM_RANKS: tl.constexpr,
+                          R_PAD: tl.constexpr, ROW_WORDS: tl.constexpr, RECORD_WORDS: tl.constexpr,
+                          S_PAD: tl.constexpr, K_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
+                          HAS_SCALES: tl.constexpr, HAS_TOPK: tl.constexpr, WRITE_SEND_HEAD: tl.constexpr):
+    """Tokens [start, min(start + BLOCK_T, last)): their positions among the tokens sent to each rank
+    (written into send_head from `before`, the tokens before `start` sent to each rank, or read from it in a
+    cached dispatch), and their per-row fields (scales, top-k ids and weights, source index) at their final
+    rows. -> `before` after these tokens."""
     ranks = tl.arange(0, R_PAD)
     rank_ok = ranks < NUM_RANKS
+    ks = tl.arange(0, K_PAD)
+    ss = tl.arange(0, S_PAD)
     toks = start + tl.arange(0, BLOCK_T)
-    tok_ok = toks < channel_end
+    tok_ok = toks < last
     tile_ok = tok_ok[:, None] & rank_ok[None, :]
     toks64 = toks.to(tl.int64)
     offsets = toks64[:, None] * NUM_RANKS + ranks[None, :]
     chosen = tl.load(in_rank_ptr + offsets, mask=tile_ok, other=0).to(tl.int32)
     if WRITE_SEND_HEAD:
-        # the channel's earlier tokens to j, then an inclusive prefix over the tile's tokens as a masked sum
-        # (tl.cumsum's lowering fails on some tiny tiles in Triton 3.6)
-        before = channel_prefix
-        scan = channel_begin
-        while scan < start:
-            scan_toks = scan + tl.arange(0, _scan_tokens)
-            scan_ok = (scan_toks < start)[:, None] & rank_ok[None, :]
-            seen = tl.load(in_rank_ptr + scan_toks[:, None].to(tl.int64) * NUM_RANKS + ranks[None, :], mask=scan_ok,
-                           other=0)
-            before += tl.sum(seen.to(tl.int32), axis=0)
-            scan += _scan_tokens
+        # inclusive prefix over the tile's tokens as a masked sum (tl.cumsum's lowering fails on some tiny
+        # tiles in Triton 3.6)
         earlier = (tl.arange(0, BLOCK_T)[None, :] <= tl.arange(0, BLOCK_T)[:, None]).to(tl.int32)
         pos = before[None, :] + tl.sum(earlier[:, :, None] * chosen[None, :, :], axis=1) - 1
+        before += tl.sum(chosen, axis=0)
         tl.store(send_head_ptr + offsets, tl.where(chosen != 0, pos, -1), mask=tile_ok)
     else:
         pos = tl.load(send_head_ptr + offsets, mask=tile_ok, other=0)
     rows = block_start[None, :] + pos  # final row on destination j
-    for c0 in tl.range(0, ROW_WORDS, BLOCK_W, num_stages=STAGES):
-        cols = c0 + tl.arange(0, BLOCK_W)
-        col_ok = cols < ROW_WORDS
-        data = tl.load(x_ptr + toks64[:, None] * ROW_WORDS + cols[None, :], mask=tok_ok[:, None] & col_ok[None, :])
-        for step in tl.static_range(NUM_RANKS):  # self first, then the peers in ring order (spreads the links)
-            dst = (rank + step) % NUM_RANKS
-            pick = ranks[None, :] == dst
-            dst_rows = tl.sum(tl.where(pick, rows, 0), axis=1).to(tl.int64)
-            dst_ok = (tl.sum(tl.where(pick, chosen, 0), axis=1) != 0)[:, None] & col_ok[None, :]
-            if step == 0:
-                tl.store(recv_x_ptr + dst_rows[:, None] * ROW_WORDS + cols[None, :], data,
-                         mask=dst_ok & (dst_rows < num_out_rows)[:, None])
-            else:
-                region = (tl.load(data_bases_ptr + dst) + half_offset).to(tl.pointer_type(tl.int32))
-                region = tl.multiple_of(region, 16)
-                tl.store(region + dst_rows[:, None] * RECORD_WORDS + cols[None, :], data,
-                         mask=dst_ok & (dst_rows < capacity)[:, None])
-    ks = tl.arange(0, K_PAD)
     k_ok = tok_ok[:, None] & (ks < num_topk)[None, :]
-    ss = tl.arange(0, S_PAD)
     s_ok = tok_ok[:, None] & (ss < num_scales)[None, :]
     if HAS_TOPK:
         ids = tl.load(topk_ptr + toks64[:, None] * num_topk + ks[None, :], mask=k_ok, other=-1).to(tl.int32)
@@ -338,7 +332,7 @@ def _dispatch_push_tile(start, channel_begin, channel_end, channel_prefix, block
         local, local_weights = _localize(ids, weights, rank, num_local_experts)
     if HAS_SCALES:
         scales = tl.load(scales_ptr + toks64[:, None] * scale_stride_t + ss[None, :] * scale_stride_s, mask=s_ok)
-    for step in tl.static_range(NUM_RANKS):
+    for step in tl.static_range(NUM_RANKS):  # self first, then the peers in ring order
         dst = (rank + step) % NUM_RANKS
         pick = ranks[None, :] == dst
         dst_rows = tl.sum(tl.where(pick, rows, 0), axis=1).to(tl.int64)
@@ -366,24 +360,79 @@ def _dispatch_push_tile(start, channel_begin, channel_end, channel_prefix, block
                 tl.store(record[:, None] + num_topk + ks[None, :], weights.to(tl.int32, bitcast=True),
                          mask=row_ok[:, None] & k_ok)
             tl.store(record + 2 * num_topk, toks, mask=row_ok)
+    return before
 
 
 @triton.jit
-def _dispatch_copy_tile(begin, end, region, recv_x_ptr, recv_scales_ptr, recv_topk_ptr, recv_weights_ptr,
-                        recv_src_ptr, rank, num_local_experts, num_scales, num_topk, capacity, num_out_rows,
-                        ROW_WORDS: tl.constexpr, RECORD_WORDS: tl.constexpr, S_PAD: tl.constexpr,
-                        K_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_W: tl.constexpr, HAS_SCALES: tl.constexpr,
-                        HAS_TOPK: tl.constexpr, STAGES: tl.constexpr):
-    """Copy received rows [begin, min(begin + BLOCK_T, end)) from the local receive region into the outputs
-    (the row index is the same in both), rewriting top-k ids to local ones."""
-    rows = begin + tl.arange(0, BLOCK_T)
-    row_ok = (rows < end) & (rows < capacity) & (rows < num_out_rows)
+def _dispatch_push_chunk(step, first, last, block_start, bases, x_ptr, recv_x_ptr, send_head_ptr, rank, capacity,
+                         num_out_rows, NUM_RANKS: tl.constexpr, R_PAD: tl.constexpr, ROW_WORDS: tl.constexpr,
+                         RECORD_WORDS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_W: tl.constexpr):
+    """Step `step` of pushing the rows of tokens [first, last): tile step // CHUNKS, chunk step % CHUNKS, loaded
+    once and stored to every destination at the row send_head gives (this rank's rows straight into recv_x;
+    `bases`: every rank's receive region). The steps run in one pipelined loop, so the loads of the next
+    chunks, also across tiles, are in flight."""
+    CHUNKS: tl.constexpr = (ROW_WORDS + BLOCK_W - 1) // BLOCK_W
+    ranks = tl.arange(0, R_PAD)
+    rank_ok = ranks < NUM_RANKS
+    toks = first + (step // CHUNKS) * BLOCK_T + tl.arange(0, BLOCK_T)
+    tok_ok = toks < last
+    toks64 = toks.to(tl.int64)
+    pos = tl.load(send_head_ptr + toks64[:, None] * NUM_RANKS + ranks[None, :], mask=tok_ok[:, None] & rank_ok[None, :],
+                  other=-1)
+    rows = block_start[None, :] + pos
+    cols = (step % CHUNKS) * BLOCK_W + tl.arange(0, BLOCK_W)
+    col_ok = cols < ROW_WORDS
+    data = tl.load(x_ptr + toks64[:, None] * ROW_WORDS + cols[None, :], mask=tok_ok[:, None] & col_ok[None, :])
+    for dst_step in tl.static_range(NUM_RANKS):  # self first, then the peers in ring order
+        dst = (rank + dst_step) % NUM_RANKS
+        pick = ranks[None, :] == dst
+        dst_rows = tl.sum(tl.where(pick, rows, 0), axis=1).to(tl.int64)
+        dst_ok = (tl.max(tl.where(pick, pos, -1), axis=1) >= 0)[:, None] & col_ok[None, :]
+        if dst_step == 0:
+            tl.store(recv_x_ptr + dst_rows[:, None] * ROW_WORDS + cols[None, :], data,
+                     mask=dst_ok & (dst_rows < num_out_rows)[:, None])
+        else:
+            region = tl.multiple_of(tl.sum(tl.where(ranks == dst, bases, 0), axis=0).to(tl.pointer_type(tl.int32)), 16)
+            tl.store(region + dst_rows[:, None] * RECORD_WORDS + cols[None, :], data,
+                     mask=dst_ok & (dst_rows < capacity)[:, None])
+
+
+@triton.jit
+def _pick_tile(tile, begins, ends, tiles, tiles_before, BLOCK_T: tl.constexpr):
+    """Tile `tile` of the peers' ranges [begins[p], ends[p]) laid end to end (`tiles`, `tiles_before`: the
+    ranges' tiles and the tiles before each range). -> (the tile's indices, which are valid, its peer)."""
+    pick = (tiles_before <= tile) & (tile < tiles_before + tiles)
+    idx = tl.sum(tl.where(pick, begins + (tile - tiles_before) * BLOCK_T, 0), axis=0) + tl.arange(0, BLOCK_T)
+    return idx, idx < tl.sum(tl.where(pick, ends, 0), axis=0), pick
+
+
+@triton.jit
+def _dispatch_copy_chunk(step, begins, ends, tiles, tiles_before, region, recv_x_ptr, capacity, num_out_rows,
+                         ROW_WORDS: tl.constexpr, RECORD_WORDS: tl.constexpr, BLOCK_T: tl.constexpr,
+                         BLOCK_W: tl.constexpr):
+    """Step `step` of copying received rows [begins[p], ends[p]) of every peer p (row index = receive order,
+    the same in the local region and in recv_x): tile step // CHUNKS, chunk step % CHUNKS."""
+    CHUNKS: tl.constexpr = (ROW_WORDS + BLOCK_W - 1) // BLOCK_W
+    rows, row_ok, _ = _pick_tile(step // CHUNKS, begins, ends, tiles, tiles_before, BLOCK_T)
+    row_ok = row_ok & (rows < capacity) & (rows < num_out_rows)
     rows64 = rows.to(tl.int64)
-    for c0 in tl.range(0, ROW_WORDS, BLOCK_W, num_stages=STAGES):
-        cols = c0 + tl.arange(0, BLOCK_W)
-        ok = row_ok[:, None] & (cols < ROW_WORDS)[None, :]
-        data = tl.load(region + rows64[:, None] * RECORD_WORDS + cols[None, :], mask=ok, cache_modifier=".cg")
-        tl.store(recv_x_ptr + rows64[:, None] * ROW_WORDS + cols[None, :], data, mask=ok)
+    cols = (step % CHUNKS) * BLOCK_W + tl.arange(0, BLOCK_W)
+    ok = row_ok[:, None] & (cols < ROW_WORDS)[None, :]
+    data = tl.load(region + rows64[:, None] * RECORD_WORDS + cols[None, :], mask=ok, cache_modifier=".cg")
+    tl.store(recv_x_ptr + rows64[:, None] * ROW_WORDS + cols[None, :], data, mask=ok)
+
+
+@triton.jit
+def _dispatch_copy_fields(tile, begins, ends, tiles, tiles_before, region, recv_scales_ptr, recv_topk_ptr,
+                          recv_weights_ptr, recv_src_ptr, rank, num_local_experts, num_scales, num_topk, capacity,
+                          num_out_rows, ROW_WORDS: tl.constexpr, RECORD_WORDS: tl.constexpr, S_PAD: tl.constexpr,
+                          K_PAD: tl.constexpr, BLOCK_T: tl.constexpr, HAS_SCALES: tl.constexpr,
+                          HAS_TOPK: tl.constexpr):
+    """The per-row fields of tile `tile` of the ranges `_dispatch_copy_chunk` copies, top-k ids rewritten to
+    local ones (weights of -1 become 0)."""
+    rows, row_ok, _ = _pick_tile(tile, begins, ends, tiles, tiles_before, BLOCK_T)
+    row_ok = row_ok & (rows < capacity) & (rows < num_out_rows)
+    rows64 = rows.to(tl.int64)
     record = region + rows64 * RECORD_WORDS + ROW_WORDS
     if HAS_SCALES:
         ss = tl.arange(0, S_PAD)
@@ -422,8 +471,11 @@ def ep_dispatch_kernel(x_ptr, scales_ptr, scale_stride_t, scale_stride_s, topk_p
                        WRITE_SEND_HEAD: tl.constexpr, WORST: tl.constexpr, USE_TIMER: tl.constexpr,
                        STAGES: tl.constexpr):
     """Rows are 4-byte words (`x_ptr`/`recv_x_ptr` are int32 views). Row i of the receive order sits at the
-    same index in the receive region and in `recv_x`. Pushers: tiles of this rank's tokens. Receivers:
-    tiles of the rows each peer sends here, per channel of that peer."""
+    same index in the receive region and in `recv_x`. Work goes by segments of channels (a flag at each
+    segment's end): a pusher takes an equal contiguous part of the segment's tokens, a receiver an equal
+    contiguous part of every peer's rows of the segment. USE_TIMER: compiled for a GPU (timed waits,
+    software-pipelined loops)."""
+    CHUNKS: tl.constexpr = (ROW_WORDS + BLOCK_W - 1) // BLOCK_W
     pid = tl.program_id(0)
     e = tl.load(epoch_ptr) + 1
     half_offset = (e % 2) * half_bytes
@@ -431,34 +483,66 @@ def ep_dispatch_kernel(x_ptr, scales_ptr, scale_stride_t, scale_stride_s, topk_p
     rank_ok = ranks < NUM_RANKS
     peer_ok = rank_ok & (ranks != rank)
     zero = tl.full((), 0, tl.int32)
-    channel = zero
-    first_tile = zero  # round-robin index of the current channel's first tile
+    segment = zero  # first channel of the current segment
     if pid < num_pushers:
         # this pusher's flag (source rank, pusher) on every peer
         my_flag = flags_offset + (rank * _max_pushers + pid) * 8
         out_flags = (tl.load(signal_bases_ptr + ranks, mask=rank_ok, other=0) + my_flag).to(tl.pointer_type(tl.int64))
         block_start = tl.load(rank_prefix_ptr + (rank - 1) * NUM_RANKS + ranks, mask=rank_ok & (rank > 0), other=0)
-        tile = zero + pid
-        while channel < num_channels:
-            begin = channel * tokens_per_channel
-            end = tl.minimum(begin + tokens_per_channel, num_tokens)
-            tiles = tl.cdiv(tl.maximum(end - begin, 0), BLOCK_T)
-            # tokens of earlier channels sent to each rank
-            channel_prefix = tl.load(send_prefix_ptr + ranks * num_channels + channel - 1,
-                                     mask=rank_ok & (channel > 0), other=0)
-            while tile < first_tile + tiles:
-                _dispatch_push_tile(begin + (tile - first_tile) * BLOCK_T, begin, end, channel_prefix, block_start,
-                                    half_offset, x_ptr, scales_ptr, scale_stride_t, scale_stride_s, topk_ptr,
-                                    weights_ptr, in_rank_ptr, recv_x_ptr, recv_scales_ptr, recv_topk_ptr,
-                                    recv_weights_ptr, recv_src_ptr, send_head_ptr, data_bases_ptr, rank,
-                                    num_local_experts, num_scales, num_topk, capacity, num_out_rows,
-                                    NUM_RANKS, R_PAD, ROW_WORDS, RECORD_WORDS, S_PAD, K_PAD, BLOCK_T, BLOCK_W,
-                                    HAS_SCALES, HAS_TOPK, WRITE_SEND_HEAD, STAGES)
-                tile += num_pushers
-            first_tile += tiles
-            channel += 1
-            if _publish_now(channel, publish_every, num_channels):
-                _publish(out_flags, tl.zeros([R_PAD], tl.int64) + ((e << 32) | channel.to(tl.int64)), peer_ok)
+        bases = tl.load(data_bases_ptr + ranks, mask=rank_ok, other=0) + half_offset  # every rank's region
+        while segment < num_channels:
+            segment_end = _segment_end(segment, publish_every, num_channels)
+            lo = tl.minimum(segment * tokens_per_channel, num_tokens)
+            n = tl.minimum(segment_end * tokens_per_channel, num_tokens) - lo
+            first = lo + n * pid // num_pushers
+            last = lo + n * (pid + 1) // num_pushers
+            before = tl.zeros([R_PAD], tl.int32)  # tokens before `first` sent to each rank
+            if WRITE_SEND_HEAD:
+                channel = first // tokens_per_channel
+                before = tl.load(send_prefix_ptr + ranks * num_channels + channel - 1,
+                                 mask=rank_ok & (channel > 0) & (channel < num_channels), other=0)
+                scan = channel * tokens_per_channel
+                while scan < first:
+                    scan_toks = scan + tl.arange(0, _scan_tokens)
+                    scan_ok = (scan_toks < first)[:, None] & rank_ok[None, :]
+                    seen = tl.load(in_rank_ptr + scan_toks[:, None].to(tl.int64) * NUM_RANKS + ranks[None, :],
+                                   mask=scan_ok, other=0)
+                    before += tl.sum(seen.to(tl.int32), axis=0)
+                    scan += _scan_tokens
+            # per-row fields (and positions) tile by tile, then the rows in one loop over (tile, chunk); on a
+            # GPU the loops are software-pipelined (the interpreter needs constant bounds for tl.range)
+            num_tiles = tl.cdiv(last - first, BLOCK_T)
+            if USE_TIMER:
+                for tile in tl.range(0, num_tiles, num_stages=STAGES):
+                    before = _dispatch_push_fields(
+                        first + tile * BLOCK_T, last, before, block_start, half_offset, scales_ptr, scale_stride_t,
+                        scale_stride_s, topk_ptr, weights_ptr, in_rank_ptr, recv_scales_ptr, recv_topk_ptr,
+                        recv_weights_ptr, recv_src_ptr, send_head_ptr, data_bases_ptr, rank, num_local_experts,
+                        num_scales, num_topk, capacity, num_out_rows, NUM_RANKS, R_PAD, ROW_WORDS, RECORD_WORDS,
+                        S_PAD, K_PAD, BLOCK_T, HAS_SCALES, HAS_TOPK, WRITE_SEND_HEAD)
+                tl.debug_barrier()  # the rows' loop reads the send_head this program just wrote
+                for step in tl.range(0, num_tiles * CHUNKS, num_stages=STAGES):
+                    _dispatch_push_chunk(step, first, last, block_start, bases, x_ptr, recv_x_ptr, send_head_ptr,
+                                         rank, capacity, num_out_rows, NUM_RANKS, R_PAD, ROW_WORDS, RECORD_WORDS,
+                                         BLOCK_T, BLOCK_W)
+            else:
+                tile = zero
+                while tile < num_tiles:
+                    before = _dispatch_push_fields(
+                        first + tile * BLOCK_T, last, before, block_start, half_offset, scales_ptr, scale_stride_t,
+                        scale_stride_s, topk_ptr, weights_ptr, in_rank_ptr, recv_scales_ptr, recv_topk_ptr,
+                        recv_weights_ptr, recv_src_ptr, send_head_ptr, data_bases_ptr, rank, num_local_experts,
+                        num_scales, num_topk, capacity, num_out_rows, NUM_RANKS, R_PAD, ROW_WORDS, RECORD_WORDS,
+                        S_PAD, K_PAD, BLOCK_T, HAS_SCALES, HAS_TOPK, WRITE_SEND_HEAD)
+                    tile += 1
+                step = zero
+                while step < num_tiles * CHUNKS:
+                    _dispatch_push_chunk(step, first, last, block_start, bases, x_ptr, recv_x_ptr, send_head_ptr,
+                                         rank, capacity, num_out_rows, NUM_RANKS, R_PAD, ROW_WORDS, RECORD_WORDS,
+                                         BLOCK_T, BLOCK_W)
+                    step += 1
+            _publish(out_flags, tl.zeros([R_PAD], tl.int64) + ((e << 32) | segment_end.to(tl.int64)), peer_ok)
+            segment = segment_end
     else:
         worker = pid - num_pushers
         num_workers = tl.num_programs(0) - num_pushers
@@ -483,28 +567,41 @@ def ep_dispatch_kernel(x_ptr, scales_ptr, scale_stride_t, scale_stride_s, topk_p
                              mask=tail_ok[:, None] & (ks < num_topk)[None, :])
                 r0 += num_workers * BLOCK_T
         ready = tl.zeros([R_PAD], tl.int32)  # channels every pusher of a source finished, as last seen
-        tile = zero + worker
-        while channel < num_channels:
-            # tiles of this channel: source by source, each source's rows in BLOCK_T tiles
-            count, row0, _ = _peer_blocks(rank_prefix_ptr, recv_prefix_ptr, rank, channel, num_channels, NUM_RANKS,
-                                          R_PAD)
-            tiles = tl.where(peer_ok, tl.cdiv(count, BLOCK_T), 0)
-            tiles_before = tl.sum(tl.where(ranks[None, :] < ranks[:, None], tiles[None, :], 0), axis=1)
-            while tile < first_tile + tl.sum(tiles, axis=0):
-                index = tile - first_tile
-                pick = peer_ok & (tiles_before <= index) & (index < tiles_before + tiles)
-                ready, failed = _wait_channels(flags, flag_ok, pick, channel, ready, e, num_channels, failed, err_ptr,
-                                               _phase_dispatch, rank, budget, R_PAD, USE_TIMER)
-                if failed == 0:
-                    first_row = tl.sum(tl.where(pick, row0 + (index - tiles_before) * BLOCK_T, 0), axis=0)
-                    _dispatch_copy_tile(first_row, tl.sum(tl.where(pick, row0 + count, 0), axis=0), region,
-                                        recv_x_ptr, recv_scales_ptr, recv_topk_ptr, recv_weights_ptr, recv_src_ptr,
-                                        rank, num_local_experts, num_scales, num_topk, capacity, num_out_rows,
-                                        ROW_WORDS, RECORD_WORDS, S_PAD, K_PAD, BLOCK_T, BLOCK_W, HAS_SCALES,
-                                        HAS_TOPK, STAGES)
-                tile += num_workers
-            first_tile += tl.sum(tiles, axis=0)
-            channel += 1
+        row_lo, block = _source_rows(rank_prefix_ptr, recv_prefix_ptr, rank, segment, num_channels, NUM_RANKS,
+                                     R_PAD)
+        while segment < num_channels:
+            segment_end = _segment_end(segment, publish_every, num_channels)
+            row_hi, block = _source_rows(rank_prefix_ptr, recv_prefix_ptr, rank, segment_end, num_channels,
+                                         NUM_RANKS, R_PAD)
+            begins, ends, tiles, tiles_before = _parts(block + row_lo, block + row_hi, worker, num_workers, peer_ok,
+                                                       rank + 1 + worker, NUM_RANKS, R_PAD, BLOCK_T)
+            ready, failed = _wait_channels(flags, flag_ok, tiles > 0, segment_end - 1, ready, e, num_channels, failed,
+                                           err_ptr, _phase_dispatch, rank, budget, R_PAD, USE_TIMER)
+            num_tiles = tl.where(failed == 0, tl.sum(tiles, axis=0), 0)
+            if USE_TIMER:  # software-pipelined loops (the interpreter needs constant bounds for tl.range)
+                for step in tl.range(0, num_tiles * CHUNKS, num_stages=STAGES):
+                    _dispatch_copy_chunk(step, begins, ends, tiles, tiles_before, region, recv_x_ptr, capacity,
+                                         num_out_rows, ROW_WORDS, RECORD_WORDS, BLOCK_T, BLOCK_W)
+                for tile in tl.range(0, num_tiles, num_stages=STAGES):
+                    _dispatch_copy_fields(tile, begins, ends, tiles, tiles_before, region, recv_scales_ptr,
+                                          recv_topk_ptr, recv_weights_ptr, recv_src_ptr, rank, num_local_experts,
+                                          num_scales, num_topk, capacity, num_out_rows, ROW_WORDS, RECORD_WORDS,
+                                          S_PAD, K_PAD, BLOCK_T, HAS_SCALES, HAS_TOPK)
+            else:
+                step = zero
+                while step < num_tiles * CHUNKS:
+                    _dispatch_copy_chunk(step, begins, ends, tiles, tiles_before, region, recv_x_ptr, capacity,
+                                         num_out_rows, ROW_WORDS, RECORD_WORDS, BLOCK_T, BLOCK_W)
+                    step += 1
+                tile = zero
+                while tile < num_tiles:
+                    _dispatch_copy_fields(tile, begins, ends, tiles, tiles_before, region, recv_scales_ptr,
+                                          recv_topk_ptr, recv_weights_ptr, recv_src_ptr, rank, num_local_experts,
+                                          num_scales, num_topk, capacity, num_out_rows, ROW_WORDS, RECORD_WORDS,
+                                          S_PAD, K_PAD, BLOCK_T, HAS_SCALES, HAS_TOPK)
+                    tile += 1
+            row_lo = row_hi
+            segment = segment_end
         # every peer's final flags, also where no rows flow: keeps the ranks at most one operation apart
         ready, failed = _wait_channels(flags, flag_ok, peer_ok, num_channels - 1, ready, e, num_channels, failed,
                                        err_ptr, _phase_dispatch, rank, budget, R_PAD, USE_TIMER)
@@ -512,84 +609,102 @@ def ep_dispatch_kernel(x_ptr, scales_ptr, scale_stride_t, scale_stride_s, topk_p
 
 # ---------------------------------------------------------------- combine
 @triton.jit
-def _combine_push_tile(begin, end, x_row0, slot0, home, half_offset, x_ptr, weights_ptr, data_bases_ptr, num_topk,
-                       capacity, HIDDEN: tl.constexpr, RECORD_ELEMS: tl.constexpr, K_PAD: tl.constexpr,
-                       BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, HAS_WEIGHTS: tl.constexpr,
-                       STAGES: tl.constexpr):
-    """Push rows x_row0 + [begin, min(begin + BLOCK_T, end)) of x to `home`'s combine region at slots slot0 +
-    the same offsets."""
-    idx = begin + tl.arange(0, BLOCK_T)
-    slots = (slot0 + idx).to(tl.int64)
-    row_ok = (idx < end) & (slots < capacity)
-    rows = (x_row0 + idx).to(tl.int64)
-    home_base = tl.load(data_bases_ptr + home) + half_offset
-    region = tl.multiple_of(home_base.to(tl.pointer_type(tl.bfloat16)), 16)
-    for c0 in tl.range(0, HIDDEN, BLOCK_H, num_stages=STAGES):
-        cols = c0 + tl.arange(0, BLOCK_H)
-        ok = row_ok[:, None] & (cols < HIDDEN)[None, :]
-        data = tl.load(x_ptr + rows[:, None] * HIDDEN + cols[None, :], mask=ok)
-        tl.store(region + slots[:, None] * RECORD_ELEMS + cols[None, :], data, mask=ok)
-    if HAS_WEIGHTS:
-        ks = tl.arange(0, K_PAD)
-        k_ok = row_ok[:, None] & (ks < num_topk)[None, :]
-        weights = tl.load(weights_ptr + rows[:, None] * num_topk + ks[None, :], mask=k_ok)
-        weight_region = (home_base + HIDDEN * 2).to(tl.pointer_type(tl.float32))
-        tl.store(weight_region + slots[:, None] * (RECORD_ELEMS // 2) + ks[None, :], weights, mask=k_ok)
+def _combine_push_chunk(step, begins, ends, tiles, tiles_before, x_block, slot_block, bases, x_ptr, capacity,
+                        HIDDEN: tl.constexpr, RECORD_ELEMS: tl.constexpr, BLOCK_T: tl.constexpr,
+                        BLOCK_H: tl.constexpr):
+    """Step `step` of pushing rows [begins[h], ends[h]) of every home h's block (x rows x_block[h] + i) to h's
+    combine region (`bases`: every rank's, slots slot_block[h] + i): tile step // CHUNKS, chunk step % CHUNKS."""
+    CHUNKS: tl.constexpr = (HIDDEN + BLOCK_H - 1) // BLOCK_H
+    idx, row_ok, pick = _pick_tile(step // CHUNKS, begins, ends, tiles, tiles_before, BLOCK_T)
+    slots = (tl.sum(tl.where(pick, slot_block, 0), axis=0) + idx).to(tl.int64)
+    row_ok = row_ok & (slots < capacity)
+    rows = (tl.sum(tl.where(pick, x_block, 0), axis=0) + idx).to(tl.int64)
+    region = tl.multiple_of(tl.sum(tl.where(pick, bases, 0), axis=0).to(tl.pointer_type(tl.bfloat16)), 16)
+    cols = (step % CHUNKS) * BLOCK_H + tl.arange(0, BLOCK_H)
+    ok = row_ok[:, None] & (cols < HIDDEN)[None, :]
+    data = tl.load(x_ptr + rows[:, None] * HIDDEN + cols[None, :], mask=ok)
+    tl.store(region + slots[:, None] * RECORD_ELEMS + cols[None, :], data, mask=ok)
 
 
 @triton.jit
-def _combine_reduce_tile(start, last, x_ptr, weights_ptr, bias0_ptr, bias1_ptr, in_rank_ptr, send_head_ptr, out_ptr,
-                         out_weights_ptr, slot_base, self_row0, region_base, rank, num_topk,
-                         NUM_RANKS: tl.constexpr, R_PAD: tl.constexpr, HIDDEN: tl.constexpr,
-                         RECORD_ELEMS: tl.constexpr, K_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
-                         BLOCK_H: tl.constexpr, HAS_WEIGHTS: tl.constexpr, HAS_BIAS0: tl.constexpr,
-                         HAS_BIAS1: tl.constexpr, STAGES: tl.constexpr):
-    """Reduce tokens [start, min(start + BLOCK_T, last)): bias0 + bias1 + the rows of destination ranks
-    ascending, in float32, one rounding to bf16. Peer j's row of token t is staged at slot
-    slot_base[j] + send_head[t, j]; this rank's own row is x[self_row0 + send_head[t, rank]]."""
+def _combine_push_weights(tile, begins, ends, tiles, tiles_before, x_block, slot_block, bases, weights_ptr,
+                          num_topk, capacity, HIDDEN: tl.constexpr, RECORD_ELEMS: tl.constexpr, K_PAD: tl.constexpr,
+                          BLOCK_T: tl.constexpr):
+    """The top-k weights of tile `tile` of the rows `_combine_push_chunk` pushes, after each row."""
+    idx, row_ok, pick = _pick_tile(tile, begins, ends, tiles, tiles_before, BLOCK_T)
+    slots = (tl.sum(tl.where(pick, slot_block, 0), axis=0) + idx).to(tl.int64)
+    row_ok = row_ok & (slots < capacity)
+    rows = (tl.sum(tl.where(pick, x_block, 0), axis=0) + idx).to(tl.int64)
+    ks = tl.arange(0, K_PAD)
+    k_ok = row_ok[:, None] & (ks < num_topk)[None, :]
+    weights = tl.load(weights_ptr + rows[:, None] * num_topk + ks[None, :], mask=k_ok)
+    region = (tl.sum(tl.where(pick, bases, 0), axis=0) + HIDDEN * 2).to(tl.pointer_type(tl.float32))
+    tl.store(region + slots[:, None] * (RECORD_ELEMS // 2) + ks[None, :], weights, mask=k_ok)
+
+
+@triton.jit
+def _combine_sources(start, last, send_head_ptr, slot_base, self_row0, rank, NUM_RANKS: tl.constexpr,
+                     R_PAD: tl.constexpr, BLOCK_T: tl.constexpr):
+    """Tokens start + [0, BLOCK_T) below `last`, and where each (token, rank) row is: a slot of the staging
+    region (peer j's row of token t at slot_base[j] + send_head[t, j]) or, for this rank, a row of x
+    (self_row0 + send_head[t, rank]); send_head -1: no row. -> (tokens, which are valid, rows, send_head)."""
     ranks = tl.arange(0, R_PAD)
     toks = start + tl.arange(0, BLOCK_T)
     tok_ok = toks < last
-    tile_ok = tok_ok[:, None] & (ranks < NUM_RANKS)[None, :]
-    toks64 = toks.to(tl.int64)
-    chosen = tl.load(in_rank_ptr + toks64[:, None] * NUM_RANKS + ranks[None, :], mask=tile_ok, other=0).to(tl.int32)
-    head = tl.load(send_head_ptr + toks64[:, None] * NUM_RANKS + ranks[None, :], mask=tile_ok, other=0)
-    # source row of every (token, rank): a slot in the staging region, or a row of x for this rank
-    where = tl.where(ranks[None, :] == rank, self_row0, slot_base[None, :]) + head
-    region = tl.multiple_of(region_base.to(tl.pointer_type(tl.bfloat16)), 16)
-    for c0 in tl.range(0, HIDDEN, BLOCK_H, num_stages=STAGES):
-        cols = c0 + tl.arange(0, BLOCK_H)
-        ok = tok_ok[:, None] & (cols < HIDDEN)[None, :]
-        acc = tl.zeros([BLOCK_T, BLOCK_H], tl.float32)
-        if HAS_BIAS0:
-            acc += tl.load(bias0_ptr + toks64[:, None] * HIDDEN + cols[None, :], mask=ok, other=0.0).to(tl.float32)
-        if HAS_BIAS1:
-            acc += tl.load(bias1_ptr + toks64[:, None] * HIDDEN + cols[None, :], mask=ok, other=0.0).to(tl.float32)
-        for j in tl.static_range(NUM_RANKS):  # canonical order: destination ranks ascending
-            pick = ranks[None, :] == j
-            row = tl.sum(tl.where(pick, where, 0), axis=1).to(tl.int64)
-            has = ok & (tl.sum(tl.where(pick, chosen, 0), axis=1) != 0)[:, None]
-            # one unconditional load per rank (a pointer select, not a branch) lets the loop be pipelined
-            ptrs = tl.where(j == rank, x_ptr + row[:, None] * HIDDEN + cols[None, :],
-                            region + row[:, None] * RECORD_ELEMS + cols[None, :])
-            acc += tl.load(ptrs, mask=has, other=0.0, cache_modifier=".cg").to(tl.float32)
-        tl.store(out_ptr + toks64[:, None] * HIDDEN + cols[None, :], _to_bf16(acc), mask=ok)
-    if HAS_WEIGHTS:
-        ks = tl.arange(0, K_PAD)
-        ok = tok_ok[:, None] & (ks < num_topk)[None, :]
-        weight_region = (region_base + HIDDEN * 2).to(tl.pointer_type(tl.float32))
-        acc_w = tl.zeros([BLOCK_T, K_PAD], tl.float32)
-        for j in tl.static_range(NUM_RANKS):
-            pick = ranks[None, :] == j
-            row = tl.sum(tl.where(pick, where, 0), axis=1).to(tl.int64)
-            has = ok & (tl.sum(tl.where(pick, chosen, 0), axis=1) != 0)[:, None]
-            if j == rank:
-                part = tl.load(weights_ptr + row[:, None] * num_topk + ks[None, :], mask=has, other=0.0)
-            else:
-                part = tl.load(weight_region + row[:, None] * (RECORD_ELEMS // 2) + ks[None, :], mask=has, other=0.0,
-                               cache_modifier=".cg")
-            acc_w += part
-        tl.store(out_weights_ptr + toks64[:, None] * num_topk + ks[None, :], acc_w, mask=ok)
+    head = tl.load(send_head_ptr + toks[:, None].to(tl.int64) * NUM_RANKS + ranks[None, :],
+                   mask=tok_ok[:, None] & (ranks < NUM_RANKS)[None, :], other=-1)
+    return toks.to(tl.int64), tok_ok, tl.where(ranks[None, :] == rank, self_row0, slot_base[None, :]) + head, head
+
+
+@triton.jit
+def _combine_reduce_chunk(step, first, last, x_ptr, bias0_ptr, bias1_ptr, send_head_ptr, out_ptr, slot_base,
+                          self_row0, region, rank, NUM_RANKS: tl.constexpr, R_PAD: tl.constexpr,
+                          HIDDEN: tl.constexpr, RECORD_ELEMS: tl.constexpr, BLOCK_T: tl.constexpr,
+                          BLOCK_H: tl.constexpr, HAS_BIAS0: tl.constexpr, HAS_BIAS1: tl.constexpr):
+    """Step `step` of reducing tokens [first, last) (tile step // CHUNKS, chunk step % CHUNKS): bias0 + bias1 +
+    the rows of destination ranks ascending, in float32, one rounding to bf16."""
+    CHUNKS: tl.constexpr = (HIDDEN + BLOCK_H - 1) // BLOCK_H
+    ranks = tl.arange(0, R_PAD)
+    toks64, tok_ok, where, head = _combine_sources(first + (step // CHUNKS) * BLOCK_T, last, send_head_ptr, slot_base,
+                                                   self_row0, rank, NUM_RANKS, R_PAD, BLOCK_T)
+    cols = (step % CHUNKS) * BLOCK_H + tl.arange(0, BLOCK_H)
+    ok = tok_ok[:, None] & (cols < HIDDEN)[None, :]
+    acc = tl.zeros([BLOCK_T, BLOCK_H], tl.float32)
+    if HAS_BIAS0:
+        acc += tl.load(bias0_ptr + toks64[:, None] * HIDDEN + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+    if HAS_BIAS1:
+        acc += tl.load(bias1_ptr + toks64[:, None] * HIDDEN + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+    for j in tl.static_range(NUM_RANKS):  # canonical order: destination ranks ascending
+        pick = ranks[None, :] == j
+        row = tl.sum(tl.where(pick, where, 0), axis=1).to(tl.int64)
+        has = ok & (tl.max(tl.where(pick, head, -1), axis=1) >= 0)[:, None]
+        # one unconditional load per rank (a pointer select, not a branch) lets the loop be pipelined
+        ptrs = tl.where(j == rank, x_ptr + row[:, None] * HIDDEN + cols[None, :],
+                        region + row[:, None] * RECORD_ELEMS + cols[None, :])
+        acc += tl.load(ptrs, mask=has, other=0.0, cache_modifier=".cg").to(tl.float32)
+    tl.store(out_ptr + toks64[:, None] * HIDDEN + cols[None, :], _to_bf16(acc), mask=ok)
+
+
+@triton.jit
+def _combine_reduce_weights(tile, first, last, weights_ptr, send_head_ptr, out_weights_ptr, slot_base, self_row0,
+                            weight_region, rank, num_topk, NUM_RANKS: tl.constexpr, R_PAD: tl.constexpr,
+                            RECORD_ELEMS: tl.constexpr, K_PAD: tl.constexpr, BLOCK_T: tl.constexpr):
+    """The combined top-k weights of tile `tile` of tokens [first, last): the ranks' weight rows summed in
+    float32, ranks ascending."""
+    ranks = tl.arange(0, R_PAD)
+    toks64, tok_ok, where, head = _combine_sources(first + tile * BLOCK_T, last, send_head_ptr, slot_base, self_row0,
+                                                   rank, NUM_RANKS, R_PAD, BLOCK_T)
+    ks = tl.arange(0, K_PAD)
+    ok = tok_ok[:, None] & (ks < num_topk)[None, :]
+    acc = tl.zeros([BLOCK_T, K_PAD], tl.float32)
+    for j in tl.static_range(NUM_RANKS):
+        pick = ranks[None, :] == j
+        row = tl.sum(tl.where(pick, where, 0), axis=1).to(tl.int64)
+        has = ok & (tl.max(tl.where(pick, head, -1), axis=1) >= 0)[:, None]
+        ptrs = tl.where(j == rank, weights_ptr + row[:, None] * num_topk + ks[None, :],
+                        weight_region + row[:, None] * (RECORD_ELEMS // 2) + ks[None, :])
+        acc += tl.load(ptrs, mask=has, other=0.0, cache_modifier=".cg")
+    tl.store(out_weights_ptr + toks64[:, None] * num_topk + ks[None, :], acc, mask=ok)
 
 
 COMBINE_NO_SPECIALIZE = ["rank", "num_tokens", "num_channels", "tokens_per_channel", "num_pushers", "publish_every",
@@ -606,10 +721,13 @@ def ep_combine_kernel(x_ptr, weights_ptr, bias0_ptr, bias1_ptr, in_rank_ptr, sen
                       REDUCE_BLOCK_H: tl.constexpr, HAS_WEIGHTS: tl.constexpr, HAS_BIAS0: tl.constexpr,
                       HAS_BIAS1: tl.constexpr, USE_TIMER: tl.constexpr, STAGES: tl.constexpr):
     """Pushers: the rows this rank received from `home` go back to `home`'s combine region, at slot
-    sum_{j < rank} n(home -> j) + send_head_home[t, rank]; per channel of the homes, tiles alternate
-    between homes (ring order from rank + 1), so that a rank's pushers load all its links. Receivers
-    reduce this rank's own tokens, a tile at a time once every peer's pushers finished its channel."""
-    PEERS: tl.constexpr = NUM_RANKS - 1 if NUM_RANKS > 1 else 1
+    sum_{j < rank} n(home -> j) + send_head_home[t, rank]; per segment of the homes' channels, a pusher takes
+    an equal contiguous part of every home's rows, homes in ring order from a pusher-dependent start, so
+    that a rank's pushers load all its links at once. Receivers reduce an equal contiguous part of this
+    rank's tokens of the segment once every pusher of every peer finished it. USE_TIMER: compiled for a
+    GPU (timed waits, software-pipelined loops)."""
+    CHUNKS: tl.constexpr = (HIDDEN + BLOCK_H - 1) // BLOCK_H
+    REDUCE_CHUNKS: tl.constexpr = (HIDDEN + REDUCE_BLOCK_H - 1) // REDUCE_BLOCK_H
     pid = tl.program_id(0)
     e = tl.load(epoch_ptr) + 1
     half_offset = (e % 2) * half_bytes
@@ -617,35 +735,50 @@ def ep_combine_kernel(x_ptr, weights_ptr, bias0_ptr, bias1_ptr, in_rank_ptr, sen
     rank_ok = ranks < NUM_RANKS
     peer_ok = rank_ok & (ranks != rank)
     zero = tl.full((), 0, tl.int32)
-    channel = zero
-    first_tile = zero  # round-robin index of the current channel's first tile
+    segment = zero  # first channel of the current segment
     if pid < num_pushers:
         # this pusher's flag (sender rank, pusher) on every home
         my_flag = flags_offset + (rank * _max_pushers + pid) * 8
         out_flags = (tl.load(signal_bases_ptr + ranks, mask=rank_ok, other=0) + my_flag).to(tl.pointer_type(tl.int64))
-        tile = zero + pid
-        while channel < num_channels:
-            count, x_row0, slot0 = _peer_blocks(rank_prefix_ptr, recv_prefix_ptr, rank, channel, num_channels,
-                                                NUM_RANKS, R_PAD)
-            tiles = tl.where(peer_ok, tl.cdiv(count, BLOCK_T), 0)
-            # tile i of every home, then tile i + 1 (homes without tile i leave a hole)
-            num_slots = tl.max(tiles, axis=0) * PEERS
-            while tile < first_tile + num_slots:
-                index = tile - first_tile
-                pick = ranks == (rank + 1 + index % PEERS) % NUM_RANKS
-                begin = (index // PEERS) * BLOCK_T
-                end = tl.sum(tl.where(pick, count, 0), axis=0)
-                if begin < end:
-                    _combine_push_tile(begin, end, tl.sum(tl.where(pick, x_row0, 0), axis=0),
-                                       tl.sum(tl.where(pick, slot0, 0), axis=0),
-                                       tl.sum(tl.where(pick, ranks, 0), axis=0), half_offset, x_ptr, weights_ptr,
-                                       data_bases_ptr, num_topk, capacity, HIDDEN, RECORD_ELEMS, K_PAD, BLOCK_T,
-                                       BLOCK_H, HAS_WEIGHTS, STAGES)
-                tile += num_pushers
-            first_tile += num_slots
-            channel += 1
-            if _publish_now(channel, publish_every, num_channels):
-                _publish(out_flags, tl.zeros([R_PAD], tl.int64) + ((e << 32) | channel.to(tl.int64)), peer_ok)
+        # home h's rows sit in x from x_block[h]; they go to h's slots from sum over j < rank of n(h -> j)
+        lower = rank_ok[:, None] & (ranks < rank)[None, :]
+        sums = tl.load(rank_prefix_ptr + ranks[:, None] * NUM_RANKS + ranks[None, :], mask=lower, other=0)
+        sums_before = tl.load(rank_prefix_ptr + (ranks[:, None] - 1) * NUM_RANKS + ranks[None, :],
+                              mask=lower & (ranks > 0)[:, None], other=0)
+        slot_block = tl.sum(sums - sums_before, axis=1)
+        bases = tl.load(data_bases_ptr + ranks, mask=rank_ok, other=0) + half_offset  # every rank's region
+        row_lo, x_block = _source_rows(rank_prefix_ptr, recv_prefix_ptr, rank, segment, num_channels, NUM_RANKS,
+                                       R_PAD)
+        while segment < num_channels:
+            segment_end = _segment_end(segment, publish_every, num_channels)
+            row_hi, x_block = _source_rows(rank_prefix_ptr, recv_prefix_ptr, rank, segment_end, num_channels,
+                                           NUM_RANKS, R_PAD)
+            begins, ends, tiles, tiles_before = _parts(row_lo, row_hi, pid, num_pushers, peer_ok, rank + 1 + pid,
+                                                       NUM_RANKS, R_PAD, BLOCK_T)
+            num_tiles = tl.sum(tiles, axis=0)
+            if USE_TIMER:  # software-pipelined loops (the interpreter needs constant bounds for tl.range)
+                for step in tl.range(0, num_tiles * CHUNKS, num_stages=STAGES):
+                    _combine_push_chunk(step, begins, ends, tiles, tiles_before, x_block, slot_block, bases, x_ptr,
+                                        capacity, HIDDEN, RECORD_ELEMS, BLOCK_T, BLOCK_H)
+                if HAS_WEIGHTS:
+                    for tile in tl.range(0, num_tiles, num_stages=STAGES):
+                        _combine_push_weights(tile, begins, ends, tiles, tiles_before, x_block, slot_block, bases,
+                                              weights_ptr, num_topk, capacity, HIDDEN, RECORD_ELEMS, K_PAD, BLOCK_T)
+            else:
+                step = zero
+                while step < num_tiles * CHUNKS:
+                    _combine_push_chunk(step, begins, ends, tiles, tiles_before, x_block, slot_block, bases, x_ptr,
+                                        capacity, HIDDEN, RECORD_ELEMS, BLOCK_T, BLOCK_H)
+                    step += 1
+                if HAS_WEIGHTS:
+                    tile = zero
+                    while tile < num_tiles:
+                        _combine_push_weights(tile, begins, ends, tiles, tiles_before, x_block, slot_block, bases,
+                                              weights_ptr, num_topk, capacity, HIDDEN, RECORD_ELEMS, K_PAD, BLOCK_T)
+                        tile += 1
+            _publish(out_flags, tl.zeros([R_PAD], tl.int64) + ((e << 32) | segment_end.to(tl.int64)), peer_ok)
+            row_lo = row_hi
+            segment = segment_end
     else:
         worker = pid - num_pushers
         num_workers = tl.num_programs(0) - num_pushers
@@ -662,24 +795,44 @@ def ep_combine_kernel(x_ptr, weights_ptr, bias0_ptr, bias1_ptr, in_rank_ptr, sen
         slot_base = tl.sum(tl.where(ranks[None, :] < ranks[:, None], sent_to[None, :], 0), axis=1)
         self_row0 = tl.sum(tl.where(ranks == rank, before, 0), axis=0)
         region_base = tl.load(data_bases_ptr + rank) + half_offset
+        region = tl.multiple_of(region_base.to(tl.pointer_type(tl.bfloat16)), 16)
+        weight_region = (region_base + HIDDEN * 2).to(tl.pointer_type(tl.float32))
         ready = tl.zeros([R_PAD], tl.int32)  # channels every pusher of a peer finished, as last seen
-        tile = zero + worker
-        while channel < num_channels:
-            begin = channel * tokens_per_channel
-            end = tl.minimum(begin + tokens_per_channel, num_tokens)
-            tiles = tl.cdiv(tl.maximum(end - begin, 0), BLOCK_T)
-            while tile < first_tile + tiles:
-                ready, failed = _wait_channels(flags, flag_ok, peer_ok, channel, ready, e, num_channels, failed,
-                                               err_ptr, _phase_combine, rank, budget, R_PAD, USE_TIMER)
-                if failed == 0:
-                    _combine_reduce_tile(begin + (tile - first_tile) * BLOCK_T, end, x_ptr, weights_ptr, bias0_ptr,
-                                         bias1_ptr, in_rank_ptr, send_head_ptr, out_ptr, out_weights_ptr, slot_base,
-                                         self_row0, region_base, rank, num_topk, NUM_RANKS, R_PAD, HIDDEN,
-                                         RECORD_ELEMS, K_PAD, BLOCK_T, REDUCE_BLOCK_H, HAS_WEIGHTS, HAS_BIAS0,
-                                         HAS_BIAS1, STAGES)
-                tile += num_workers
-            first_tile += tiles
-            channel += 1
+        while segment < num_channels:
+            segment_end = _segment_end(segment, publish_every, num_channels)
+            lo = tl.minimum(segment * tokens_per_channel, num_tokens)
+            n = tl.minimum(segment_end * tokens_per_channel, num_tokens) - lo
+            first = lo + n * worker // num_workers
+            last = lo + n * (worker + 1) // num_workers
+            if first < last:
+                ready, failed = _wait_channels(flags, flag_ok, peer_ok, segment_end - 1, ready, e, num_channels,
+                                               failed, err_ptr, _phase_combine, rank, budget, R_PAD, USE_TIMER)
+                num_tiles = tl.where(failed == 0, tl.cdiv(last - first, BLOCK_T), 0)
+                if USE_TIMER:  # software-pipelined loops (the interpreter needs constant bounds for tl.range)
+                    for step in tl.range(0, num_tiles * REDUCE_CHUNKS, num_stages=STAGES):
+                        _combine_reduce_chunk(step, first, last, x_ptr, bias0_ptr, bias1_ptr, send_head_ptr, out_ptr,
+                                              slot_base, self_row0, region, rank, NUM_RANKS, R_PAD, HIDDEN,
+                                              RECORD_ELEMS, BLOCK_T, REDUCE_BLOCK_H, HAS_BIAS0, HAS_BIAS1)
+                    if HAS_WEIGHTS:
+                        for tile in tl.range(0, num_tiles, num_stages=STAGES):
+                            _combine_reduce_weights(tile, first, last, weights_ptr, send_head_ptr, out_weights_ptr,
+                                                    slot_base, self_row0, weight_region, rank, num_topk, NUM_RANKS,
+                                                    R_PAD, RECORD_ELEMS, K_PAD, BLOCK_T)
+                else:
+                    step = zero
+                    while step < num_tiles * REDUCE_CHUNKS:
+                        _combine_reduce_chunk(step, first, last, x_ptr, bias0_ptr, bias1_ptr, send_head_ptr, out_ptr,
+                                              slot_base, self_row0, region, rank, NUM_RANKS, R_PAD, HIDDEN,
+                                              RECORD_ELEMS, BLOCK_T, REDUCE_BLOCK_H, HAS_BIAS0, HAS_BIAS1)
+                        step += 1
+                    if HAS_WEIGHTS:
+                        tile = zero
+                        while tile < num_tiles:
+                            _combine_reduce_weights(tile, first, last, weights_ptr, send_head_ptr, out_weights_ptr,
+                                                    slot_base, self_row0, weight_region, rank, num_topk, NUM_RANKS,
+                                                    R_PAD, RECORD_ELEMS, K_PAD, BLOCK_T)
+                            tile += 1
+            segment = segment_end
         # every peer's final flags, also where no rows flow: keeps the ranks at most one operation apart
         ready, failed = _wait_channels(flags, flag_ok, peer_ok, num_channels - 1, ready, e, num_channels, failed,
                                        err_ptr, _phase_combine, rank, budget, R_PAD, USE_TIMER)
