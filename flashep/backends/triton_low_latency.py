@@ -139,6 +139,11 @@ class TritonLowLatencyBackend(Backend):
         self._no_i8 = torch.zeros(1, dtype=torch.int8, device=self.device)
 
     # ---- heap --------------------------------------------------------------------------------------------------
+    @property
+    def nbytes(self) -> int:
+        """Symmetric memory this backend holds on each rank (0 before the first call maps it)."""
+        return self.heap.nbytes if self.heap is not None else 0
+
     def _ensure_heap(self, num_max_tokens: int, hidden: int, num_experts: int, topk: int) -> Regions:
         need = Capacity(num_max_tokens, hidden, max(topk, min(TOPK_LIMIT, num_experts)))
         if self.regions is not None and self.regions.capacity.covers(need):

@@ -24,8 +24,11 @@ Tuning knobs (environment at construction; they must be equal on every rank):
   chunks' loads in flight through cp.async; default 3 on GPUs). The combine's reduction, which loads one
   tile per rank and bias per chunk, narrows its chunks so that its stages fit FLASHEP_REDUCE_SMEM bytes
   of shared memory (default 98304);
-- FLASHEP_RECEIVERS: receiver programs of a dispatch (default num_sms // 3, at least 1, at most
-  num_sms - 1); FLASHEP_COMBINE_RECEIVERS: the same for a combine (default FLASHEP_RECEIVERS);
+- FLASHEP_RECEIVER_SHARE: share of a dispatch's programs that receive (default 1/3; rounded, at least 1,
+  at most num_sms - 1); FLASHEP_COMBINE_RECEIVER_SHARE: the same for a combine (default 0.55: a combine's
+  receivers read every row and reduce, a dispatch's copy only the peers' rows; both measured on 2x H200,
+  docs/perf.md);
+  FLASHEP_RECEIVERS / FLASHEP_COMBINE_RECEIVERS: an exact count instead of a share;
 - FLASHEP_PUBLISH_TOKENS: tokens (combine: rows) a pusher moves between two progress flags, rounded to
   whole channels (default 32); the first and each of the last channels get a flag too.
   Fewer flags keep the NVLink stores streaming (a flag's release waits for the stores before it); more
@@ -66,6 +69,8 @@ class TritonNormalBackend(Backend):
         self.reduce_smem = _env_int("FLASHEP_REDUCE_SMEM", 96 * 1024, minimum=1)
         self.receivers = _env_int("FLASHEP_RECEIVERS", None, minimum=1)
         self.combine_receivers = _env_int("FLASHEP_COMBINE_RECEIVERS", self.receivers, minimum=1)
+        self.receiver_share = _env_share("FLASHEP_RECEIVER_SHARE", 1 / 3)
+        self.combine_receiver_share = _env_share("FLASHEP_COMBINE_RECEIVER_SHARE", 0.55)
         self.publish_tokens = _env_int("FLASHEP_PUBLISH_TOKENS", 32, minimum=1)
         self.signal_layout = _SignalLayout(self.num_ranks)
         self.signal_heap = SymmetricHeap(self.group, self.signal_layout.nbytes, self.device)
@@ -230,7 +235,7 @@ class TritonNormalBackend(Backend):
         num_topk = topk_idx.size(1) if topk_idx is not None else 0
         int32, int64, f32 = (self._dummy[d] for d in (torch.int32, torch.int64, torch.float32))
         num_programs = 2 * num_channels
-        pushers = num_programs - _receivers(self.receivers, num_programs)
+        pushers = num_programs - _receivers(self.receivers, self.receiver_share, num_programs)
         tokens_per_channel = _tokens_per_channel(num_tokens, num_channels)
         # a pusher moves about tokens_per_channel / pushers tokens of every channel
         publish_every = _publish_every(self.publish_tokens, tokens_per_channel / pushers, num_channels)
@@ -269,7 +274,7 @@ class TritonNormalBackend(Backend):
         combined_weights = (torch.empty(num_tokens, num_topk, dtype=torch.float32, device=self.device)
                             if topk_weights is not None else None)
         num_programs = 2 * num_channels
-        pushers = num_programs - _receivers(self.combine_receivers, num_programs)
+        pushers = num_programs - _receivers(self.combine_receivers, self.combine_receiver_share, num_programs)
         # a pusher moves about (rows from peers) / (channels * pushers) rows of every channel
         peer_rows = x.size(0) * (self.num_ranks - 1) / self.num_ranks
         publish_every = _publish_every(self.publish_tokens, peer_rows / (num_channels * pushers), num_channels)
@@ -384,9 +389,9 @@ def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
-def _receivers(knob: Optional[int], num_programs: int) -> int:
-    """Receiver programs of a launch: the knob (default a third), leaving at least one pusher."""
-    wanted = knob if knob is not None else num_programs // 3
+def _receivers(count: Optional[int], share: float, num_programs: int) -> int:
+    """Receiver programs of a launch: `count`, else `share` of the programs, leaving at least one pusher."""
+    wanted = count if count is not None else round(share * num_programs)
     return min(max(1, wanted), num_programs - 1)
 
 
@@ -415,3 +420,16 @@ def _env_power_of_two(name: str, default: int) -> int:
     if value < 1 or value & (value - 1):
         raise ValueError(f"{name} must be a power of two, got {value}")
     return value
+
+
+def _env_share(name: str, default: float) -> float:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        share = float(raw)
+    except ValueError:
+        share = -1.0
+    if not 0.0 < share < 1.0:
+        raise ValueError(f"{name} must be a number between 0 and 1 (exclusive), got {raw!r}")
+    return share
