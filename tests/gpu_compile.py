@@ -72,9 +72,8 @@ def _value(spec):
     raise ValueError(f"cannot rebuild argument {spec}")
 
 
-def compile_recorded(paths: list[str]) -> list[str]:
-    """Compile every distinct recorded launch for sm_90 -> list of 'kernel: summary' lines."""
-    assert os.environ.get("TRITON_INTERPRET", "0") in ("", "0"), "compile outside the interpreter"
+def use_hopper_target() -> None:
+    """Make Triton compile for sm_90 without a GPU: a stand-in driver that only names the target."""
     import torch
     from triton.backends.compiler import GPUTarget
     from triton.runtime import driver
@@ -95,11 +94,17 @@ def compile_recorded(paths: list[str]) -> list[str]:
         def is_active(self):
             return True
 
+    driver.set_active(FakeHopper())
+
+
+def compile_recorded(paths: list[str]) -> list[str]:
+    """Compile every distinct recorded launch for sm_90 -> list of 'kernel: summary' lines."""
+    assert os.environ.get("TRITON_INTERPRET", "0") in ("", "0"), "compile outside the interpreter"
+    use_hopper_target()  # this process compiles only; it never launches
     records = set()
     for path in paths:
         with open(path) as f:
             records.update(line.strip() for line in f if line.strip())
-    driver.set_active(FakeHopper())  # this process compiles only; it never launches
     done = []
     for line in sorted(records):
         record = json.loads(line)

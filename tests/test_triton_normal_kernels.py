@@ -272,22 +272,11 @@ HOPPER_SHARED_BYTES = 227 * 1024  # per block, opt-in maximum of sm_90
 def check_hopper_vectorisation() -> None:
     """Compile for sm_90 with a stand-in driver that only names the target (run without TRITON_INTERPRET),
     with the backend's default tiles and stages."""
-    from triton.backends.compiler import GPUTarget
-    from triton.runtime import driver
+    from gpu_compile import use_hopper_target
 
     from flashep.kernels import normal as kernels
 
-    class HopperTarget:
-        def get_current_target(self):
-            return GPUTarget("cuda", 90, 32)
-
-        def get_current_device(self):
-            return 0
-
-        def get_current_stream(self, device=None):
-            return 0
-
-    driver.set_active(HopperTarget())
+    use_hopper_target()
 
     def t(dtype=torch.int32):
         return torch.empty(64, dtype=dtype)  # only dtype and alignment matter
