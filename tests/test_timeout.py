@@ -2,8 +2,10 @@
 
 Triton backend only (the collective backend's waits are torch.distributed's own), with
 FLASHEP_TIMEOUT_S=3: after one dispatch on both ranks, rank 1 skips the next; rank 0 must raise, naming
-itself, rank 1 and the phase.
+itself, rank 1 and the phase. Also when rank 1 skips the very first low-latency call, which maps the
+low-latency buffer (a host-side meeting, not a kernel wait).
 """
+import re
 import time
 
 import pytest
@@ -63,3 +65,32 @@ def test_skipped_low_latency_dispatch_times_out():
     elapsed = run_ranks(2, skipped_dispatch_body, True, backend="triton", env={"FLASHEP_TIMEOUT_S": TIMEOUT_S},
                         timeout=300)[0]
     assert elapsed < 100, f"rank 0 took {elapsed:.0f} s to notice the missing peer"
+
+
+def skipped_first_low_latency_body(rank: int, num_ranks: int, group):
+    from flashep.kernels.sync import PeerTimeoutError
+
+    buffer = flashep.Buffer(group, num_nvl_bytes=0, num_rdma_bytes=1 << 22, low_latency_mode=True,
+                            num_qps_per_rank=1)
+    g = torch.Generator().manual_seed(rank)
+    x = torch.randn(NUM_TOKENS, HIDDEN, generator=g).to(torch.bfloat16)
+    topk_idx = torch.stack([torch.randperm(NUM_EXPERTS, generator=g)[:2] for _ in range(NUM_TOKENS)])
+    result = None
+    if rank == 0:  # rank 1 never makes its first low-latency call
+        start = time.monotonic()
+        with pytest.raises(PeerTimeoutError) as info:
+            buffer.low_latency_dispatch(x, topk_idx, NUM_TOKENS, NUM_EXPERTS, use_fp8=False)
+        message = str(info.value)
+        assert "rank 0" in message, f"the error must name the waiting rank: {message}"
+        assert re.search(r"\b[Rr]anks? 1\b", message), f"the error must name the missing rank: {message}"
+        assert "low-latency buffer allocation" in message, f"the error must name the phase: {message}"
+        result = time.monotonic() - start
+    dist.barrier(group)
+    return result
+
+
+@pytest.mark.skipif(not triton_available(TRITON_LOW_LATENCY), reason="Triton low-latency backend not present yet")
+def test_skipped_first_low_latency_call_times_out():
+    elapsed = run_ranks(2, skipped_first_low_latency_body, backend="triton", env={"FLASHEP_TIMEOUT_S": TIMEOUT_S},
+                        timeout=300)[0]
+    assert elapsed < 60, f"rank 0 took {elapsed:.0f} s to notice the missing peer"

@@ -8,6 +8,7 @@ import torch
 import torch.distributed as dist
 
 from .. import _env
+from ..transport.heap import HostMeeting
 from .base import Backend
 
 CHOICES = ("", "auto", "collective", "triton")
@@ -29,14 +30,18 @@ def select_backends(buffer) -> tuple[Backend, Backend]:
             raise RuntimeError(f"FLASHEP_BACKEND=triton is not usable here: {why}")
         return collective, collective
     normal = low_latency = collective
-    if not buffer.is_internode and buffer.group_size > 1:  # one rank has nothing to move over NVLink
+    use_normal = not buffer.is_internode and buffer.group_size > 1  # one rank has nothing to move over NVLink
+    if not (use_normal or buffer.low_latency_mode):
+        return normal, low_latency
+    meeting = HostMeeting(buffer.group)  # the Triton backends' host-side waits on peers time out
+    if use_normal:
         from .triton_normal import TritonNormalBackend
 
-        normal = TritonNormalBackend(buffer)
+        normal = TritonNormalBackend(buffer, meeting)
     if buffer.low_latency_mode:
         from .triton_low_latency import TritonLowLatencyBackend
 
-        low_latency = TritonLowLatencyBackend(buffer)
+        low_latency = TritonLowLatencyBackend(buffer, meeting)
     return normal, low_latency
 
 

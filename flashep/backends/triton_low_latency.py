@@ -17,12 +17,11 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
-import torch.distributed as dist
 
 from .. import _env
 from ..kernels import low_latency as kernels
 from ..kernels.sync import PHASE_LL_COMBINE, PHASE_LL_DISPATCH, ErrorWord, use_timer, wait_budget
-from ..transport.heap import Layout, SymmetricHeap
+from ..transport.heap import HostMeeting, Layout, SymmetricHeap
 from .base import Backend, LowLatencyDispatchResult
 
 TOPK_LIMIT = 32  # largest top-k the message slots hold
@@ -123,8 +122,9 @@ def heap_bytes(num_ranks: int, num_max_tokens: int, hidden: int, num_experts: in
 class TritonLowLatencyBackend(Backend):
     name = "triton"
 
-    def __init__(self, buffer):
+    def __init__(self, buffer, meeting: Optional[HostMeeting] = None):
         self.group = buffer.group
+        self.meeting = meeting if meeting is not None else HostMeeting(self.group)
         self.rank = buffer.rank
         self.num_ranks = buffer.group_size
         self.device = buffer.device
@@ -152,10 +152,11 @@ class TritonLowLatencyBackend(Backend):
         capacity = need if self.regions is None else self.regions.capacity.union(need)
         if self.heap is not None:  # no peer may still write into the old heap
             self._synchronize()
-            dist.barrier(self.group)
+            self.meeting("low-latency buffer growth")
             self.heap.close()
         regions = Regions(self.num_ranks, capacity)
-        self.heap = SymmetricHeap(self.group, regions.nbytes, self.device)  # zeroed, then a barrier
+        self.heap = SymmetricHeap(self.group, regions.nbytes, self.device, self.meeting,  # zeroed, then a barrier
+                                  "low-latency buffer allocation (the first low-latency call)")
         if any(int(b) % 128 for b in self.heap.peer_bases.tolist()):
             raise RuntimeError("the symmetric heap is not 128-byte aligned")
         self.regions = regions
@@ -307,12 +308,12 @@ class TritonLowLatencyBackend(Backend):
         """Collective: flags back to zero and epochs restarted on every rank (e.g. after a timeout)."""
         regions = self._ensure_heap(num_max_tokens, hidden, num_experts, 0)
         self._synchronize()
-        dist.barrier(self.group)
+        self.meeting("clean_low_latency_buffer")
         self.heap.local[:regions.flags_end].zero_()
         self.epoch.zero_()
         self.error.host.zero_()
         self._synchronize()
-        dist.barrier(self.group)
+        self.meeting("clean_low_latency_buffer")
 
     def destroy(self) -> None:
         self._synchronize()

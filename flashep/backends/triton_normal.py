@@ -46,7 +46,7 @@ import triton
 
 from ..kernels import normal as kernels
 from ..kernels.sync import ErrorWord, use_timer, wait_budget
-from ..transport.heap import Layout, SymmetricHeap
+from ..transport.heap import HostMeeting, Layout, SymmetricHeap
 from .base import Backend, DispatchResult, Routing
 
 _LAYOUT_BLOCK_T = 128
@@ -56,11 +56,12 @@ _NOTIFY_BLOCK_T = 256
 class TritonNormalBackend(Backend):
     name = "triton"
 
-    def __init__(self, buffer):
+    def __init__(self, buffer, meeting: Optional[HostMeeting] = None):
         self.group = buffer.group
         self.rank = buffer.rank
         self.num_ranks = buffer.group_size
         self.device = buffer.device
+        self.meeting = meeting if meeting is not None else HostMeeting(self.group)
         self.num_nvl_bytes = buffer.num_nvl_bytes
         self.tile_tokens = _env_power_of_two("FLASHEP_TILE_TOKENS", 16)
         self.tile_hidden = _env_power_of_two("FLASHEP_TILE_HIDDEN", 1024)
@@ -73,7 +74,8 @@ class TritonNormalBackend(Backend):
         self.combine_receiver_share = _env_share("FLASHEP_COMBINE_RECEIVER_SHARE", 0.55)
         self.publish_tokens = _env_int("FLASHEP_PUBLISH_TOKENS", 32, minimum=1)
         self.signal_layout = _SignalLayout(self.num_ranks)
-        self.signal_heap = SymmetricHeap(self.group, self.signal_layout.nbytes, self.device)
+        self.signal_heap = SymmetricHeap(self.group, self.signal_layout.nbytes, self.device, self.meeting,
+                                         "normal-mode signal buffer allocation")
         self.data_heap: Optional[SymmetricHeap] = None
         self.epoch = torch.zeros(1, dtype=torch.int64, device=self.device)
         self.errors = ErrorWord(self.device)
@@ -109,6 +111,7 @@ class TritonNormalBackend(Backend):
             return
         if heap is None:
             _refuse_while_capturing(self.device)
+            self.meeting(f"normal-mode buffer allocation ({what})")
             self._map_data(max(self.num_nvl_bytes, _all_ranks_max(need, self.group, self.device)))
             return
         raise RuntimeError(f"flashep: this {what} needs {need} bytes of normal-mode buffer per rank, but only "
@@ -120,10 +123,10 @@ class TritonNormalBackend(Backend):
         if old is not None:  # nobody may still read or write the old heap
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
-            dist.barrier(self.group)
+            self.meeting("normal-mode buffer growth")
             self.data_heap = None
             old.close()
-        self.data_heap = SymmetricHeap(self.group, nbytes, self.device)
+        self.data_heap = SymmetricHeap(self.group, nbytes, self.device, self.meeting, "normal-mode buffer allocation")
 
     def _half(self) -> int:
         return self.data_heap.nbytes // 2 // kernels.RECORD_ALIGN * kernels.RECORD_ALIGN

@@ -10,6 +10,7 @@ peer pointers as `tl.load(peer_bases + p) + offset`.
 from __future__ import annotations
 
 import uuid
+from datetime import timedelta
 from multiprocessing import shared_memory
 from typing import Optional
 
@@ -17,14 +18,40 @@ import torch
 import torch.distributed as dist
 
 from .. import _env
+from ..kernels.sync import PeerTimeoutError
 
 ALIGN = 128
 
 
+class HostMeeting:
+    """Host-side meeting points of a group's ranks that end in PeerTimeoutError, naming the missing ranks
+    and the phase, when a peer does not arrive within FLASHEP_TIMEOUT_S (instead of hanging in a
+    collective). A gloo twin of the group's ranks carries them (a monitored barrier); creating it is
+    collective, so it is made when the Buffer is, while every rank is there."""
+
+    def __init__(self, group: dist.ProcessGroup):
+        self.rank = dist.get_rank(group)
+        self._twin = dist.new_group(dist.get_process_group_ranks(group), backend="gloo",
+                                    use_local_synchronization=True)
+
+    def __call__(self, phase: str) -> None:
+        seconds = _env.timeout_seconds()
+        try:
+            dist.monitored_barrier(self._twin, timeout=timedelta(seconds=seconds), wait_all_ranks=True)
+        except RuntimeError as error:
+            raise PeerTimeoutError(f"flashep rank {self.rank}: peers did not reach the {phase} within {seconds:g} s "
+                                   f"(FLASHEP_TIMEOUT_S): {error}") from None
+
+
 class SymmetricHeap:
-    def __init__(self, group: dist.ProcessGroup, nbytes: int, device: torch.device):
+    def __init__(self, group: dist.ProcessGroup, nbytes: int, device: torch.device,
+                 meeting: Optional[HostMeeting] = None, phase: str = "symmetric heap allocation"):
+        """Collective over `group`. With a `meeting`, a rank that never arrives raises PeerTimeoutError
+        naming `phase` on the others instead of leaving them in the mapping's collectives."""
         if nbytes <= 0:
             raise ValueError(f"symmetric heap size must be > 0, got {nbytes}")
+        if meeting is not None:
+            meeting(phase)
         self.group = group
         self.rank = dist.get_rank(group)
         self.world_size = dist.get_world_size(group)
