@@ -311,6 +311,7 @@ class TritonNormalBackend(Backend):
             if heap is not None:
                 heap.close()
         self.data_heap = self.signal_heap = None
+        self.meeting.close()
 
     @property
     def _rank_pad(self) -> int:

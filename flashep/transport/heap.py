@@ -42,6 +42,12 @@ class HostMeeting:
             raise PeerTimeoutError(f"flashep rank {self.rank}: peers did not reach the {phase} within {seconds:g} s "
                                    f"(FLASHEP_TIMEOUT_S): {error}") from None
 
+    def close(self) -> None:
+        """Release the gloo twin (local; safe to call more than once)."""
+        if self._twin is not None:
+            dist.destroy_process_group(self._twin)
+            self._twin = None
+
 
 class SymmetricHeap:
     def __init__(self, group: dist.ProcessGroup, nbytes: int, device: torch.device,
