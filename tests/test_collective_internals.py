@@ -251,11 +251,12 @@ T_MAX = 6
 
 
 def _ll_inputs(seed, rank, world_size, num_experts, k):
-    # rank 0 sends at most T_MAX - 1 tokens, so that its token listing one expert twice cannot overflow
-    # that expert's R * T_MAX rows
+    # rank 0 sends at most T_MAX - 1 tokens, so that its token listing one expert exactly twice cannot
+    # overflow that expert's R * T_MAX rows
     num_tokens = _num_tokens(seed, rank, world_size, T_MAX - 1 if rank == 0 else T_MAX)
     idx = _topk(seed, rank, num_tokens, num_experts, k, skewed=False)
-    if rank == 0:
+    if rank == 0 and num_tokens:
+        idx[0, idx[0] == 1] = -1  # the draw may have picked expert 1 already: then it would be listed 3 times
         idx[0, 1] = idx[0, 0] = 1
     groups = torch.logspace(-3, 2, LL_HIDDEN // 128).repeat_interleave(128)
     x = (_bf16(seed, rank, 12, shape=(num_tokens, LL_HIDDEN)).float() * groups).to(torch.bfloat16)
