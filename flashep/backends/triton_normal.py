@@ -406,34 +406,35 @@ def _publish_every(publish_tokens: int, per_channel: float, num_channels: int) -
     return min(num_channels, max(1, math.ceil(publish_tokens / per_channel)))
 
 
-def _env_int(name: str, default: Optional[int], minimum: int) -> Optional[int]:
-    value = os.environ.get(name)
-    if value is None or value == "":
+def _env_value(name: str, default, parse, what: str):
+    """The environment variable `name` parsed by `parse` (`default` when unset or empty); a value `parse`
+    rejects raises a ValueError naming the variable and `what` it must be."""
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
         return default
     try:
-        number = int(value)
+        return parse(raw)
     except ValueError:
-        raise ValueError(f"{name} must be an integer, got {value!r}") from None
-    if number < minimum:
+        raise ValueError(f"{name} must be {what}, got {raw!r}") from None
+
+
+def _env_int(name: str, default: Optional[int], minimum: int) -> Optional[int]:
+    number = _env_value(name, default, int, "an integer")
+    if number is not None and number < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {number}")
     return number
 
 
 def _env_power_of_two(name: str, default: int) -> int:
-    value = int(os.environ.get(name, default))
+    value = _env_value(name, default, int, "a power of two")
     if value < 1 or value & (value - 1):
         raise ValueError(f"{name} must be a power of two, got {value}")
     return value
 
 
 def _env_share(name: str, default: float) -> float:
-    raw = os.environ.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        share = float(raw)
-    except ValueError:
-        share = -1.0
+    between = "a number between 0 and 1 (exclusive)"
+    share = _env_value(name, default, float, between)
     if not 0.0 < share < 1.0:
-        raise ValueError(f"{name} must be a number between 0 and 1 (exclusive), got {raw!r}")
+        raise ValueError(f"{name} must be {between}, got {share!r}")
     return share
