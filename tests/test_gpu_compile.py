@@ -43,7 +43,9 @@ def _normal_calls(rank, world, group, hidden, num_tokens, record_path):
     ue8m0 = torch.randint(0, 2**31 - 1, (num_tokens, max(1, hidden // 512)), dtype=torch.int32)
     buffer.dispatch((data, ue8m0), handle=handle)
     worst = num_tokens * world
-    buffer.dispatch(x, topk_idx=topk_idx, topk_weights=weights, num_worst_tokens=worst, **layout)
+    worst_x, _, worst_w, _, worst_handle, _ = buffer.dispatch(x, topk_idx=topk_idx, topk_weights=weights,
+                                                              num_worst_tokens=worst, **layout)
+    buffer.combine(worst_x, worst_handle, topk_weights=worst_w, bias=(x, x))  # no host counts: SM pushers
     return True
 
 
@@ -89,5 +91,5 @@ def test_kernels_compile_for_sm90(tmp_path):
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-8000:]
     compiled = proc.stdout.split("\n")
     for kernel in ("ep_layout_kernel", "ep_notify_kernel", "ep_dispatch_kernel", "ep_combine_kernel",
-                   "ep_ll_dispatch_kernel", "ep_ll_combine_kernel"):
+                   "ep_combine_reduce_kernel", "ep_ll_dispatch_kernel", "ep_ll_combine_kernel"):
         assert any(line.startswith(kernel + ":") for line in compiled), f"{kernel} was not compiled:\n{proc.stdout}"

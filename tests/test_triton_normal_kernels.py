@@ -148,13 +148,18 @@ ROLES = (
     # one pusher per launch, flags only at the end, a combine split unlike the dispatch's
     ({"FLASHEP_RECEIVERS": "3", "FLASHEP_COMBINE_RECEIVERS": "2", "FLASHEP_TILE_TOKENS": "4",
       "FLASHEP_PUBLISH_TOKENS": "100000"}, 4),
-    # six channels, a flag every few channels plus the first and the last ones
-    ({"FLASHEP_TILE_TOKENS": "2", "FLASHEP_PUBLISH_TOKENS": "1"}, 12),
+    # six channels, a flag every few channels plus the first and the last ones; combines by SM pushers
+    ({"FLASHEP_TILE_TOKENS": "2", "FLASHEP_PUBLISH_TOKENS": "1", "FLASHEP_COMBINE_RECEIVER_SHARE": "0.5",
+      "FLASHEP_COPY_ENGINE": "0"}, 12),
+    # combines by copy engine in one part per channel (more parts asked than there are channels)
+    ({"FLASHEP_TILE_TOKENS": "2", "FLASHEP_TILE_HIDDEN": "32", "FLASHEP_COPY_PARTS": "16",
+      "FLASHEP_COPY_ENGINE": "1"}, 12),
 )
 
 
 @pytest.mark.parametrize("env, num_sms", ROLES, ids=["one_receiver_flag_per_channel", "one_pusher_final_flag_only",
-                                                     "flag_every_few_channels"])
+                                                     "flag_every_few_channels_sm_combine",
+                                                     "copy_engine_part_per_channel"])
 def test_program_roles_tiles_and_repeats(env, num_sms, seed):
     """Pusher/receiver splits at both extremes and in between, publish intervals, small tiles and column
     chunks (several per program), and three rounds so both data halves are reused."""

@@ -1,6 +1,6 @@
 """Normal mode inside one NVLink domain: the host side of the Triton kernels in `kernels/normal.py`.
 
-Two symmetric heaps per backend:
+Symmetric heaps per backend:
 - the signal heap (flags and notify slots, tens of KiB), mapped with the Buffer (a collective call
   anyway): fixed layout for the Buffer's lifetime, so a flag is always a flag and epochs stay valid
   across data-heap growth; and a peer that skips any call, even the first, ends in a bounded kernel wait;
@@ -10,7 +10,15 @@ Two symmetric heaps per backend:
   ranks grow it together, to the worst case of those counts (T_max * R rows: every token to every rank,
   in bf16, and back through the combine) with a quarter of headroom: worst-token dispatches with
   num_worst_tokens <= T_max * R, cached dispatches and combines then fit. Calls without a host sync
-  (worst-token and cached dispatch, combine) cannot grow it and raise instead, naming the bytes needed.
+  (worst-token and cached dispatch, combine) cannot grow it and raise instead, naming the bytes needed;
+- the copy heap (FLASHEP_COPY_ENGINE only), where a combine's rows from the peers land by copy engine:
+  two halves, used by copy-engine combines in turn (sequence numbers, counted alike on every rank, pick
+  the half and are the flags' values), each sized in the dispatch's host sync for the most rows any rank
+  gets back, and their weights, with a quarter of headroom. It is apart from the data heap because the
+  host does not know the epoch (CUDA-graph replays advance it), and a copy's address is fixed on the host.
+  Why the halves are safe: a rank's copy-engine combine s waits for every peer's flags of s, which the peers
+  raise only after their stream passed their own earlier calls, so when it reaches combine s + 2 and
+  writes half s % 2 again, every peer has finished reducing combine s.
 
 Kernel roles: each dispatch and combine launches `num_sms` programs; the first `num_sms - receivers` push
 rows over NVLink and never wait, the others wait for the peers' pushers and copy (dispatch) or reduce
@@ -32,12 +40,18 @@ Tuning knobs (environment at construction; they must be equal on every rank):
 - FLASHEP_PUBLISH_TOKENS: tokens (combine: rows) a pusher moves between two progress flags, rounded to
   whole channels (default 32); the first and each of the last channels get a flag too.
   Fewer flags keep the NVLink stores streaming (a flag's release waits for the stores before it); more
-  let receivers follow closer.
+  let receivers follow closer;
+- FLASHEP_COPY_ENGINE: 1 moves a combine's rows by copy engine (no SM; `_combine_by_copy_engine`), 0 by SM
+  pushers (default: 1 at 2 ranks, 0 otherwise). Only combines whose handle came from a dispatch with a
+  host synchronisation can (the copies' sizes come from the host), and none while a CUDA graph is being
+  captured; the others use the pushers. FLASHEP_COPY_PARTS: parts of such a combine, each followed by
+  a flag the reduction waits for (default 4, at most 16 and the number of channels).
 """
 from __future__ import annotations
 
 import math
 import os
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -46,6 +60,7 @@ import triton
 
 from ..kernels import normal as kernels
 from ..kernels.sync import ErrorWord, use_timer, wait_budget
+from ..transport.copy_engine import PeerCopier
 from ..transport.heap import HostMeeting, Layout, SymmetricHeap
 from .base import Backend, DispatchResult, Routing
 
@@ -73,10 +88,18 @@ class TritonNormalBackend(Backend):
         self.receiver_share = _env_share("FLASHEP_RECEIVER_SHARE", 1 / 3)
         self.combine_receiver_share = _env_share("FLASHEP_COMBINE_RECEIVER_SHARE", 0.55)
         self.publish_tokens = _env_int("FLASHEP_PUBLISH_TOKENS", 32, minimum=1)
+        # measured on H200 (docs/perf.md): by copy engine a combine is faster at 2 ranks, slower at 4 (the host
+        # work per copy and flag grows with the peers)
+        self.use_copy_engine = _env_int("FLASHEP_COPY_ENGINE", int(self.num_ranks == 2), minimum=0) != 0
+        self.copy_parts = min(_env_int("FLASHEP_COPY_PARTS", 4, minimum=1), kernels.MAX_COPY_PARTS)
         self.signal_layout = _SignalLayout(self.num_ranks)
         self.signal_heap = SymmetricHeap(self.group, self.signal_layout.nbytes, self.device, self.meeting,
                                          "normal-mode signal buffer allocation")
         self.data_heap: Optional[SymmetricHeap] = None
+        self.copy_heap: Optional[SymmetricHeap] = None  # where copy-engine combines land (halves by sequence)
+        self.copier = PeerCopier(self.signal_heap, self.signal_layout.copy_flags, self.num_ranks * kernels.MAX_COPY_PARTS,
+                                 self.rank, self.num_ranks, self.device)
+        self.copy_sequence = 0  # copy-engine operations so far (identical on every rank)
         self.epoch = torch.zeros(1, dtype=torch.int64, device=self.device)
         self.errors = ErrorWord(self.device)
         self._unmapped_buffer: Optional[torch.Tensor] = None
@@ -97,7 +120,7 @@ class TritonNormalBackend(Backend):
     @property
     def nbytes(self) -> int:
         """Symmetric memory this backend holds on each rank."""
-        return sum(h.nbytes for h in (self.signal_heap, self.data_heap) if h is not None)
+        return sum(h.nbytes for h in (self.signal_heap, self.data_heap, self.copy_heap) if h is not None)
 
     def _reserve(self, half_bytes: int, agreed: bool, what: str) -> None:
         """Make each half of the data heap hold `half_bytes`. `agreed`: every rank computed the same value
@@ -168,18 +191,19 @@ class TritonNormalBackend(Backend):
         rank_prefix, send_prefix, recv_prefix, summary = self._notify(is_token_in_rank, num_tokens_per_expert,
                                                                       num_channels)
         if num_worst_tokens > 0:
-            num_rows, combine_rows, per_expert_list = num_worst_tokens, None, []
+            num_rows, counts, per_expert_list = num_worst_tokens, None, []
         else:
             host = summary.cpu()  # the one host synchronisation of normal mode
             self.errors.check()
-            pairs = num_ranks * num_ranks
-            prefix = host[:pairs].view(num_ranks, num_ranks).to(torch.int64)
-            sends = prefix - torch.cat([prefix.new_zeros(1, num_ranks), prefix[:-1]])  # n(s -> j)
-            num_rows, combine_rows = int(sends[:, self.rank].sum()), int(sends[self.rank].sum())
-            worst_rows = int(host[pairs + num_local:].max()) * num_ranks  # DeepEP's num_worst_tokens = T * R
+            counts = _HostCounts.from_summary(host, self.rank, num_ranks, num_local, num_channels)
+            num_rows = counts.received_by(self.rank)
+            worst_rows = max(counts.tokens) * num_ranks  # DeepEP's num_worst_tokens = T * R
             self._reserve(worst_rows * max(record, bf16_record, combine_record), agreed=True, what="dispatch")
+            if self.use_copy_engine:
+                rows = counts.most_peer_rows_home()
+                self._reserve_copy(_copy_weights_at(rows, hidden) + rows * num_topk * 4)
             per_expert_list = [-(-int(c) // expert_alignment) * expert_alignment
-                               for c in host[pairs:pairs + num_local].tolist()]
+                               for c in host[num_ranks * num_ranks:num_ranks * num_ranks + num_local].tolist()]
         out = _DispatchOutputs(x, x_scales, topk_idx, num_rows, self.device)
         send_head = torch.empty(x.size(0), num_ranks, dtype=torch.int32, device=self.device)
         self._launch_dispatch(x, x_scales, topk_idx, topk_weights, is_token_in_rank, rank_prefix, send_prefix,
@@ -187,7 +211,7 @@ class TritonNormalBackend(Backend):
                               write_send_head=True, worst=num_worst_tokens > 0)
         self.epoch.add_(1)
         rank_prefix._flashep_full = True  # read back by handles.from_tuple
-        rank_prefix._flashep_home_rows = combine_rows  # exact combine size when known (None: bounded by T * R)
+        rank_prefix._flashep_counts = counts  # the routing's counts on the host, when known (a combine uses them)
         routing = Routing(rank_prefix, send_prefix, recv_prefix, out.src_idx, is_token_in_rank, send_head,
                           full_matrix=True)
         return DispatchResult(out.x, out.scales, out.topk_idx, out.topk_weights, per_expert_list, routing)
@@ -207,19 +231,22 @@ class TritonNormalBackend(Backend):
 
     def _notify(self, is_token_in_rank, num_tokens_per_expert, num_channels):
         """-> rank_prefix_matrix, channel_prefix_matrix, recv_channel_prefix_matrix, and `summary`: the rank
-        prefix matrix (a view of it), the received selections per local expert, every rank's token count."""
+        prefix matrix, the received selections per local expert, every rank's token count and the receive
+        channel prefix matrix (the first and the last are views of it)."""
         num_ranks, pairs = self.num_ranks, self.num_ranks * self.num_ranks
         num_local = num_tokens_per_expert.size(0) // num_ranks
         num_tokens = is_token_in_rank.size(0)
-        summary = torch.empty(pairs + num_local + num_ranks, dtype=torch.int32, device=self.device)
+        summary = torch.empty(pairs + num_local + num_ranks + num_ranks * num_channels, dtype=torch.int32,
+                              device=self.device)
         rank_prefix = summary[:pairs].view(num_ranks, num_ranks)
         send_prefix = torch.empty(num_ranks, num_channels, dtype=torch.int32, device=self.device)
-        recv_prefix = torch.empty(num_ranks, num_channels, dtype=torch.int32, device=self.device)
+        recv_prefix = summary[pairs + num_local + num_ranks:].view(num_ranks, num_channels)
         layout = self.signal_layout
         kernels.ep_notify_kernel[(1,)](
             is_token_in_rank.view(torch.uint8), num_tokens_per_expert, self.signal_heap.peer_bases,
             layout.notify_flags, layout.slots, self.epoch, self.errors.address,
-            send_prefix, rank_prefix, recv_prefix, summary[pairs:pairs + num_local], summary[pairs + num_local:],
+            send_prefix, rank_prefix, recv_prefix, summary[pairs:pairs + num_local],
+            summary[pairs + num_local:pairs + num_local + num_ranks],
             self.rank, num_tokens, num_channels, _tokens_per_channel(num_tokens, num_channels), num_local,
             wait_budget(),
             NUM_RANKS=num_ranks, R_PAD=self._rank_pad, L_BLOCK=min(1024, _pow2(num_local)),
@@ -269,9 +296,10 @@ class TritonNormalBackend(Backend):
         num_tokens, hidden = routing.num_tokens, x.size(1)
         num_topk = topk_weights.size(1) if topk_weights is not None else 0
         record_bytes = _combine_record_bytes(hidden, num_topk)
-        home_rows = getattr(routing.rank_prefix_matrix, "_flashep_home_rows", None)
-        if home_rows is None:
-            home_rows = num_tokens * self.num_ranks
+        counts = getattr(routing.rank_prefix_matrix, "_flashep_counts", None)
+        if self._copy_engine_fits(counts, num_channels, hidden, num_topk):
+            return self._combine_by_copy_engine(x, routing, counts, topk_weights, bias0, bias1)
+        home_rows = counts.sent_by(self.rank) if counts is not None else num_tokens * self.num_ranks
         self._reserve(home_rows * record_bytes, agreed=False, what="combine")
         combined = torch.empty(num_tokens, hidden, dtype=torch.bfloat16, device=self.device)
         combined_weights = (torch.empty(num_tokens, num_topk, dtype=torch.float32, device=self.device)
@@ -282,12 +310,7 @@ class TritonNormalBackend(Backend):
         peer_rows = x.size(0) * (self.num_ranks - 1) / self.num_ranks
         publish_every = _publish_every(self.publish_tokens, peer_rows / (num_channels * pushers), num_channels)
         block_h = min(max(self.tile_hidden, 32), _pow2(hidden))
-        # the reduction loads a tile per rank and per bias each chunk; its pipeline stages share the budget
-        loads = self.num_ranks + (bias0 is not None) + (bias1 is not None)
-        reduce_block_h = block_h
-        while (self.stages > 1 and reduce_block_h > 64
-               and self.stages * loads * self.tile_tokens * reduce_block_h * 2 > self.reduce_smem):
-            reduce_block_h //= 2
+        reduce_block_h = self._reduce_block_h(hidden, bias0, bias1)
         bf16, f32 = self._dummy[torch.bfloat16], self._dummy[torch.float32]
         kernels.ep_combine_kernel[(num_programs,)](
             x, topk_weights if topk_weights is not None else f32, bias0 if bias0 is not None else bf16,
@@ -305,12 +328,129 @@ class TritonNormalBackend(Backend):
         self.epoch.add_(1)
         return combined, combined_weights
 
+    def _reduce_block_h(self, hidden: int, bias0, bias1) -> int:
+        """Row chunk of the combine's reduction: it loads a tile per rank and per bias each chunk, and its
+        pipeline stages share the FLASHEP_REDUCE_SMEM budget."""
+        loads = self.num_ranks + (bias0 is not None) + (bias1 is not None)
+        block_h = min(max(self.tile_hidden, 32), _pow2(hidden))
+        while (self.stages > 1 and block_h > 64
+               and self.stages * loads * self.tile_tokens * block_h * 2 > self.reduce_smem):
+            block_h //= 2
+        return block_h
+
+    # ---- combine by copy engine -------------------------------------------------------------------------
+    def _reserve_copy(self, half_bytes: int) -> None:
+        """Make each half of the copy heap hold `half_bytes` (called where every rank computed the same)."""
+        need = 2 * _round_up(max(half_bytes, 1), kernels.RECORD_ALIGN)
+        if self.copy_heap is not None and self.copy_heap.nbytes >= need:
+            return
+        if self.copy_heap is not None:  # nobody may still read or write the old heap
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self.meeting("normal-mode copy buffer growth")
+            self.copy_heap.close()
+            self.copy_heap = None
+        self.copy_heap = SymmetricHeap(self.group, need + need // 4, self.device, self.meeting,
+                                       "normal-mode copy buffer allocation")
+
+    def _copy_half(self) -> int:
+        return self.copy_heap.nbytes // 2 // kernels.RECORD_ALIGN * kernels.RECORD_ALIGN
+
+    def _copy_engine_fits(self, counts: Optional["_HostCounts"], num_channels: int, hidden: int,
+                          num_topk: int) -> bool:
+        """Whether this combine moves its rows by copy engine. Every input is the same on every rank (host
+        counts of the whole routing, the heap size, capture state), so all ranks decide alike."""
+        if not self.use_copy_engine or counts is None or self.copy_heap is None:
+            return False
+        if counts.num_channels != num_channels:
+            return False
+        if self.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return False  # the copies' sizes come from the host: a replay could not follow new routing
+        rows = counts.most_peer_rows_home()
+        return _copy_weights_at(rows, hidden) + rows * num_topk * 4 <= self._copy_half()
+
+    def _combine_by_copy_engine(self, x, routing: Routing, counts: "_HostCounts", topk_weights, bias0, bias1):
+        """Every rank copies the rows it received from each home back to that home's copy heap by copy
+        engine, in parts of the home's channels with a flag behind each; every program of the reduction
+        kernel then reduces its share of each part's tokens as the part lands."""
+        num_tokens, hidden = routing.num_tokens, x.size(1)
+        num_topk = topk_weights.size(1) if topk_weights is not None else 0
+        num_ranks, rank = self.num_ranks, self.rank
+        num_channels = counts.num_channels
+        num_parts = min(self.copy_parts, num_channels)
+        self.copy_sequence = self.copy_sequence % _SEQUENCE_CYCLE + 1
+        seq, seq_next = self.copy_sequence, self.copy_sequence % _SEQUENCE_CYCLE + 1
+        copy_rows = counts.most_peer_rows_home()  # the same layout on every rank: rows, then their weights
+        half = (seq % 2) * self._copy_half()
+        weights_at = half + _copy_weights_at(copy_rows, hidden)
+        plan = self._copy_plan(counts, hidden, num_topk, num_parts, half, weights_at)
+        sources = {"x": x, "weights": topk_weights}
+        self.copier.begin()
+        for home, parts in plan:
+            self.copier.send(home, [([(to, sources[name][lo:hi]) for to, name, lo, hi in copies], flag)
+                                    for copies, flag in parts], seq, keep=[t for t in sources.values() if t is not None])
+        combined = torch.empty(num_tokens, hidden, dtype=torch.bfloat16, device=self.device)
+        combined_weights = (torch.empty(num_tokens, num_topk, dtype=torch.float32, device=self.device)
+                            if topk_weights is not None else None)
+        bf16, f32 = self._dummy[torch.bfloat16], self._dummy[torch.float32]
+        heap = self.copy_heap
+        kernels.ep_combine_reduce_kernel[(2 * num_channels,)](
+            x, topk_weights if topk_weights is not None else f32, bias0 if bias0 is not None else bf16,
+            bias1 if bias1 is not None else bf16, routing.send_head, routing.rank_prefix_matrix, combined,
+            combined_weights if combined_weights is not None else f32,
+            heap.view(half, (copy_rows, hidden), torch.bfloat16),
+            heap.view(weights_at, (copy_rows, num_topk), torch.float32),
+            self.signal_heap.view(self.signal_layout.copy_flags, (num_ranks * kernels.MAX_COPY_PARTS,), torch.int32),
+            seq, seq_next, self.errors.address, rank, num_tokens, num_channels,
+            _tokens_per_channel(num_tokens, num_channels), num_parts, num_topk, wait_budget(),
+            NUM_RANKS=num_ranks, R_PAD=self._rank_pad, MAX_PARTS=kernels.MAX_COPY_PARTS, HIDDEN=hidden,
+            K_PAD=_pow2(num_topk), BLOCK_T=self.tile_tokens, REDUCE_BLOCK_H=self._reduce_block_h(hidden, bias0, bias1),
+            HAS_WEIGHTS=topk_weights is not None, HAS_BIAS0=bias0 is not None, HAS_BIAS1=bias1 is not None,
+            USE_TIMER=use_timer(), STAGES=self.stages, num_warps=self.num_warps)
+        self.copier.join()
+        return combined, combined_weights
+
+    def _copy_plan(self, counts: "_HostCounts", hidden: int, num_topk: int, num_parts: int, half: int,
+                   weights_at: int) -> list:
+        """What a copy-engine combine copies, per home in ring order from the next rank: for each part of
+        the home's channels, ([(destination view, source "x" or "weights", first row, end row)], flag index);
+        the top-k weights go with the first part. Kept on the routing's counts: the views depend only on the
+        routing, the shape and the heap half."""
+        key = (id(self.copy_heap), hidden, num_topk, num_parts, half)
+        plan = counts.copy_plans.get(key)
+        if plan is not None:
+            return plan
+        num_ranks, rank, heap = self.num_ranks, self.rank, self.copy_heap
+        bounds = [counts.num_channels * k // num_parts for k in range(num_parts + 1)]
+        x_block = counts.block_starts(rank)  # x rows from home h start at x_block[h]
+        plan = []
+        for step in range(1, num_ranks):
+            home = (rank + step) % num_ranks
+            slot = counts.peer_slot(home, rank)  # where this rank's rows start in home's copy heap
+            first, n = x_block[home], counts.sends[home][rank]
+            parts = []
+            for part in range(num_parts):
+                lo, hi = counts.recv_rows(home, bounds[part]), counts.recv_rows(home, bounds[part + 1])
+                copies = []
+                if hi > lo:
+                    to = heap.peer_view(home, half + (slot + lo) * hidden * 2, (hi - lo, hidden), torch.bfloat16)
+                    copies.append((to, "x", first + lo, first + hi))
+                if part == 0 and n > 0 and num_topk > 0:
+                    to = heap.peer_view(home, weights_at + slot * num_topk * 4, (n, num_topk), torch.float32)
+                    copies.append((to, "weights", first, first + n))
+                parts.append((copies, rank * kernels.MAX_COPY_PARTS + part))
+            plan.append((home, parts))
+        if len(counts.copy_plans) >= 4:  # both heap halves of at most two shapes
+            counts.copy_plans.clear()
+        counts.copy_plans[key] = plan
+        return plan
+
     # ---- lifetime ---------------------------------------------------------------------------------------
     def destroy(self) -> None:
-        for heap in (self.data_heap, self.signal_heap):
+        for heap in (self.data_heap, self.copy_heap, self.signal_heap):
             if heap is not None:
                 heap.close()
-        self.data_heap = self.signal_heap = None
+        self.data_heap = self.copy_heap = self.signal_heap = None
         self.meeting.close()
 
     @property
@@ -329,7 +469,59 @@ class _SignalLayout:
         self.dispatch_flags = layout.add("dispatch_flags", flags_per_kind)
         self.combine_flags = layout.add("combine_flags", flags_per_kind)
         self.slots = layout.add("notify_slots", num_ranks * slot_ints * 4)
+        self.copy_flags = layout.add("copy_flags", num_ranks * kernels.MAX_COPY_PARTS * 4)
         self.nbytes = layout.size
+
+
+@dataclass
+class _HostCounts:
+    """A routing's counts on the host, from the dispatch's one synchronisation: sends[s][j] = n(s -> j)
+    rows, every rank's token count, and this rank's receive channel prefix matrix (rows from source s
+    before channel c)."""
+    rank: int
+    sends: list
+    tokens: list
+    recv_prefix: list
+    num_channels: int
+    copy_plans: dict = field(default_factory=dict)  # see TritonNormalBackend._copy_plan
+
+    @classmethod
+    def from_summary(cls, host: torch.Tensor, rank: int, num_ranks: int, num_local: int,
+                     num_channels: int) -> "_HostCounts":
+        pairs = num_ranks * num_ranks
+        prefix = host[:pairs].view(num_ranks, num_ranks).to(torch.int64)
+        sends = prefix - torch.cat([prefix.new_zeros(1, num_ranks), prefix[:-1]])
+        tokens = host[pairs + num_local:pairs + num_local + num_ranks]
+        recv_prefix = host[pairs + num_local + num_ranks:].view(num_ranks, num_channels)
+        return cls(rank, sends.tolist(), tokens.tolist(), recv_prefix.tolist(), num_channels)
+
+    def received_by(self, rank: int) -> int:
+        return sum(row[rank] for row in self.sends)
+
+    def sent_by(self, rank: int) -> int:
+        return sum(self.sends[rank])
+
+    def most_peer_rows_home(self) -> int:
+        """The most rows any rank gets back from its peers in a combine."""
+        return max(sum(n for j, n in enumerate(row) if j != home) for home, row in enumerate(self.sends))
+
+    def block_starts(self, rank: int) -> list:
+        """Where the rows `rank` received from each source start in its receive order."""
+        starts, total = [], 0
+        for row in self.sends:
+            starts.append(total)
+            total += row[rank]
+        return starts
+
+    def peer_slot(self, home: int, sender: int) -> int:
+        """Where `sender`'s rows start among the rows `home` gets back from its peers (peers ascending)."""
+        return sum(self.sends[home][j] for j in range(sender) if j != home)
+
+    def recv_rows(self, source: int, channel: int) -> int:
+        """Rows this rank received from `source` in the source's channels before `channel`."""
+        if channel >= self.num_channels:
+            return self.sends[source][self.rank]
+        return self.recv_prefix[source][channel]
 
 
 class _DispatchOutputs:
@@ -355,6 +547,11 @@ def _dispatch_record_bytes(x: torch.Tensor, x_scales: Optional[torch.Tensor], nu
 
 def _combine_record_bytes(hidden: int, num_topk: int) -> int:
     return _round_up(2 * hidden + 4 * num_topk, kernels.RECORD_ALIGN)
+
+
+def _copy_weights_at(rows: int, hidden: int) -> int:
+    """Where the weights start in a half of the copy heap that holds `rows` bf16 rows, then their weights."""
+    return _round_up(rows * hidden * 2, kernels.RECORD_ALIGN)
 
 
 def _check_channels(num_channels: int) -> None:
@@ -383,6 +580,9 @@ def _all_ranks_max(value: int, group, device: torch.device) -> int:
 
 def _tokens_per_channel(num_tokens: int, num_channels: int) -> int:
     return max(1, -(-num_tokens // num_channels))  # as handles.channel_prefix_matrix
+
+
+_SEQUENCE_CYCLE = 2**30  # copy-engine sequence numbers run 1 .. 2**30, then start over (an even cycle)
 
 
 def _pow2(n: int) -> int:

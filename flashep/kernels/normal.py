@@ -28,7 +28,8 @@ signalling"); data lives in half `epoch % 2` of the data heap.
 Heap regions (byte offsets from the backend):
 - signal heap: notify flags int64[R] (one per source), dispatch flags int64[R, MAX_PUSHERS] (source
   rank, pusher), combine flags int64[R, MAX_PUSHERS] (sender rank, pusher), notify slots
-  int32[R, MAX_CHANNELS + MAX_LOCAL_EXPERTS + R + 1] (one per source).
+  int32[R, MAX_CHANNELS + MAX_LOCAL_EXPERTS + R + 1] (one per source), copy-engine flags
+  int32[R, MAX_COPY_PARTS] (sender rank, part).
 - data heap, per half, one record per row. Dispatch record (4-byte words): the row, its scales, top-k
   ids, top-k weights (float bits), source token index. Combine record: the bf16 row, then the float32
   weights.
@@ -45,6 +46,7 @@ MAX_PUSHERS = 2 * MAX_CHANNELS  # at most num_sms - 1 programs push
 MAX_LOCAL_EXPERTS = 1024
 RECORD_ALIGN = 64  # bytes; keeps record strides divisible by 16 elements for vectorised access
 SCAN_TOKENS = 256  # tokens per step when a pusher counts the earlier tokens of its channel
+MAX_COPY_PARTS = 16  # parts of a copy-engine combine (one flag per source and part)
 
 _max_pushers = tl.constexpr(MAX_PUSHERS)
 _scan_tokens = tl.constexpr(SCAN_TOKENS)
@@ -660,15 +662,21 @@ def _combine_sources(start, last, send_head_ptr, slot_base, self_row0, rank, NUM
 def _combine_reduce_chunk(step, first, last, x_ptr, bias0_ptr, bias1_ptr, send_head_ptr, out_ptr, slot_base,
                           self_row0, region, rank, NUM_RANKS: tl.constexpr, R_PAD: tl.constexpr,
                           HIDDEN: tl.constexpr, RECORD_ELEMS: tl.constexpr, BLOCK_T: tl.constexpr,
-                          BLOCK_H: tl.constexpr, HAS_BIAS0: tl.constexpr, HAS_BIAS1: tl.constexpr):
+                          BLOCK_H: tl.constexpr, HAS_BIAS0: tl.constexpr, HAS_BIAS1: tl.constexpr,
+                          USE_TIMER: tl.constexpr):
     """Step `step` of reducing tokens [first, last) (tile step // CHUNKS, chunk step % CHUNKS): bias0 + bias1 +
-    the rows of destination ranks ascending, in float32, one rounding to bf16."""
+    the rows of destination ranks ascending, in float32, one rounding to bf16 (on a GPU the hardware's
+    round-to-nearest-even cast; the interpreter's cast truncates, so there it is spelled out)."""
     CHUNKS: tl.constexpr = (HIDDEN + BLOCK_H - 1) // BLOCK_H
     ranks = tl.arange(0, R_PAD)
     toks64, tok_ok, where, head = _combine_sources(first + (step // CHUNKS) * BLOCK_T, last, send_head_ptr, slot_base,
                                                    self_row0, rank, NUM_RANKS, R_PAD, BLOCK_T)
     cols = (step % CHUNKS) * BLOCK_H + tl.arange(0, BLOCK_H)
-    ok = tok_ok[:, None] & (cols < HIDDEN)[None, :]
+    if HIDDEN % BLOCK_H == 0:  # whole chunks: masks by row only, constant along a row
+        col_ok = tl.full([BLOCK_H], 1, tl.int1)
+    else:
+        col_ok = cols < HIDDEN
+    ok = tok_ok[:, None] & col_ok[None, :]
     acc = tl.zeros([BLOCK_T, BLOCK_H], tl.float32)
     if HAS_BIAS0:
         acc += tl.load(bias0_ptr + toks64[:, None] * HIDDEN + cols[None, :], mask=ok, other=0.0).to(tl.float32)
@@ -677,20 +685,24 @@ def _combine_reduce_chunk(step, first, last, x_ptr, bias0_ptr, bias1_ptr, send_h
     for j in tl.static_range(NUM_RANKS):  # canonical order: destination ranks ascending
         pick = ranks[None, :] == j
         row = tl.sum(tl.where(pick, where, 0), axis=1).to(tl.int64)
-        has = ok & (tl.max(tl.where(pick, head, -1), axis=1) >= 0)[:, None]
-        # one unconditional load per rank (a pointer select, not a branch) lets the loop be pipelined
-        ptrs = tl.where(j == rank, x_ptr + row[:, None] * HIDDEN + cols[None, :],
-                        region + row[:, None] * RECORD_ELEMS + cols[None, :])
-        acc += tl.load(ptrs, mask=has, other=0.0, cache_modifier=".cg").to(tl.float32)
-    tl.store(out_ptr + toks64[:, None] * HIDDEN + cols[None, :], _to_bf16(acc), mask=ok)
+        has = tok_ok & (tl.max(tl.where(pick, head, -1), axis=1) >= 0)
+        # one unconditional load per rank (a per-row pointer select, not a branch) lets the loop be pipelined
+        row_ptrs = tl.where(j == rank, x_ptr + row * HIDDEN, region + row * RECORD_ELEMS)
+        acc += tl.load(row_ptrs[:, None] + cols[None, :], mask=has[:, None] & col_ok[None, :], other=0.0,
+                       cache_modifier=".cg").to(tl.float32)
+    if USE_TIMER:
+        rounded = acc.to(tl.bfloat16)
+    else:
+        rounded = _to_bf16(acc)
+    tl.store(out_ptr + toks64[:, None] * HIDDEN + cols[None, :], rounded, mask=ok)
 
 
 @triton.jit
 def _combine_reduce_weights(tile, first, last, weights_ptr, send_head_ptr, out_weights_ptr, slot_base, self_row0,
                             weight_region, rank, num_topk, NUM_RANKS: tl.constexpr, R_PAD: tl.constexpr,
-                            RECORD_ELEMS: tl.constexpr, K_PAD: tl.constexpr, BLOCK_T: tl.constexpr):
+                            WEIGHT_STRIDE: tl.constexpr, K_PAD: tl.constexpr, BLOCK_T: tl.constexpr):
     """The combined top-k weights of tile `tile` of tokens [first, last): the ranks' weight rows summed in
-    float32, ranks ascending."""
+    float32, ranks ascending (a peer's row at weight_region + slot * WEIGHT_STRIDE, 0: num_topk)."""
     ranks = tl.arange(0, R_PAD)
     toks64, tok_ok, where, head = _combine_sources(first + tile * BLOCK_T, last, send_head_ptr, slot_base, self_row0,
                                                    rank, NUM_RANKS, R_PAD, BLOCK_T)
@@ -701,8 +713,12 @@ def _combine_reduce_weights(tile, first, last, weights_ptr, send_head_ptr, out_w
         pick = ranks[None, :] == j
         row = tl.sum(tl.where(pick, where, 0), axis=1).to(tl.int64)
         has = ok & (tl.max(tl.where(pick, head, -1), axis=1) >= 0)[:, None]
+        if WEIGHT_STRIDE == 0:
+            stride = num_topk
+        else:
+            stride = WEIGHT_STRIDE
         ptrs = tl.where(j == rank, weights_ptr + row[:, None] * num_topk + ks[None, :],
-                        weight_region + row[:, None] * (RECORD_ELEMS // 2) + ks[None, :])
+                        weight_region + row[:, None] * stride + ks[None, :])
         acc += tl.load(ptrs, mask=has, other=0.0, cache_modifier=".cg")
     tl.store(out_weights_ptr + toks64[:, None] * num_topk + ks[None, :], acc, mask=ok)
 
@@ -812,27 +828,128 @@ def ep_combine_kernel(x_ptr, weights_ptr, bias0_ptr, bias1_ptr, in_rank_ptr, sen
                     for step in tl.range(0, num_tiles * REDUCE_CHUNKS, num_stages=STAGES):
                         _combine_reduce_chunk(step, first, last, x_ptr, bias0_ptr, bias1_ptr, send_head_ptr, out_ptr,
                                               slot_base, self_row0, region, rank, NUM_RANKS, R_PAD, HIDDEN,
-                                              RECORD_ELEMS, BLOCK_T, REDUCE_BLOCK_H, HAS_BIAS0, HAS_BIAS1)
+                                              RECORD_ELEMS, BLOCK_T, REDUCE_BLOCK_H, HAS_BIAS0, HAS_BIAS1, USE_TIMER)
                     if HAS_WEIGHTS:
                         for tile in tl.range(0, num_tiles, num_stages=STAGES):
                             _combine_reduce_weights(tile, first, last, weights_ptr, send_head_ptr, out_weights_ptr,
                                                     slot_base, self_row0, weight_region, rank, num_topk, NUM_RANKS,
-                                                    R_PAD, RECORD_ELEMS, K_PAD, BLOCK_T)
+                                                    R_PAD, RECORD_ELEMS // 2, K_PAD, BLOCK_T)
                 else:
                     step = zero
                     while step < num_tiles * REDUCE_CHUNKS:
                         _combine_reduce_chunk(step, first, last, x_ptr, bias0_ptr, bias1_ptr, send_head_ptr, out_ptr,
                                               slot_base, self_row0, region, rank, NUM_RANKS, R_PAD, HIDDEN,
-                                              RECORD_ELEMS, BLOCK_T, REDUCE_BLOCK_H, HAS_BIAS0, HAS_BIAS1)
+                                              RECORD_ELEMS, BLOCK_T, REDUCE_BLOCK_H, HAS_BIAS0, HAS_BIAS1, USE_TIMER)
                         step += 1
                     if HAS_WEIGHTS:
                         tile = zero
                         while tile < num_tiles:
                             _combine_reduce_weights(tile, first, last, weights_ptr, send_head_ptr, out_weights_ptr,
                                                     slot_base, self_row0, weight_region, rank, num_topk, NUM_RANKS,
-                                                    R_PAD, RECORD_ELEMS, K_PAD, BLOCK_T)
+                                                    R_PAD, RECORD_ELEMS // 2, K_PAD, BLOCK_T)
                             tile += 1
             segment = segment_end
         # every peer's final flags, also where no rows flow: keeps the ranks at most one operation apart
         ready, failed = _wait_channels(flags, flag_ok, peer_ok, num_channels - 1, ready, e, num_channels, failed,
                                        err_ptr, _phase_combine, rank, budget, R_PAD, USE_TIMER)
+
+
+# ---------------------------------------------------------------- combine, rows moved by copy engine
+@triton.jit
+def _wait_parts(flag_ptrs, needed, seq, seq_next, failed, err_ptr, phase, rank, budget, R_PAD: tl.constexpr,
+                USE_TIMER: tl.constexpr):
+    """Wait (bounded) until every source in `needed` wrote `seq` (this operation) or `seq_next` (it already
+    went on to the next one) into its flag here (`flag_ptrs` [R_PAD]). A timeout is recorded in the error
+    word, naming the first source behind. -> failed"""
+    ranks = tl.arange(0, R_PAD)
+    values = tl.atomic_add(flag_ptrs, 0, mask=needed, sem="acquire", scope="sys")
+    behind = needed & (values != seq) & (values != seq_next)
+    if (tl.max(behind.to(tl.int32), axis=0) > 0) & (failed == 0):
+        start = now_ns(USE_TIMER)
+        spins = 0
+        alive = True
+        while (tl.max(behind.to(tl.int32), axis=0) > 0) & alive:
+            values = tl.atomic_add(flag_ptrs, 0, mask=behind, sem="acquire", scope="sys")
+            behind = behind & (values != seq) & (values != seq_next)
+            spins += 1
+            if USE_TIMER:
+                alive = (now_ns(USE_TIMER) - start) < budget
+            else:
+                alive = spins < budget
+        if tl.max(behind.to(tl.int32), axis=0) > 0:
+            record_timeout(err_ptr, phase, rank, tl.min(tl.where(behind, ranks, R_PAD), axis=0))
+            failed = 1
+    tl.debug_barrier()  # threads that did not acquire read the rows only after those that did
+    return failed
+
+
+COMBINE_REDUCE_NO_SPECIALIZE = ["rank", "num_tokens", "num_channels", "tokens_per_channel", "num_parts", "num_topk",
+                                "seq", "seq_next", "budget"]
+
+
+@triton.jit(do_not_specialize=COMBINE_REDUCE_NO_SPECIALIZE)
+def ep_combine_reduce_kernel(x_ptr, weights_ptr, bias0_ptr, bias1_ptr, send_head_ptr, rank_prefix_ptr, out_ptr,
+                             out_weights_ptr, rows_ptr, peer_weights_ptr, flags_ptr, seq, seq_next, err_addr_ptr,
+                             rank, num_tokens, num_channels, tokens_per_channel, num_parts, num_topk, budget,
+                             NUM_RANKS: tl.constexpr, R_PAD: tl.constexpr, MAX_PARTS: tl.constexpr,
+                             HIDDEN: tl.constexpr, K_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
+                             REDUCE_BLOCK_H: tl.constexpr, HAS_WEIGHTS: tl.constexpr, HAS_BIAS0: tl.constexpr,
+                             HAS_BIAS1: tl.constexpr, USE_TIMER: tl.constexpr, STAGES: tl.constexpr):
+    """The combine's reduction when the peers' rows arrive by copy engine (the host's `copy_engine`): peer p
+    copies the rows it received from this rank, in order, to `rows_ptr` from slot sum_{j < p, j != rank}
+    n(rank -> j) (weights likewise to `peer_weights_ptr`), in `num_parts` parts of this rank's channels,
+    and writes `seq` into flags_ptr[p * MAX_PARTS + part] behind each part. Every program reduces an equal
+    contiguous part of each part's tokens once every peer's flag of that part is up: bias0 + bias1 + the
+    rows of ranks ascending (this rank's straight from x), in float32, one rounding to bf16."""
+    REDUCE_CHUNKS: tl.constexpr = (HIDDEN + REDUCE_BLOCK_H - 1) // REDUCE_BLOCK_H
+    pid = tl.program_id(0)
+    num_programs = tl.num_programs(0)
+    ranks = tl.arange(0, R_PAD)
+    rank_ok = ranks < NUM_RANKS
+    peer_ok = rank_ok & (ranks != rank)
+    zero = tl.full((), 0, tl.int32)
+    err_ptr = tl.load(err_addr_ptr).to(tl.pointer_type(tl.int32))
+    failed = tl.load(err_ptr + 3, volatile=True)
+    upto = tl.load(rank_prefix_ptr + rank * NUM_RANKS + ranks, mask=rank_ok, other=0)
+    before = tl.load(rank_prefix_ptr + (rank - 1) * NUM_RANKS + ranks, mask=rank_ok & (rank > 0), other=0)
+    peer_sent = tl.where(peer_ok, upto - before, 0)  # n(rank -> p) for the peers
+    slot_base = tl.sum(tl.where(ranks[None, :] < ranks[:, None], peer_sent[None, :], 0), axis=1)
+    self_row0 = tl.sum(tl.where(ranks == rank, before, 0), axis=0)
+    part = zero
+    while part < num_parts:
+        lo = tl.minimum(num_channels * part // num_parts * tokens_per_channel, num_tokens)
+        n = tl.minimum(num_channels * (part + 1) // num_parts * tokens_per_channel, num_tokens) - lo
+        first = lo + n * pid // num_programs
+        last = lo + n * (pid + 1) // num_programs
+        if first < last:
+            failed = _wait_parts(flags_ptr + ranks * MAX_PARTS + part, peer_ok, seq, seq_next, failed, err_ptr,
+                                 _phase_combine, rank, budget, R_PAD, USE_TIMER)
+            num_tiles = tl.where(failed == 0, tl.cdiv(last - first, BLOCK_T), 0)
+            if USE_TIMER:  # software-pipelined loops (the interpreter needs constant bounds for tl.range)
+                for step in tl.range(0, num_tiles * REDUCE_CHUNKS, num_stages=STAGES):
+                    _combine_reduce_chunk(step, first, last, x_ptr, bias0_ptr, bias1_ptr, send_head_ptr, out_ptr,
+                                          slot_base, self_row0, rows_ptr, rank, NUM_RANKS, R_PAD, HIDDEN, HIDDEN,
+                                          BLOCK_T, REDUCE_BLOCK_H, HAS_BIAS0, HAS_BIAS1, USE_TIMER)
+                if HAS_WEIGHTS:
+                    for tile in tl.range(0, num_tiles, num_stages=STAGES):
+                        _combine_reduce_weights(tile, first, last, weights_ptr, send_head_ptr, out_weights_ptr,
+                                                slot_base, self_row0, peer_weights_ptr, rank, num_topk, NUM_RANKS,
+                                                R_PAD, 0, K_PAD, BLOCK_T)
+            else:
+                step = zero
+                while step < num_tiles * REDUCE_CHUNKS:
+                    _combine_reduce_chunk(step, first, last, x_ptr, bias0_ptr, bias1_ptr, send_head_ptr, out_ptr,
+                                          slot_base, self_row0, rows_ptr, rank, NUM_RANKS, R_PAD, HIDDEN, HIDDEN,
+                                          BLOCK_T, REDUCE_BLOCK_H, HAS_BIAS0, HAS_BIAS1, USE_TIMER)
+                    step += 1
+                if HAS_WEIGHTS:
+                    tile = zero
+                    while tile < num_tiles:
+                        _combine_reduce_weights(tile, first, last, weights_ptr, send_head_ptr, out_weights_ptr,
+                                                slot_base, self_row0, peer_weights_ptr, rank, num_topk, NUM_RANKS,
+                                                R_PAD, 0, K_PAD, BLOCK_T)
+                        tile += 1
+        part += 1
+    # every peer's last flag, also where no rows flow: keeps the ranks at most one operation apart
+    failed = _wait_parts(flags_ptr + ranks * MAX_PARTS + num_parts - 1, peer_ok, seq, seq_next, failed, err_ptr,
+                         _phase_combine, rank, budget, R_PAD, USE_TIMER)

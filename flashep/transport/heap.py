@@ -90,6 +90,10 @@ class SymmetricHeap:
         if any(p == offset for p in handle.buffer_ptrs):
             raise RuntimeError("a peer's symmetric buffer is not load/store reachable")
         self._handle = handle
+        self._peer_views = [handle.get_buffer(r, (self.nbytes,), torch.uint8, storage_offset=offset)
+                            for r in range(self.world_size)]
+        if [v.data_ptr() for v in self._peer_views] != bases:
+            raise RuntimeError("symmetric memory: peer views do not start at the peers' heap bases")
         return local, bases
 
     def _map_shared_memory(self):
@@ -103,23 +107,31 @@ class SymmetricHeap:
         self._segments = segments
         self._owned = mine
         views = [torch.frombuffer(s.buf, dtype=torch.uint8, count=self.nbytes) for s in segments]
-        self._views = views
+        self._peer_views = views
         dist.barrier(self.group)  # every rank has opened every segment: the names can go
         mine.unlink()
         return views[self.rank], [v.data_ptr() for v in views]
 
     def view(self, offset: int, shape, dtype: torch.dtype) -> torch.Tensor:
         """This rank's region at byte `offset` as a tensor."""
+        return self._region(self.local, offset, shape, dtype)
+
+    def _region(self, heap: torch.Tensor, offset: int, shape, dtype: torch.dtype) -> torch.Tensor:
         numel = 1
         for s in shape:
             numel *= s
         end = offset + numel * dtype.itemsize
         if offset % dtype.itemsize or end > self.nbytes:
             raise ValueError(f"region [{offset}, {end}) does not fit the {self.nbytes}-byte heap")
-        return self.local[offset:end].view(dtype).view(shape)
+        return heap[offset:end].view(dtype).view(shape)
+
+    def peer_view(self, rank: int, offset: int, shape, dtype: torch.dtype) -> torch.Tensor:
+        """`rank`'s region at byte `offset` as a tensor on this device (a copy into it is a peer copy: the
+        copy engine moves it over NVLink)."""
+        return self._region(self._peer_views[rank], offset, shape, dtype)
 
     def close(self) -> None:
-        self._views = []
+        self._peer_views = []
         self.local = None
         for s in self._segments:
             try:
