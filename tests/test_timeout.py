@@ -94,3 +94,39 @@ def test_skipped_first_low_latency_call_times_out():
     elapsed = run_ranks(2, skipped_first_low_latency_body, backend="triton", env={"FLASHEP_TIMEOUT_S": TIMEOUT_S},
                         timeout=300)[0]
     assert elapsed < 60, f"rank 0 took {elapsed:.0f} s to notice the missing peer"
+
+
+def several_buffers_body(rank: int, num_ranks: int, group):
+    """Two live Buffers on one group (normal and low-latency, as DeepEP users make them), then a Buffer made
+    again after both were destroyed: each maps its memory through the group's host meeting."""
+    from flashep import reference
+
+    g = torch.Generator().manual_seed(rank)
+    x = torch.randn(NUM_TOKENS, HIDDEN, generator=g).to(torch.bfloat16)
+    topk_idx = torch.stack([torch.randperm(NUM_EXPERTS * num_ranks, generator=g)[:2] for _ in range(NUM_TOKENS)])
+    weights = torch.rand(NUM_TOKENS, 2, generator=g)
+    everyone = [None] * num_ranks
+    dist.all_gather_object(everyone, (x, topk_idx, weights), group=group)
+    expect = reference.dispatch(*([e[i] for e in everyone] for i in range(3)), NUM_EXPERTS * num_ranks)[rank]
+
+    def dispatch(buffer):
+        per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(topk_idx, NUM_EXPERTS * num_ranks)
+        recv_x = buffer.dispatch(x, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank,
+                                 num_tokens_per_expert=per_expert, topk_idx=topk_idx, topk_weights=weights)[0]
+        assert torch.equal(recv_x.view(torch.int16), expect.recv_x.view(torch.int16))
+
+    normal = flashep.Buffer(group, 0, explicitly_destroy=True)
+    low_latency = flashep.Buffer(group, 0, 1 << 22, low_latency_mode=True, explicitly_destroy=True)
+    dispatch(normal)
+    low_latency.low_latency_dispatch(x, topk_idx, NUM_TOKENS, NUM_EXPERTS * num_ranks, use_fp8=False)
+    normal.destroy()
+    low_latency.destroy()
+    again = flashep.Buffer(group, 0, explicitly_destroy=True)
+    dispatch(again)
+    again.destroy()
+    return True
+
+
+@pytest.mark.skipif(not triton_available(TRITON_NORMAL, TRITON_LOW_LATENCY), reason="Triton backends not present")
+def test_several_buffers_on_one_group():
+    assert all(run_ranks(3, several_buffers_body, backend="triton", timeout=300))

@@ -320,7 +320,6 @@ class TritonLowLatencyBackend(Backend):
         if self.heap is not None:
             self.heap.close()
         self.heap = self.regions = self._combine_buffer = None
-        self.meeting.close()
 
 
 def _check_handle(src_info, layout_range, num_local: int, num_ranks: int, rows: int, device) -> None:

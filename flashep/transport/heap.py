@@ -26,13 +26,21 @@ ALIGN = 128
 class HostMeeting:
     """Host-side meeting points of a group's ranks that end in PeerTimeoutError, naming the missing ranks
     and the phase, when a peer does not arrive within FLASHEP_TIMEOUT_S (instead of hanging in a
-    collective). A gloo twin of the group's ranks carries them (a monitored barrier); creating it is
-    collective, so it is made when the Buffer is, while every rank is there."""
+    collective). A gloo twin of the group's ranks carries them (a monitored barrier). Creating the twin is
+    collective, so it happens when the first Buffer of those ranks is made, while every rank is there; all
+    later Buffers of the same ranks share it and it lives as long as the process group. (A second gloo
+    group of the same ranks would get the same name, hashed from the ranks, and meet the first one's stale
+    addresses in the store: two Buffers on one group, or a Buffer made again after destroy(), failed so.)"""
+
+    _twins: dict = {}  # (default process group, ranks) -> gloo group
 
     def __init__(self, group: dist.ProcessGroup):
         self.rank = dist.get_rank(group)
-        self._twin = dist.new_group(dist.get_process_group_ranks(group), backend="gloo",
-                                    use_local_synchronization=True)
+        ranks = tuple(dist.get_process_group_ranks(group))
+        key = (id(dist.group.WORLD), ranks)  # a re-initialised default group starts afresh
+        if key not in HostMeeting._twins:
+            HostMeeting._twins[key] = dist.new_group(list(ranks), backend="gloo", use_local_synchronization=True)
+        self._twin = HostMeeting._twins[key]
 
     def __call__(self, phase: str) -> None:
         seconds = _env.timeout_seconds()
@@ -41,12 +49,6 @@ class HostMeeting:
         except RuntimeError as error:
             raise PeerTimeoutError(f"flashep rank {self.rank}: peers did not reach the {phase} within {seconds:g} s "
                                    f"(FLASHEP_TIMEOUT_S): {error}") from None
-
-    def close(self) -> None:
-        """Release the gloo twin (local; safe to call more than once)."""
-        if self._twin is not None:
-            dist.destroy_process_group(self._twin)
-            self._twin = None
 
 
 class SymmetricHeap:
