@@ -42,7 +42,7 @@ Tuning knobs (environment at construction; they must be equal on every rank):
   Fewer flags keep the NVLink stores streaming (a flag's release waits for the stores before it); more
   let receivers follow closer;
 - FLASHEP_COPY_ENGINE: 1 moves a combine's rows by copy engine (no SM; `_combine_by_copy_engine`), 0 by SM
-  pushers (default: 1 at 2 ranks, 0 otherwise). Only combines whose handle came from a dispatch with a
+  pushers (default 0). Only combines whose handle came from a dispatch with a
   host synchronisation can (the copies' sizes come from the host), and none while a CUDA graph is being
   captured; the others use the pushers. FLASHEP_COPY_PARTS: parts of such a combine, each followed by
   a flag the reduction waits for (default 4, at most 16 and the number of channels).
@@ -88,9 +88,9 @@ class TritonNormalBackend(Backend):
         self.receiver_share = _env_share("FLASHEP_RECEIVER_SHARE", 1 / 3)
         self.combine_receiver_share = _env_share("FLASHEP_COMBINE_RECEIVER_SHARE", 0.55)
         self.publish_tokens = _env_int("FLASHEP_PUBLISH_TOKENS", 32, minimum=1)
-        # measured on H200 (docs/perf.md): by copy engine a combine is faster at 2 ranks, slower at 4 (the host
-        # work per copy and flag grows with the peers)
-        self.use_copy_engine = _env_int("FLASHEP_COPY_ENGINE", int(self.num_ranks == 2), minimum=0) != 0
+        # off by default: on H200 (docs/perf.md) a combine by copy engine was no faster than the SM pushers at
+        # 2 ranks once the reduction was tuned, slower at 4 (host work per copy and flag), and noisier
+        self.use_copy_engine = _env_int("FLASHEP_COPY_ENGINE", 0, minimum=0) != 0
         self.copy_parts = min(_env_int("FLASHEP_COPY_PARTS", 4, minimum=1), kernels.MAX_COPY_PARTS)
         self.signal_layout = _SignalLayout(self.num_ranks)
         self.signal_heap = SymmetricHeap(self.group, self.signal_layout.nbytes, self.device, self.meeting,
@@ -451,7 +451,6 @@ class TritonNormalBackend(Backend):
             if heap is not None:
                 heap.close()
         self.data_heap = self.copy_heap = self.signal_heap = None
-        self.meeting.close()
 
     @property
     def _rank_pad(self) -> int:
