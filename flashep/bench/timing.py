@@ -5,7 +5,7 @@
 - Kernel time: torch.profiler (CUDA activity) over N calls; sum of the durations of the kernels whose
   names contain given substrings (case-sensitive, so CUB's `Dispatch...` templates do not match),
   divided by N. Before each profiled call the ranks line up on the GPU (an all_reduce) and the GPU then
-  idles briefly, so every rank has its kernels queued and they start together.
+  idles 1 ms (by %globaltimer), so every rank has its kernels queued and they start together.
 
 Phases: code inside `phase(label)` is marked in the profile, and each kernel is attributed to the
 innermost phase that launched it (through the launch's correlation id, or else the GPU-side copy of
@@ -23,14 +23,25 @@ from typing import Callable, Optional, Sequence
 
 import torch
 import torch.distributed as dist
+import triton
+
+from ..kernels.sync import now_ns
 
 KERNEL_PATTERNS = ("notify", "dispatch", "combine")
 NCCL_PATTERNS = ("SendRecv", "AllToAll")  # NCCL's all_to_all kernels (not the all_reduce that lines ranks up)
 _LABEL_PREFIX = "flashep.bench:"
 OP_PHASE = "op"  # every profiled call runs inside this phase
 L2_FLUSH_BYTES = int(256e6)
-_IDLE_CYCLES = 4_000_000  # ~2 ms at H100/H200 clocks: time for the host to queue the call's kernels (under the
-# profiler a call's host work can exceed 0.5 ms, and a rank that starts late inflates its peers' kernel times)
+_IDLE_NS = 1_000_000  # time for the host to queue the call's kernels before they start; a rank that starts late
+# inflates its peers' kernel times. Measured in time, not clock cycles: GPUs idling at different clocks
+# drifted apart by up to ~200 us over 4M cycles (docs/perf.md)
+
+
+@triton.jit
+def _idle_kernel(duration_ns):
+    start = now_ns(True)
+    while now_ns(True) - start < duration_ns:
+        pass
 
 
 def phase(label: str):
@@ -182,4 +193,4 @@ class Timer:
 
     def _line_up(self) -> None:
         dist.all_reduce(self._token, group=self.group)
-        torch.cuda._sleep(_IDLE_CYCLES)
+        _idle_kernel[(1,)](_IDLE_NS)
