@@ -130,6 +130,12 @@ def test_shapes_match_the_oracle(world_size, seed):
     print("normal-mode buffer bytes per rank after each shape:", report)
 
 
+@pytest.mark.parametrize("world_size", WORLDS)
+def test_combine_by_copy_engine_matches_the_oracle(world_size, seed):
+    shapes = (DEEPSEEK, SHAPES[3], SHAPES[4])  # FP8 and BF16, an empty rank, imbalanced routing
+    run_ranks(world_size, _shapes, seed, shapes, backend="triton", device="cuda", env={"FLASHEP_COPY_ENGINE": "1"})
+
+
 # ---- CUDA graphs ------------------------------------------------------------------------------------------
 def _graphs(rank: int, num_ranks: int, group, seed: int) -> None:
     shape = Shape("graph", (512, 384), 4096, 8, 64, minus_one=0.1)

@@ -140,6 +140,14 @@ def test_dispatch_and_combine_match_the_oracle(world_size, seed):
     run_ranks(world_size, _run_cases, seed, CASES, 1, backend="triton")
 
 
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_combine_by_copy_engine_matches_the_oracle(world_size, seed):
+    """Combines with an exact handle move their rows by copy engine (three parts, two rounds: both halves of
+    the copy heap); the worst-token handle's combine still goes through the SM pushers."""
+    run_ranks(world_size, _run_cases, seed, CASES, 2, backend="triton",
+              env={"FLASHEP_COPY_ENGINE": "1", "FLASHEP_COPY_PARTS": "3"})
+
+
 ROLES = (
     # one receiver per launch, a flag after every channel: many tiles per program, every program's tiles
     # spread over several channels
@@ -222,10 +230,13 @@ def _skip_one_call(rank: int, num_ranks: int, group, skipped: str) -> Optional[s
     return "no error"
 
 
-@pytest.mark.parametrize("skipped, phase", [("dispatch", "notify"), ("cached", "dispatch receive"),
-                                            ("combine", "combine receive")])
-def test_a_missing_peer_times_out_naming_rank_and_phase(skipped, phase):
-    message = run_ranks(2, _skip_one_call, skipped, backend="triton", env={"FLASHEP_TIMEOUT_S": "2"})[0]
+@pytest.mark.parametrize("skipped, phase, copy_engine", [("dispatch", "notify", "0"),
+                                                         ("cached", "dispatch receive", "0"),
+                                                         ("combine", "combine receive", "0"),
+                                                         ("combine", "combine receive", "1")])
+def test_a_missing_peer_times_out_naming_rank_and_phase(skipped, phase, copy_engine):
+    env = {"FLASHEP_TIMEOUT_S": "2", "FLASHEP_COPY_ENGINE": copy_engine}
+    message = run_ranks(2, _skip_one_call, skipped, backend="triton", env=env)[0]
     assert "rank 0" in message and "rank 1" in message and f"'{phase}" in message, message
 
 
