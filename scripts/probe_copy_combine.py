@@ -6,12 +6,12 @@ reduction kernel alone (relaunched once the copies have landed). DeepSeek-V3 sha
 """
 import argparse
 import os
-import socket
 import time
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+
+import local_ranks
 
 os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
 os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
@@ -103,19 +103,15 @@ def _one_setting(rank, world, group, args, setting):
     return line
 
 
-def worker(rank, world, port, args):
+def worker(rank, world, args):
     import flashep.kernels.normal as kernels
 
-    torch.cuda.set_device(rank)
-    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            device_id=torch.device("cuda", rank))
     kernels.ep_combine_reduce_kernel = _Recorder(kernels.ep_combine_reduce_kernel)
     for text in args.settings:
         setting = dict(item.split("=", 1) for item in text.split())
         line = _one_setting(rank, world, dist.group.WORLD, args, setting)
         if rank == 0:
             print(f"{world} ranks, {text or 'defaults'}: {line}", flush=True)
-    dist.destroy_process_group()
 
 
 def main():
@@ -126,10 +122,7 @@ def main():
     p.add_argument("--profile-host", action="store_true", help="cProfile 20 calls on rank 0 per setting")
     p.add_argument("settings", nargs="*", default=[""], help='environment per run, e.g. "FLASHEP_COPY_PARTS=2"')
     args = p.parse_args()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(worker, args=(args.ranks, port, args), nprocs=args.ranks)
+    local_ranks.spawn(worker, args.ranks, args)
 
 
 if __name__ == "__main__":

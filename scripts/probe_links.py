@@ -8,14 +8,13 @@ Also checks the heap, `%globaltimer` and a cross-GPU flag wait.
 """
 import argparse
 import os
-import socket
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import triton
 import triton.language as tl
 
+import local_ranks
 from flashep.kernels.sync import load_acquire, now_ns, signal, wait_ge
 from flashep.transport.heap import SymmetricHeap
 
@@ -111,10 +110,7 @@ def time_kernel(fn, iters=10):
     return float(t)
 
 
-def worker(rank, world, port, args):
-    torch.cuda.set_device(rank)
-    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            device_id=torch.device("cuda", rank))
+def worker(rank, world, args):
     H, rows = args.hidden, args.rows
     region = world * rows * H * 2
     heap = SymmetricHeap(dist.group.WORLD, region + 4096, torch.device("cuda", rank))
@@ -163,7 +159,6 @@ def worker(rank, world, port, args):
         for r in results:
             print(f"{r[0]:6} {r[1]:5d} {r[2]:3d} {r[3]:5d} {r[4]:5d} {r[5]:9.1f} {r[6]:8.1f}")
     dist.barrier()
-    dist.destroy_process_group()
 
 
 def main():
@@ -172,10 +167,7 @@ def main():
     p.add_argument("--rows", type=int, default=3600)
     p.add_argument("--hidden", type=int, default=7168)
     args = p.parse_args()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(worker, args=(args.ranks, port, args), nprocs=args.ranks)
+    local_ranks.spawn(worker, args.ranks, args)
 
 
 if __name__ == "__main__":

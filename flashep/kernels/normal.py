@@ -723,6 +723,42 @@ def _combine_reduce_weights(tile, first, last, weights_ptr, send_head_ptr, out_w
     tl.store(out_weights_ptr + toks64[:, None] * num_topk + ks[None, :], acc, mask=ok)
 
 
+@triton.jit
+def _reduce_tokens(first, last, num_tiles, x_ptr, weights_ptr, bias0_ptr, bias1_ptr, send_head_ptr, out_ptr,
+                   out_weights_ptr, slot_base, self_row0, region, weight_region, rank, num_topk,
+                   NUM_RANKS: tl.constexpr, R_PAD: tl.constexpr, HIDDEN: tl.constexpr, RECORD_ELEMS: tl.constexpr,
+                   WEIGHT_STRIDE: tl.constexpr, K_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
+                   HAS_WEIGHTS: tl.constexpr, HAS_BIAS0: tl.constexpr, HAS_BIAS1: tl.constexpr,
+                   USE_TIMER: tl.constexpr, STAGES: tl.constexpr):
+    """Reduce tokens [first, last) (`num_tiles` tiles): the rows chunk by chunk, then the top-k weights. On a
+    GPU both loops are software-pipelined (the interpreter needs constant bounds for tl.range)."""
+    CHUNKS: tl.constexpr = (HIDDEN + BLOCK_H - 1) // BLOCK_H
+    if USE_TIMER:
+        for step in tl.range(0, num_tiles * CHUNKS, num_stages=STAGES):
+            _combine_reduce_chunk(step, first, last, x_ptr, bias0_ptr, bias1_ptr, send_head_ptr, out_ptr, slot_base,
+                                  self_row0, region, rank, NUM_RANKS, R_PAD, HIDDEN, RECORD_ELEMS, BLOCK_T, BLOCK_H,
+                                  HAS_BIAS0, HAS_BIAS1, USE_TIMER)
+        if HAS_WEIGHTS:
+            for tile in tl.range(0, num_tiles, num_stages=STAGES):
+                _combine_reduce_weights(tile, first, last, weights_ptr, send_head_ptr, out_weights_ptr, slot_base,
+                                        self_row0, weight_region, rank, num_topk, NUM_RANKS, R_PAD, WEIGHT_STRIDE,
+                                        K_PAD, BLOCK_T)
+    else:
+        step = 0
+        while step < num_tiles * CHUNKS:
+            _combine_reduce_chunk(step, first, last, x_ptr, bias0_ptr, bias1_ptr, send_head_ptr, out_ptr, slot_base,
+                                  self_row0, region, rank, NUM_RANKS, R_PAD, HIDDEN, RECORD_ELEMS, BLOCK_T, BLOCK_H,
+                                  HAS_BIAS0, HAS_BIAS1, USE_TIMER)
+            step += 1
+        if HAS_WEIGHTS:
+            tile = 0
+            while tile < num_tiles:
+                _combine_reduce_weights(tile, first, last, weights_ptr, send_head_ptr, out_weights_ptr, slot_base,
+                                        self_row0, weight_region, rank, num_topk, NUM_RANKS, R_PAD, WEIGHT_STRIDE,
+                                        K_PAD, BLOCK_T)
+                tile += 1
+
+
 COMBINE_NO_SPECIALIZE = ["rank", "num_tokens", "num_channels", "tokens_per_channel", "num_pushers", "publish_every",
                          "num_topk", "capacity", "budget"]
 
@@ -743,7 +779,6 @@ def ep_combine_kernel(x_ptr, weights_ptr, bias0_ptr, bias1_ptr, in_rank_ptr, sen
     rank's tokens of the segment once every pusher of every peer finished it. USE_TIMER: compiled for a
     GPU (timed waits, software-pipelined loops)."""
     CHUNKS: tl.constexpr = (HIDDEN + BLOCK_H - 1) // BLOCK_H
-    REDUCE_CHUNKS: tl.constexpr = (HIDDEN + REDUCE_BLOCK_H - 1) // REDUCE_BLOCK_H
     pid = tl.program_id(0)
     e = tl.load(epoch_ptr) + 1
     half_offset = (e % 2) * half_bytes
@@ -824,30 +859,10 @@ def ep_combine_kernel(x_ptr, weights_ptr, bias0_ptr, bias1_ptr, in_rank_ptr, sen
                 ready, failed = _wait_channels(flags, flag_ok, peer_ok, segment_end - 1, ready, e, num_channels,
                                                failed, err_ptr, _phase_combine, rank, budget, R_PAD, USE_TIMER)
                 num_tiles = tl.where(failed == 0, tl.cdiv(last - first, BLOCK_T), 0)
-                if USE_TIMER:  # software-pipelined loops (the interpreter needs constant bounds for tl.range)
-                    for step in tl.range(0, num_tiles * REDUCE_CHUNKS, num_stages=STAGES):
-                        _combine_reduce_chunk(step, first, last, x_ptr, bias0_ptr, bias1_ptr, send_head_ptr, out_ptr,
-                                              slot_base, self_row0, region, rank, NUM_RANKS, R_PAD, HIDDEN,
-                                              RECORD_ELEMS, BLOCK_T, REDUCE_BLOCK_H, HAS_BIAS0, HAS_BIAS1, USE_TIMER)
-                    if HAS_WEIGHTS:
-                        for tile in tl.range(0, num_tiles, num_stages=STAGES):
-                            _combine_reduce_weights(tile, first, last, weights_ptr, send_head_ptr, out_weights_ptr,
-                                                    slot_base, self_row0, weight_region, rank, num_topk, NUM_RANKS,
-                                                    R_PAD, RECORD_ELEMS // 2, K_PAD, BLOCK_T)
-                else:
-                    step = zero
-                    while step < num_tiles * REDUCE_CHUNKS:
-                        _combine_reduce_chunk(step, first, last, x_ptr, bias0_ptr, bias1_ptr, send_head_ptr, out_ptr,
-                                              slot_base, self_row0, region, rank, NUM_RANKS, R_PAD, HIDDEN,
-                                              RECORD_ELEMS, BLOCK_T, REDUCE_BLOCK_H, HAS_BIAS0, HAS_BIAS1, USE_TIMER)
-                        step += 1
-                    if HAS_WEIGHTS:
-                        tile = zero
-                        while tile < num_tiles:
-                            _combine_reduce_weights(tile, first, last, weights_ptr, send_head_ptr, out_weights_ptr,
-                                                    slot_base, self_row0, weight_region, rank, num_topk, NUM_RANKS,
-                                                    R_PAD, RECORD_ELEMS // 2, K_PAD, BLOCK_T)
-                            tile += 1
+                _reduce_tokens(first, last, num_tiles, x_ptr, weights_ptr, bias0_ptr, bias1_ptr, send_head_ptr,
+                               out_ptr, out_weights_ptr, slot_base, self_row0, region, weight_region, rank, num_topk,
+                               NUM_RANKS, R_PAD, HIDDEN, RECORD_ELEMS, RECORD_ELEMS // 2, K_PAD, BLOCK_T,
+                               REDUCE_BLOCK_H, HAS_WEIGHTS, HAS_BIAS0, HAS_BIAS1, USE_TIMER, STAGES)
             segment = segment_end
         # every peer's final flags, also where no rows flow: keeps the ranks at most one operation apart
         ready, failed = _wait_channels(flags, flag_ok, peer_ok, num_channels - 1, ready, e, num_channels, failed,
@@ -901,7 +916,6 @@ def ep_combine_reduce_kernel(x_ptr, weights_ptr, bias0_ptr, bias1_ptr, send_head
     and writes `seq` into flags_ptr[p * MAX_PARTS + part] behind each part. Every program reduces an equal
     contiguous part of each part's tokens once every peer's flag of that part is up: bias0 + bias1 + the
     rows of ranks ascending (this rank's straight from x), in float32, one rounding to bf16."""
-    REDUCE_CHUNKS: tl.constexpr = (HIDDEN + REDUCE_BLOCK_H - 1) // REDUCE_BLOCK_H
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
     ranks = tl.arange(0, R_PAD)
@@ -925,30 +939,10 @@ def ep_combine_reduce_kernel(x_ptr, weights_ptr, bias0_ptr, bias1_ptr, send_head
             failed = _wait_parts(flags_ptr + ranks * MAX_PARTS + part, peer_ok, seq, seq_next, failed, err_ptr,
                                  _phase_combine, rank, budget, R_PAD, USE_TIMER)
             num_tiles = tl.where(failed == 0, tl.cdiv(last - first, BLOCK_T), 0)
-            if USE_TIMER:  # software-pipelined loops (the interpreter needs constant bounds for tl.range)
-                for step in tl.range(0, num_tiles * REDUCE_CHUNKS, num_stages=STAGES):
-                    _combine_reduce_chunk(step, first, last, x_ptr, bias0_ptr, bias1_ptr, send_head_ptr, out_ptr,
-                                          slot_base, self_row0, rows_ptr, rank, NUM_RANKS, R_PAD, HIDDEN, HIDDEN,
-                                          BLOCK_T, REDUCE_BLOCK_H, HAS_BIAS0, HAS_BIAS1, USE_TIMER)
-                if HAS_WEIGHTS:
-                    for tile in tl.range(0, num_tiles, num_stages=STAGES):
-                        _combine_reduce_weights(tile, first, last, weights_ptr, send_head_ptr, out_weights_ptr,
-                                                slot_base, self_row0, peer_weights_ptr, rank, num_topk, NUM_RANKS,
-                                                R_PAD, 0, K_PAD, BLOCK_T)
-            else:
-                step = zero
-                while step < num_tiles * REDUCE_CHUNKS:
-                    _combine_reduce_chunk(step, first, last, x_ptr, bias0_ptr, bias1_ptr, send_head_ptr, out_ptr,
-                                          slot_base, self_row0, rows_ptr, rank, NUM_RANKS, R_PAD, HIDDEN, HIDDEN,
-                                          BLOCK_T, REDUCE_BLOCK_H, HAS_BIAS0, HAS_BIAS1, USE_TIMER)
-                    step += 1
-                if HAS_WEIGHTS:
-                    tile = zero
-                    while tile < num_tiles:
-                        _combine_reduce_weights(tile, first, last, weights_ptr, send_head_ptr, out_weights_ptr,
-                                                slot_base, self_row0, peer_weights_ptr, rank, num_topk, NUM_RANKS,
-                                                R_PAD, 0, K_PAD, BLOCK_T)
-                        tile += 1
+            _reduce_tokens(first, last, num_tiles, x_ptr, weights_ptr, bias0_ptr, bias1_ptr, send_head_ptr, out_ptr,
+                           out_weights_ptr, slot_base, self_row0, rows_ptr, peer_weights_ptr, rank, num_topk,
+                           NUM_RANKS, R_PAD, HIDDEN, HIDDEN, 0, K_PAD, BLOCK_T, REDUCE_BLOCK_H, HAS_WEIGHTS,
+                           HAS_BIAS0, HAS_BIAS1, USE_TIMER, STAGES)
         part += 1
     # every peer's last flag, also where no rows flow: keeps the ranks at most one operation apart
     failed = _wait_parts(flags_ptr + ranks * MAX_PARTS + num_parts - 1, peer_ok, seq, seq_next, failed, err_ptr,
