@@ -203,6 +203,34 @@ def test_buffer_grows_in_synced_dispatch_and_refuses_otherwise(seed):
     run_ranks(2, _growth, seed, backend="triton")
 
 
+def _copy_heap_growth(rank: int, num_ranks: int, group, seed: int) -> None:
+    """Combines by copy engine with a handle made before the copy heap grew and with one made after, each
+    twice in a row (both heap halves), so the older handle's copies meet both halves again after growth."""
+    buffer = flashep.Buffer(group, 0)
+    rounds = []
+    for num_tokens in (3, 40):
+        case = Case("copy_growth", (num_tokens,), hidden=64, num_topk=2, experts_per_rank=2, num_sms=4)
+        everyone = [_inputs(case, seed, num_tokens, r, num_ranks) for r in range(num_ranks)]
+        x, topk_idx, weights, _ = everyone[rank]
+        per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(topk_idx, 2 * num_ranks)
+        out = buffer.dispatch(x, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank,
+                              num_tokens_per_expert=per_expert, topk_idx=topk_idx, topk_weights=weights,
+                              config=flashep.Config(4, 8, 256))
+        expects = reference.dispatch(*([e[i] for e in everyone] for i in range(3)), 2 * num_ranks)
+        rows = [e.recv_x * 3 for e in expects]  # what the experts return
+        expect = reference.combine(rows, [e[1] for e in everyone], 2 * num_ranks)[rank][0]
+        rounds.append((out[4], rows[rank], expect))
+        for _ in range(2):
+            assert_same(buffer.combine(rows[rank], out[4])[0], expect, f"combine, {num_tokens} tokens")
+    assert buffer._normal.copy_heap_mappings == 2, "the copy heap should have grown once"
+    for _ in range(2):  # the older handle's copies now go to the grown heap, in both halves
+        assert_same(buffer.combine(rounds[0][1], rounds[0][0])[0], rounds[0][2], "combine after the copy heap grew")
+
+
+def test_copy_heap_grows_and_older_handles_follow(seed):
+    run_ranks(2, _copy_heap_growth, seed, backend="triton", env={"FLASHEP_COPY_ENGINE": "1"})
+
+
 def _skip_one_call(rank: int, num_ranks: int, group, skipped: str) -> Optional[str]:
     """Rank 1 skips one collective call; rank 0 must raise PeerTimeoutError (returned as text)."""
     from flashep.kernels.sync import PeerTimeoutError

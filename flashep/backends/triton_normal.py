@@ -97,6 +97,7 @@ class TritonNormalBackend(Backend):
                                          "normal-mode signal buffer allocation")
         self.data_heap: Optional[SymmetricHeap] = None
         self.copy_heap: Optional[SymmetricHeap] = None  # where copy-engine combines land (halves by sequence)
+        self.copy_heap_mappings = 0  # copy heaps mapped so far: copy plans hold views of one of them
         self.copier = PeerCopier(self.signal_heap, self.signal_layout.copy_flags, self.num_ranks * kernels.MAX_COPY_PARTS,
                                  self.rank, self.num_ranks, self.device)
         self.copy_sequence = 0  # copy-engine operations so far (identical on every rank)
@@ -350,6 +351,7 @@ class TritonNormalBackend(Backend):
             self.meeting("normal-mode copy buffer growth")
             self.copy_heap.close()
             self.copy_heap = None
+        self.copy_heap_mappings += 1
         self.copy_heap = SymmetricHeap(self.group, need + need // 4, self.device, self.meeting,
                                        "normal-mode copy buffer allocation")
 
@@ -416,7 +418,7 @@ class TritonNormalBackend(Backend):
         the home's channels, ([(destination view, source "x" or "weights", first row, end row)], flag index);
         the top-k weights go with the first part. Kept on the routing's counts: the views depend only on the
         routing, the shape and the heap half."""
-        key = (id(self.copy_heap), hidden, num_topk, num_parts, half)
+        key = (self.copy_heap_mappings, hidden, num_topk, num_parts, half)  # a regrown heap: new views
         plan = counts.copy_plans.get(key)
         if plan is not None:
             return plan
