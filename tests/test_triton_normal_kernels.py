@@ -175,27 +175,33 @@ def test_program_roles_tiles_and_repeats(env, num_sms, seed):
     run_ranks(3, _run_cases, seed, cases, 3, backend="triton", env=env)
 
 
+def _synced_dispatch(buffer, case: Case, seed: int, rank: int, num_ranks: int, config=None):
+    """A non-cached dispatch of `case`'s inputs (drawn from the seed and the token count) -> (every rank's
+    inputs, the layout and top-k arguments, the output)."""
+    everyone = [_inputs(case, seed, case.tokens[0], r, num_ranks) for r in range(num_ranks)]
+    x, topk_idx, weights, _ = everyone[rank]
+    per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(topk_idx, case.experts_per_rank * num_ranks)
+    args = dict(num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
+                topk_idx=topk_idx, topk_weights=weights)
+    return everyone, args, buffer.dispatch(x, config=config, **args)
+
+
 def _growth(rank: int, num_ranks: int, group, seed: int) -> None:
     buffer = flashep.Buffer(group, 0)
     sizes = []
     for num_tokens in (3, 40):
         case = Case("growth", (num_tokens,), hidden=64, num_topk=2, experts_per_rank=2, num_sms=2)
-        everyone = [_inputs(case, seed, num_tokens, r, num_ranks) for r in range(num_ranks)]
-        x, topk_idx, weights, _ = everyone[rank]
-        per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(topk_idx, 2 * num_ranks)
-        out = buffer.dispatch(x, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank,
-                              num_tokens_per_expert=per_expert, topk_idx=topk_idx, topk_weights=weights)
+        everyone, args, out = _synced_dispatch(buffer, case, seed, rank, num_ranks)
         expect = reference.dispatch([e[0] for e in everyone], [e[1] for e in everyone], [e[2] for e in everyone],
                                     2 * num_ranks)[rank]
         _check_dispatch(out, expect, True, f"growth, {num_tokens} tokens")
         sizes.append(buffer.get_local_buffer_tensor(torch.uint8).numel())  # the mapped data heap
     assert sizes[1] > sizes[0], f"the buffer did not grow: {sizes}"
     # without a host sync the buffer cannot grow: a clear error on every rank, before any kernel runs
+    x = everyone[rank][0]
     with pytest.raises(RuntimeError, match="num_nvl_bytes >= "):
-        buffer.dispatch(x, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
-                        topk_idx=topk_idx, topk_weights=weights, num_worst_tokens=10**7)
-    out = buffer.dispatch(x, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank,
-                          num_tokens_per_expert=per_expert, topk_idx=topk_idx, topk_weights=weights)
+        buffer.dispatch(x, num_worst_tokens=10**7, **args)
+    out = buffer.dispatch(x, **args)
     _check_dispatch(out, expect, True, "after the capacity error")
 
 
@@ -210,12 +216,7 @@ def _copy_heap_growth(rank: int, num_ranks: int, group, seed: int) -> None:
     rounds = []
     for num_tokens in (3, 40):
         case = Case("copy_growth", (num_tokens,), hidden=64, num_topk=2, experts_per_rank=2, num_sms=4)
-        everyone = [_inputs(case, seed, num_tokens, r, num_ranks) for r in range(num_ranks)]
-        x, topk_idx, weights, _ = everyone[rank]
-        per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(topk_idx, 2 * num_ranks)
-        out = buffer.dispatch(x, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank,
-                              num_tokens_per_expert=per_expert, topk_idx=topk_idx, topk_weights=weights,
-                              config=flashep.Config(4, 8, 256))
+        everyone, _, out = _synced_dispatch(buffer, case, seed, rank, num_ranks, flashep.Config(4, 8, 256))
         expects = reference.dispatch(*([e[i] for e in everyone] for i in range(3)), 2 * num_ranks)
         rows = [e.recv_x * 3 for e in expects]  # what the experts return
         expect = reference.combine(rows, [e[1] for e in everyone], 2 * num_ranks)[rank][0]

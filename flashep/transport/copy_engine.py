@@ -12,6 +12,8 @@ peers' shared-memory segments.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from .heap import SymmetricHeap
@@ -21,7 +23,6 @@ class PeerCopier:
     def __init__(self, signal_heap: SymmetricHeap, flags_offset: int, num_flags: int, rank: int, num_ranks: int,
                  device: torch.device):
         """`flags_offset`: byte offset of `num_flags` 32-bit flags in every rank's signal heap."""
-        self.rank = rank
         self.device = device
         self.on_gpu = device.type == "cuda"
         flag_dtype = torch.uint32 if self.on_gpu else torch.int32  # the stream write takes uint32 tensors
@@ -43,22 +44,20 @@ class PeerCopier:
         """On `peer`'s stream, part by part: its copies (destination, a view of `peer`'s heap, <- source),
         then flag `index` of `peer` <- value (0 < value < 2**31). `parts`: [([(destination, source)], index)].
         `keep`: tensors the copies read, kept alive for the stream (the caller may free them at once)."""
-        if not self.on_gpu:
-            for copies, index in parts:
-                for destination, source in copies:
-                    destination.copy_(source)
-                self._flags[peer][index] = value
-            return
-        stream = self._streams[peer]
-        with torch.cuda.stream(stream):
-            for tensor in keep:
-                tensor.record_stream(stream)
+        stream = self._streams.get(peer)  # None on CPU: copies and flags happen at once, in order
+        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+            if stream is not None:
+                for tensor in keep:
+                    tensor.record_stream(stream)
             for copies, index in parts:
                 for destination, source in copies:
                     destination.copy_(source)
                 self._write_flag(peer, index, value)
 
     def _write_flag(self, peer: int, index: int, value: int) -> None:
+        if not self.on_gpu:
+            self._flags[peer][index] = value
+            return
         if self._stream_writes:
             try:
                 torch._C._distributed_c10d._SymmetricMemory.stream_write_value32(self._flags[peer], index, value)
