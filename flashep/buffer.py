@@ -331,7 +331,7 @@ class Buffer:
                     self.group_size, self.device)
         result = self._low_latency.low_latency_dispatch(
             x, topk_idx, t_max, num_experts, use_fp8, round_scale, use_ue8m0,
-            cumulative_local_expert_recv_stats, dispatch_wait_recv_cost_stats)
+            cumulative_local_expert_recv_stats, dispatch_wait_recv_cost_stats, return_recv_hook)
         recv_x = (result.recv_x, result.recv_x_scales) if use_fp8 else result.recv_x
         handle = (result.src_info, result.layout_range, t_max, hidden, num_experts)
         keep = (x, topk_idx, result.recv_x, result.recv_x_scales, result.recv_count, result.src_info,
@@ -371,7 +371,7 @@ class Buffer:
         check_stats("combine_wait_recv_cost_stats", combine_wait_recv_cost_stats, torch.int64, self.group_size,
                     self.device)
         receive = self._low_latency.low_latency_combine(x, topk_idx, topk_weights, handle, zero_copy, out,
-                                                        combine_wait_recv_cost_stats)
+                                                        combine_wait_recv_cost_stats, return_recv_hook)
         keep = (x, topk_idx, topk_weights, src_info, layout_range, out, combine_wait_recv_cost_stats)
         event, hook = self._finish_low_latency(receive, async_finish, return_recv_hook, keep)
         return out, event, hook

@@ -281,7 +281,7 @@ def _low_latency_suite(rank, world_size, group, seed):
         wait = torch.randint(0, 100, (world_size,), dtype=torch.int64)
         wait_before = wait.clone()
         result = backend.low_latency_dispatch(xs[rank], topks[rank], T_MAX, num_experts, use_fp8, round_scale,
-                                              use_ue8m0, stats, wait)
+                                              use_ue8m0, stats, wait, True)
         assert_same(stats, stats_before, f"{what}: stats before the receive phase")
         result.receive()
         assert_same(result.recv_count, expect.recv_count, f"{what}: recv_count")
@@ -333,14 +333,14 @@ def _low_latency_suite(rank, world_size, group, seed):
                 x = torch.full_like(ys[rank], float("nan"))  # must not be read
             out = torch.full((xs[rank].size(0), LL_HIDDEN), float("nan"), dtype=torch.bfloat16)
             receive = backend.low_latency_combine(x, combine_topks[rank], weights[rank], handle, zero_copy, out,
-                                                  None)
+                                                  None, True)
             receive()
             assert_same(out, want, f"{what}: low-latency combine (zero_copy={zero_copy})")
     if world_size == 1:  # more rows for one expert than R * T_max: only possible with repeated ids
         repeated = torch.zeros(T_MAX, k, dtype=torch.int64)
         x = _bf16(seed, 0, 15, shape=(T_MAX, LL_HIDDEN))
         with pytest.raises(ValueError, match="topk_idx: local expert 0 of rank 0 would receive"):
-            backend.low_latency_dispatch(x, repeated, T_MAX, num_experts, False, False, False, None, None)
+            backend.low_latency_dispatch(x, repeated, T_MAX, num_experts, False, False, False, None, None, False)
     backend.clean_low_latency_buffer(T_MAX, LL_HIDDEN, num_experts)
 
 

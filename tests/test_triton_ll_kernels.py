@@ -54,10 +54,11 @@ def _inputs(seed, world, t_max, num_experts, topk, step=0, topk_dtype=torch.int6
     return xs, idxs, weights
 
 
-def _dispatch(backend, xs, idxs, rank, t_max, num_experts, mode, stats=None):
+def _dispatch(backend, xs, idxs, rank, t_max, num_experts, mode, stats=None, with_hook=False):
+    """Without a hook the backend launches both phases at once and `receive` is a no-op."""
     use_fp8, round_scale, ue8m0 = MODES[mode]
     return backend.low_latency_dispatch(xs[rank], idxs[rank], t_max, num_experts, use_fp8, round_scale, ue8m0,
-                                        *(stats or (None, None)))
+                                        *(stats or (None, None)), with_hook)
 
 
 def _check_dispatch(result, xs, idxs, rank, world, t_max, num_experts, mode):
@@ -121,15 +122,19 @@ def _gather(group, world, *tensors):
 
 # ---- rank bodies ------------------------------------------------------------------------------------------------
 def _round_trip_body(rank, world, group, seed, t_max, num_experts, topk, topk_dtype, modes):
-    """Dispatch (stats on) and combine from x, then from the zero-copy buffer, with `out`."""
+    """Dispatch (stats on) and combine from x, then from the zero-copy buffer, with `out`; every other
+    mode with receive hooks (send and receive launched apart), the others in one launch."""
     backend = _backend(rank, world, group)
     num_local = num_experts // world
     for step, mode in enumerate(modes):
+        hook = step % 2 == 1
         xs, idxs, weights = _inputs(seed, world, t_max, num_experts, topk, step, topk_dtype)
         recv_stats = torch.randint(0, 100, (num_local,), dtype=torch.int32)
         wait_stats = torch.randint(0, 100, (world,), dtype=torch.int64)
         before_recv, before_wait = recv_stats.clone(), wait_stats.clone()
-        result = _dispatch(backend, xs, idxs, rank, t_max, num_experts, mode, (recv_stats, wait_stats))
+        result = _dispatch(backend, xs, idxs, rank, t_max, num_experts, mode, (recv_stats, wait_stats), hook)
+        if hook:
+            assert_same(recv_stats, before_recv, f"{mode}: cumulative_local_expert_recv_stats before the hook")
         result.receive()
         _check_dispatch(result, xs, idxs, rank, world, t_max, num_experts, mode)
         assert_same(recv_stats, before_recv + result.recv_count, f"{mode}: cumulative_local_expert_recv_stats")
@@ -143,17 +148,17 @@ def _round_trip_body(rank, world, group, seed, t_max, num_experts, topk, topk_dt
                                                idxs, weights, num_experts)[rank]
         out = torch.full((idxs[rank].size(0), HIDDEN), float("nan"), dtype=torch.bfloat16)
         combine_wait = torch.zeros(world, dtype=torch.int64)
-        backend.low_latency_combine(y, idxs[rank], weights[rank], handle, False, out, combine_wait)()
+        backend.low_latency_combine(y, idxs[rank], weights[rank], handle, False, out, combine_wait, hook)()
         assert_same(out, expect, f"{mode}: combine")
         if step == 0:
             with pytest.raises(ValueError, match="get_next_low_latency_combine_buffer"):
-                backend.low_latency_combine(y, idxs[rank], weights[rank], handle, True, out, None)
+                backend.low_latency_combine(y, idxs[rank], weights[rank], handle, True, out, None, hook)
         staged = backend.get_next_low_latency_combine_buffer(t_max, HIDDEN, num_experts)
         row = HIDDEN + HIDDEN // 64
         assert staged.shape == y.shape and staged.stride() == (world * t_max * row, row, 1)
         staged.copy_(y)
         out.fill_(float("nan"))
-        backend.low_latency_combine(y.neg(), idxs[rank], weights[rank], handle, True, out, None)()
+        backend.low_latency_combine(y.neg(), idxs[rank], weights[rank], handle, True, out, None, hook)()
         assert_same(out, expect, f"{mode}: zero-copy combine")
     return True
 
@@ -168,7 +173,7 @@ def _out_of_step_body(rank, world, group, seed, t_max, num_experts, topk):
         batches = [_inputs(seed, world, t_max, num_experts, topk, 10 * rnd + b) for b in range(2)]
         results = []
         for b, (xs, idxs, _) in enumerate(batches):
-            result = _dispatch(backend, xs, idxs, rank, t_max, num_experts, "fp8" if b else "bf16")
+            result = _dispatch(backend, xs, idxs, rank, t_max, num_experts, "fp8" if b else "bf16", with_hook=True)
             time.sleep(delay)
             result.receive()
             _check_dispatch(result, xs, idxs, rank, world, t_max, num_experts, "fp8" if b else "bf16")
@@ -179,7 +184,7 @@ def _out_of_step_body(rank, world, group, seed, t_max, num_experts, topk):
             out = torch.empty(idxs[rank].size(0), HIDDEN, dtype=torch.bfloat16)
             receive = backend.low_latency_combine(y, idxs[rank], weights[rank],
                                                   (result.src_info, result.layout_range, t_max, HIDDEN, num_experts),
-                                                  False, out, None)
+                                                  False, out, None, True)
             time.sleep(delay)
             receive()
             everyone = _gather(group, world, y, result.src_info, result.layout_range)
@@ -205,7 +210,8 @@ def _fallback_body(rank, world, group, seed, t_max, num_experts, topk):
     for src_info in (result.src_info, result.src_info.clone()):
         out = torch.empty(idxs[rank].size(0), HIDDEN, dtype=torch.bfloat16)
         backend.low_latency_combine(y, idxs[rank], weights[rank],
-                                    (src_info, result.layout_range, t_max, HIDDEN, num_experts), False, out, None)()
+                                    (src_info, result.layout_range, t_max, HIDDEN, num_experts), False, out, None,
+                                    False)()
         assert_same(out, expect, "combine with duplicate experts" + (" (fallback)" if src_info is not result.src_info
                                                                      else ""))
     return True
@@ -227,9 +233,10 @@ def _growth_body(rank, world, group, seed, num_experts, topk):
     return True
 
 
-def _timeout_body(rank, world, group, seed, t_max, num_experts, topk):
-    """Rank 1 skips a dispatch: rank 0's receive raises PeerTimeoutError naming both ranks and the phase
-    instead of hanging; clean_low_latency_buffer then brings every rank back in step."""
+def _timeout_body(rank, world, group, seed, t_max, num_experts, topk, with_hook):
+    """Rank 1 skips a dispatch: rank 0's receive (the hook, or the one launch of both phases) raises
+    PeerTimeoutError naming both ranks and the phase instead of hanging; clean_low_latency_buffer then
+    brings every rank back in step."""
     from flashep.kernels.sync import PeerTimeoutError
 
     backend = _backend(rank, world, group)
@@ -237,8 +244,8 @@ def _timeout_body(rank, world, group, seed, t_max, num_experts, topk):
     xs, idxs, weights = _inputs(seed, world, t_max, num_experts, topk)
     message = ""
     if rank != 1:
-        result = _dispatch(backend, xs, idxs, rank, t_max, num_experts, "bf16")
         with pytest.raises(PeerTimeoutError) as error:
+            result = _dispatch(backend, xs, idxs, rank, t_max, num_experts, "bf16", with_hook=with_hook)
             result.receive()
         message = str(error.value)
     backend.clean_low_latency_buffer(t_max, HIDDEN, num_experts)
@@ -277,9 +284,10 @@ def test_heap_grows_collectively(seed):
     assert all(run_ranks(2, _growth_body, seed, 8, 3, backend="triton"))
 
 
-def test_timeout_names_rank_peer_and_phase(seed):
+@pytest.mark.parametrize("with_hook", [False, True])
+def test_timeout_names_rank_peer_and_phase(seed, with_hook):
     env = {"FLASHEP_TIMEOUT_S": "0.3"}
-    messages = run_ranks(2, _timeout_body, seed, 4, 4, 2, backend="triton", env=env)
+    messages = run_ranks(2, _timeout_body, seed, 4, 4, 2, with_hook, backend="triton", env=env)
     assert "rank 0" in messages[0] and "rank 1" in messages[0], messages[0]
     assert "low-latency dispatch receive" in messages[0], messages[0]
 

@@ -87,14 +87,18 @@ class Backend:
     def low_latency_dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor, num_max_tokens: int,
                              num_experts: int, use_fp8: bool, round_scale: bool, use_ue8m0: bool,
                              cumulative_local_expert_recv_stats: Optional[torch.Tensor],
-                             dispatch_wait_recv_cost_stats: Optional[torch.Tensor]) -> LowLatencyDispatchResult:
-        """Send phase now; the returned `receive` runs the receive phase (spec 7.2)."""
+                             dispatch_wait_recv_cost_stats: Optional[torch.Tensor],
+                             with_hook: bool) -> LowLatencyDispatchResult:
+        """Send phase now; the returned `receive` runs the receive phase (spec 7.2). Without a hook the
+        caller runs `receive` right away, so a backend may do both phases now and return a no-op."""
         raise NotImplementedError
 
     def low_latency_combine(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor,
                             handle: tuple, zero_copy: bool, out: torch.Tensor,
-                            combine_wait_recv_cost_stats: Optional[torch.Tensor]) -> Callable[[], None]:
-        """Send phase now; returns the receive phase, which writes the weighted sum into `out` (spec 7.6)."""
+                            combine_wait_recv_cost_stats: Optional[torch.Tensor],
+                            with_hook: bool) -> Callable[[], None]:
+        """Send phase now; returns the receive phase, which writes the weighted sum into `out` (spec 7.6).
+        `with_hook` as in low_latency_dispatch."""
         raise NotImplementedError
 
     def get_next_low_latency_combine_buffer(self, num_max_tokens: int, hidden: int, num_experts: int) -> torch.Tensor:

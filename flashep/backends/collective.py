@@ -244,7 +244,7 @@ class CollectiveBackend(Backend):
 
     # ---- low-latency mode ---------------------------------------------------------------------------
     def low_latency_dispatch(self, x, topk_idx, num_max_tokens, num_experts, use_fp8, round_scale, use_ue8m0,
-                             cumulative_local_expert_recv_stats, dispatch_wait_recv_cost_stats):
+                             cumulative_local_expert_recv_stats, dispatch_wait_recv_cost_stats, with_hook):
         # dispatch_wait_recv_cost_stats stays as it is: this backend's receive phase never waits on a peer
         # (the data arrived during the call), so every per-source wait cost is 0.
         r, num_ranks = self.rank, self.num_ranks
@@ -340,7 +340,7 @@ class CollectiveBackend(Backend):
         return LowLatencyDispatchResult(recv_x, recv_scales, recv_count, src_info, layout_range, receive)
 
     def low_latency_combine(self, x, topk_idx, topk_weights, handle, zero_copy, out,
-                            combine_wait_recv_cost_stats) -> Callable[[], None]:
+                            combine_wait_recv_cost_stats, with_hook) -> Callable[[], None]:
         # combine_wait_recv_cost_stats stays as it is: the receive phase never waits on a peer (cost 0)
         src_info, _, num_max_tokens, hidden, num_experts = handle
         route = getattr(src_info, "_flashep_ll", None)

@@ -181,7 +181,7 @@ class TritonLowLatencyBackend(Backend):
 
     # ---- dispatch ----------------------------------------------------------------------------------------------
     def low_latency_dispatch(self, x, topk_idx, num_max_tokens, num_experts, use_fp8, round_scale, use_ue8m0,
-                             cumulative_local_expert_recv_stats, dispatch_wait_recv_cost_stats):
+                             cumulative_local_expert_recv_stats, dispatch_wait_recv_cost_stats, with_hook):
         self.error.check()
         num_tokens, hidden = x.shape
         topk = topk_idx.size(1)
@@ -221,11 +221,7 @@ class TritonLowLatencyBackend(Backend):
             TILE_T=min(self.tuning.tile_tokens, _pow2(tokens_per_group)), TILE_R=self.tuning.tile_rows,
             BLOCK_H=self.tuning.block_h, SCAN=SCAN, PHASE_CODE=PHASE_LL_DISPATCH,
             **self._common(regions))
-        kernels.ep_ll_dispatch_kernel[(num_ranks * groups,)](PHASE=kernels.SEND.value, **args)
-        self.epoch.add_(1)
-        self._after_launch()
-        receive = self._receive_on_this_stream(
-            lambda: kernels.ep_ll_dispatch_kernel[(num_local * parts,)](PHASE=kernels.RECEIVE.value, **args))
+        receive = self._launch(kernels.ep_ll_dispatch_kernel, args, num_ranks * groups, num_local * parts, with_hook)
         return LowLatencyDispatchResult(recv_x=recv_x, recv_x_scales=scales.transpose(1, 2) if use_fp8 else None,
                                         recv_count=recv_count, src_info=src_info, layout_range=layout_range,
                                         receive=receive)
@@ -237,7 +233,8 @@ class TritonLowLatencyBackend(Backend):
         return -(-num_max_tokens // tokens_per_group), tokens_per_group
 
     # ---- combine -----------------------------------------------------------------------------------------------
-    def low_latency_combine(self, x, topk_idx, topk_weights, handle, zero_copy, out, combine_wait_recv_cost_stats):
+    def low_latency_combine(self, x, topk_idx, topk_weights, handle, zero_copy, out, combine_wait_recv_cost_stats,
+                            with_hook):
         self.error.check()
         src_info, layout_range, num_max_tokens, hidden, num_experts = handle
         num_ranks, num_local = self.num_ranks, num_experts // self.num_ranks
@@ -266,11 +263,8 @@ class TritonLowLatencyBackend(Backend):
             HAS_SLOTS=topk_slot is not None, HAS_WAIT_STATS=combine_wait_recv_cost_stats is not None,
             TILE_T=self.tuning.tile_tokens, TILE_R=self.tuning.tile_rows, BLOCK_H=self.tuning.block_h,
             HIDDEN_PARTS=hidden_parts, PHASE_CODE=PHASE_LL_COMBINE, **self._common(regions))
-        kernels.ep_ll_combine_kernel[(num_ranks * groups,)](PHASE=kernels.SEND.value, **args)
-        self.epoch.add_(1)
-        self._after_launch()
-        return self._receive_on_this_stream(
-            lambda: kernels.ep_ll_combine_kernel[(token_tiles, hidden_parts)](PHASE=kernels.RECEIVE.value, **args))
+        return self._launch(kernels.ep_ll_combine_kernel, args, num_ranks * groups, token_tiles * hidden_parts,
+                            with_hook)
 
     def get_next_low_latency_combine_buffer(self, num_max_tokens: int, hidden: int, num_experts: int) -> torch.Tensor:
         """A local bf16 [L, R * T_max, H] view with row stride H + H / 64 (DeepEP's strides). It is read only
@@ -289,7 +283,21 @@ class TritonLowLatencyBackend(Backend):
                              "get_next_low_latency_combine_buffer(handle) first (none exists for these sizes)")
         return self._combine_buffer.as_strided((num_local, rows, hidden), (rows * row, row, 1))
 
-    # ---- hooks, cleaning, teardown -----------------------------------------------------------------------------
+    # ---- launches, hooks, cleaning, teardown ---------------------------------------------------------------------
+    def _launch(self, kernel, args: dict, senders: int, receivers: int, with_hook: bool) -> Callable[[], None]:
+        """Without a hook: one launch of both phases (senders first), and a no-op receive. With a hook: the send
+        phase now, the receive phase when the hook runs. The epoch moves on after the (first) launch."""
+        if with_hook:
+            kernel[(senders,)](PHASE=kernels.SEND.value, num_senders=senders, **args)
+        else:
+            kernel[(senders + receivers,)](PHASE=kernels.BOTH.value, num_senders=senders, **args)
+        self.epoch.add_(1)
+        self._after_launch()
+        if not with_hook:
+            return lambda: None
+        return self._receive_on_this_stream(
+            lambda: kernel[(receivers,)](PHASE=kernels.RECEIVE.value, num_senders=senders, **args))
+
     def _receive_on_this_stream(self, launch: Callable[[], None]) -> Callable[[], None]:
         """The receive phase runs on the stream of the send phase, whenever the hook is called."""
         stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None

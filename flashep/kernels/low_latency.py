@@ -1,7 +1,8 @@
 """Triton kernels of low-latency mode: direct stores into peers' symmetric heap regions.
 
-Two kernels, each launched twice per operation (send phase, then receive phase, selected by the
-constexpr PHASE), so that a profiler sees exactly one kernel name per operation:
+Two kernels, each launched once per operation with both phases (PHASE = BOTH: the first num_senders
+programs send, the others receive), or, when the caller asked for a receive hook, twice (send phase, then
+receive phase), so that a profiler sees exactly one kernel name per operation:
 
 - `ep_ll_dispatch_kernel`
   send, grid R * G: program (d, g) takes token group g of this rank, and for each token bound for rank d
@@ -21,8 +22,8 @@ constexpr PHASE), so that a profiler sees exactly one kernel name per operation:
   receive, grid (token tiles, hidden parts): waits for every owner's flags, then per token sums
   `w[t, k] * y[t, k]` in fp32 over k in order (entries -1 skipped) and writes bf16.
 
-Epochs: the send phase uses e = epoch + 1, the host bumps `epoch` after the send launch, the receive phase
-reads e = epoch. Regions are double-buffered by e % 2 (see docs/design.md).
+Epochs: the send phase (and a fused launch) uses e = epoch + 1, the host bumps `epoch` after that launch, a
+separate receive phase reads e = epoch. Regions are double-buffered by e % 2 (see docs/design.md).
 
 Under TRITON_INTERPRET=1 the float -> fp8 / bf16 conversions run in integer code (EXACT_CASTS), because
 the interpreter's own conversions do not round to nearest even; on the GPU the hardware converts.
@@ -34,6 +35,7 @@ from .sync import now_ns, record_timeout, signal
 
 SEND = tl.constexpr(0)
 RECEIVE = tl.constexpr(1)
+BOTH = tl.constexpr(2)  # one launch: programs [0, num_senders) send, the rest receive
 MAX_GROUPS = tl.constexpr(64)  # most flags per (half, source rank): programs per destination of a send
 FP8_MAX = tl.constexpr(448.0)
 AMAX_FLOOR = tl.constexpr(1e-4)
@@ -133,6 +135,25 @@ def _bound_for(topk_ptr, tokens, token_mask, dst, num_local, K: tl.constexpr, K_
     return (tl.max(hit.to(tl.int32), axis=1) > 0) & token_mask
 
 
+@triton.jit
+def _role(epoch_ptr, num_senders, PHASE: tl.constexpr):
+    """-> (program index within its phase, epoch of the operation, sends?). The send phase works on epoch + 1
+    (the host bumps the epoch after a send launch); a fused launch (BOTH) puts the senders first, so that
+    every sender is scheduled before any receiver starts to spin."""
+    pid = tl.program_id(0)
+    e = tl.load(epoch_ptr)
+    sending = False
+    if PHASE == SEND:
+        sending = True
+        e += 1
+    elif PHASE == BOTH:
+        e += 1
+        sending = pid < num_senders
+        if pid >= num_senders:
+            pid -= num_senders
+    return pid, e, sending
+
+
 # ---- dispatch ------------------------------------------------------------------------------------------------
 @triton.jit
 def _quantize_and_store(x_ptr, tokens, send, h0, data_dst, msg, H: tl.constexpr, ROW_BYTES: tl.constexpr,
@@ -176,16 +197,14 @@ def _quantize_and_store(x_ptr, tokens, send, h0, data_dst, msg, H: tl.constexpr,
 
 
 @triton.jit
-def _dispatch_send(x_ptr, topk_ptr, num_tokens, heap_bases, epoch_ptr, rank, num_local, off_data, off_meta,
+def _dispatch_send(pid, e, x_ptr, topk_ptr, num_tokens, heap_bases, rank, num_local, off_data, off_meta,
                    off_flags, tokens_per_group, num_groups,
                    H: tl.constexpr, K: tl.constexpr, K_PAD: tl.constexpr, R: tl.constexpr, T_CAP: tl.constexpr,
                    K_CAP: tl.constexpr, META: tl.constexpr, G_STRIDE: tl.constexpr, ROW_BYTES: tl.constexpr,
                    USE_FP8: tl.constexpr, ROUND_SCALE: tl.constexpr, UE8M0: tl.constexpr,
                    EXACT_CASTS: tl.constexpr, TILE_T: tl.constexpr, BLOCK_H: tl.constexpr, SCAN: tl.constexpr):
-    pid = tl.program_id(0)
     dst = pid // num_groups
     group = pid % num_groups
-    e = tl.load(epoch_ptr) + 1
     half = e % 2
     records = R * T_CAP  # message records per half
     t0 = tl.minimum(group * tokens_per_group, num_tokens)
@@ -264,8 +283,8 @@ def _copy_rows(recv_x, recv_scales, row_msg, data_src, local_expert, num_rows, p
 
 
 @triton.jit
-def _dispatch_receive(recv_x, recv_scales, recv_count, src_info, topk_slot, layout_range, row_msg, expert_stats,
-                      wait_stats, heap_bases, epoch_ptr, error_address, rank, num_local, rows_per_expert, num_parts,
+def _dispatch_receive(pid, e, recv_x, recv_scales, recv_count, src_info, topk_slot, layout_range, row_msg,
+                      expert_stats, wait_stats, heap_bases, error_address, rank, num_local, rows_per_expert, num_parts,
                       num_groups, budget, off_data, off_meta, off_flags,
                       H: tl.constexpr, K: tl.constexpr, K_PAD: tl.constexpr, R: tl.constexpr, R_PAD: tl.constexpr,
                       T_CAP: tl.constexpr, K_CAP: tl.constexpr, META: tl.constexpr, G_STRIDE: tl.constexpr,
@@ -273,10 +292,8 @@ def _dispatch_receive(recv_x, recv_scales, recv_count, src_info, topk_slot, layo
                       SCALES_PAD: tl.constexpr, USE_FP8: tl.constexpr, HAS_EXPERT_STATS: tl.constexpr,
                       HAS_WAIT_STATS: tl.constexpr, USE_TIMER: tl.constexpr, TILE_R: tl.constexpr,
                       BLOCK_H: tl.constexpr, SCAN: tl.constexpr, PHASE_CODE: tl.constexpr):
-    pid = tl.program_id(0)
     local_expert = pid // num_parts
     part = pid % num_parts
-    e = tl.load(epoch_ptr)
     half = e % 2
     records = R * T_CAP
     expert = rank * num_local + local_expert
@@ -340,8 +357,8 @@ def _dispatch_receive(recv_x, recv_scales, recv_count, src_info, topk_slot, layo
 @triton.jit(do_not_specialize=["num_tokens", "rank", "budget"])
 def ep_ll_dispatch_kernel(x_ptr, topk_ptr, num_tokens, recv_x, recv_scales, recv_count, src_info, topk_slot,
                           layout_range, row_msg, expert_stats, wait_stats, heap_bases, epoch_ptr, error_address,
-                          rank, num_local, rows_per_expert, tokens_per_group, num_groups, num_parts, budget,
-                          off_data, off_meta, off_flags,
+                          rank, num_local, rows_per_expert, tokens_per_group, num_groups, num_parts, num_senders,
+                          budget, off_data, off_meta, off_flags,
                           PHASE: tl.constexpr, H: tl.constexpr, K: tl.constexpr, K_PAD: tl.constexpr,
                           R: tl.constexpr, R_PAD: tl.constexpr, T_CAP: tl.constexpr, K_CAP: tl.constexpr,
                           META: tl.constexpr, G_STRIDE: tl.constexpr, G_PAD: tl.constexpr, ROW_BYTES: tl.constexpr,
@@ -350,16 +367,18 @@ def ep_ll_dispatch_kernel(x_ptr, topk_ptr, num_tokens, recv_x, recv_scales, recv
                           HAS_EXPERT_STATS: tl.constexpr, HAS_WAIT_STATS: tl.constexpr, USE_TIMER: tl.constexpr,
                           TILE_T: tl.constexpr, TILE_R: tl.constexpr, BLOCK_H: tl.constexpr, SCAN: tl.constexpr,
                           PHASE_CODE: tl.constexpr):
-    if PHASE == SEND:
-        _dispatch_send(x_ptr, topk_ptr, num_tokens, heap_bases, epoch_ptr, rank, num_local, off_data, off_meta,
+    pid, e, sending = _role(epoch_ptr, num_senders, PHASE)
+    if sending:
+        _dispatch_send(pid, e, x_ptr, topk_ptr, num_tokens, heap_bases, rank, num_local, off_data, off_meta,
                        off_flags, tokens_per_group, num_groups, H, K, K_PAD, R, T_CAP, K_CAP, META, G_STRIDE,
                        ROW_BYTES, USE_FP8, ROUND_SCALE, UE8M0, EXACT_CASTS, TILE_T, BLOCK_H, SCAN)
     else:
-        _dispatch_receive(recv_x, recv_scales, recv_count, src_info, topk_slot, layout_range, row_msg, expert_stats,
-                          wait_stats, heap_bases, epoch_ptr, error_address, rank, num_local, rows_per_expert,
-                          num_parts, num_groups, budget, off_data, off_meta, off_flags, H, K, K_PAD, R, R_PAD,
-                          T_CAP, K_CAP, META, G_STRIDE, G_PAD, ROW_BYTES, NUM_SCALES, SCALES_PAD, USE_FP8,
-                          HAS_EXPERT_STATS, HAS_WAIT_STATS, USE_TIMER, TILE_R, BLOCK_H, SCAN, PHASE_CODE)
+        _dispatch_receive(pid, e, recv_x, recv_scales, recv_count, src_info,
+                          topk_slot, layout_range, row_msg, expert_stats, wait_stats, heap_bases, error_address,
+                          rank, num_local, rows_per_expert, num_parts, num_groups, budget, off_data, off_meta,
+                          off_flags, H, K, K_PAD, R, R_PAD, T_CAP, K_CAP, META, G_STRIDE, G_PAD, ROW_BYTES,
+                          NUM_SCALES, SCALES_PAD, USE_FP8, HAS_EXPERT_STATS, HAS_WAIT_STATS, USE_TIMER, TILE_R,
+                          BLOCK_H, SCAN, PHASE_CODE)
 
 
 # ---- combine -------------------------------------------------------------------------------------------------
@@ -400,17 +419,15 @@ def _find_slot(home_topk, src_info, base, row, row_begin, token, expert, mask,
 
 
 @triton.jit
-def _combine_send(x_ptr, x_expert_stride, x_row_stride, topk_ptr, num_tokens, src_info, topk_slot, layout_range,
-                  heap_bases, epoch_ptr, error_address, rank, num_local, rows_per_expert, num_groups, budget,
+def _combine_send(pid, e, x_ptr, x_expert_stride, x_row_stride, topk_ptr, num_tokens, src_info, topk_slot,
+                  layout_range, heap_bases, error_address, rank, num_local, rows_per_expert, num_groups, budget,
                   off_combine, off_flags, off_publish, off_publish_flags,
                   H: tl.constexpr, K: tl.constexpr, K_PAD: tl.constexpr, R: tl.constexpr, T_CAP: tl.constexpr,
                   K_CAP: tl.constexpr, G_STRIDE: tl.constexpr, ROW_BYTES: tl.constexpr, L_PAD: tl.constexpr,
                   HAS_SLOTS: tl.constexpr,
                   USE_TIMER: tl.constexpr, TILE_R: tl.constexpr, BLOCK_H: tl.constexpr, PHASE_CODE: tl.constexpr):
-    pid = tl.program_id(0)
     home = pid // num_groups
     group = pid % num_groups
-    e = tl.load(epoch_ptr) + 1
     half = e % 2
     if not HAS_SLOTS:
         if pid == 0:
@@ -463,16 +480,13 @@ def _combine_send(x_ptr, x_expert_stride, x_row_stride, topk_ptr, num_tokens, sr
 
 
 @triton.jit
-def _combine_receive(out_ptr, topk_ptr, weights_ptr, num_tokens, wait_stats, heap_bases, epoch_ptr, error_address,
-                     rank, num_groups, budget, off_combine, off_flags,
+def _combine_receive(pid_t, pid_h, e, out_ptr, topk_ptr, weights_ptr, num_tokens, wait_stats, heap_bases,
+                     error_address, rank, num_groups, budget, off_combine, off_flags,
                      H: tl.constexpr, K: tl.constexpr, K_PAD: tl.constexpr, R: tl.constexpr, R_PAD: tl.constexpr,
                      G_STRIDE: tl.constexpr, G_PAD: tl.constexpr, T_CAP: tl.constexpr, K_CAP: tl.constexpr,
                      ROW_BYTES: tl.constexpr, HAS_WAIT_STATS: tl.constexpr, EXACT_CASTS: tl.constexpr,
                      USE_TIMER: tl.constexpr, TILE_T: tl.constexpr, BLOCK_H: tl.constexpr,
                      HIDDEN_PARTS: tl.constexpr, PHASE_CODE: tl.constexpr):
-    pid_t = tl.program_id(0)
-    pid_h = tl.program_id(1)
-    e = tl.load(epoch_ptr)
     half = e % 2
     flags = _heap_ptr(heap_bases, rank, off_flags, tl.int64) + half * R * G_STRIDE
     ok, waited, _ = _wait_flags(flags, R, num_groups, e << 32, budget, error_address, PHASE_CODE, rank,
@@ -510,7 +524,7 @@ def _combine_receive(out_ptr, topk_ptr, weights_ptr, num_tokens, wait_stats, hea
 @triton.jit(do_not_specialize=["num_tokens", "rank", "budget"])
 def ep_ll_combine_kernel(x_ptr, x_expert_stride, x_row_stride, topk_ptr, weights_ptr, num_tokens, out_ptr,
                          src_info, topk_slot, layout_range, wait_stats, heap_bases, epoch_ptr, error_address,
-                         rank, num_local, rows_per_expert, num_groups, budget,
+                         rank, num_local, rows_per_expert, num_groups, num_senders, budget,
                          off_combine, off_flags, off_publish, off_publish_flags,
                          PHASE: tl.constexpr, H: tl.constexpr, K: tl.constexpr, K_PAD: tl.constexpr,
                          R: tl.constexpr, R_PAD: tl.constexpr, T_CAP: tl.constexpr, K_CAP: tl.constexpr,
@@ -518,14 +532,16 @@ def ep_ll_combine_kernel(x_ptr, x_expert_stride, x_row_stride, topk_ptr, weights
                          HAS_SLOTS: tl.constexpr, HAS_WAIT_STATS: tl.constexpr, EXACT_CASTS: tl.constexpr,
                          USE_TIMER: tl.constexpr, TILE_T: tl.constexpr, TILE_R: tl.constexpr,
                          BLOCK_H: tl.constexpr, HIDDEN_PARTS: tl.constexpr, PHASE_CODE: tl.constexpr):
-    if PHASE == SEND:
-        _combine_send(x_ptr, x_expert_stride, x_row_stride, topk_ptr, num_tokens, src_info, topk_slot, layout_range,
-                      heap_bases, epoch_ptr, error_address, rank, num_local, rows_per_expert, num_groups, budget,
+    pid, e, sending = _role(epoch_ptr, num_senders, PHASE)
+    if sending:
+        _combine_send(pid, e, x_ptr, x_expert_stride, x_row_stride, topk_ptr, num_tokens, src_info, topk_slot,
+                      layout_range, heap_bases, error_address, rank, num_local, rows_per_expert, num_groups, budget,
                       off_combine, off_flags, off_publish, off_publish_flags,
                       H, K, K_PAD, R, T_CAP, K_CAP, G_STRIDE, ROW_BYTES, L_PAD, HAS_SLOTS, USE_TIMER, TILE_R,
                       BLOCK_H, PHASE_CODE)
     else:
-        _combine_receive(out_ptr, topk_ptr, weights_ptr, num_tokens, wait_stats, heap_bases, epoch_ptr,
-                         error_address, rank, num_groups, budget, off_combine, off_flags,
+        # receive programs: (token tile, hidden part), part fastest
+        _combine_receive(pid // HIDDEN_PARTS, pid % HIDDEN_PARTS, e, out_ptr, topk_ptr, weights_ptr, num_tokens,
+                         wait_stats, heap_bases, error_address, rank, num_groups, budget, off_combine, off_flags,
                          H, K, K_PAD, R, R_PAD, G_STRIDE, G_PAD, T_CAP, K_CAP, ROW_BYTES, HAS_WAIT_STATS,
                          EXACT_CASTS, USE_TIMER, TILE_T, BLOCK_H, HIDDEN_PARTS, PHASE_CODE)
