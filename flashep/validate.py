@@ -1,6 +1,7 @@
 """Argument checks that run before any communication; each error names the offending argument."""
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Optional
 
@@ -45,10 +46,26 @@ def check_topk(name: str, topk_idx, num_tokens: Optional[int], device, weights=N
                      contiguous=True)
 
 
+_values_unchecked = 0  # > 0 inside `values_unchecked()`
+
+
+@contextlib.contextmanager
+def values_unchecked():
+    """Skip the value checks (not the shape and type checks) inside this block: the benchmark profiles
+    kernels this way, since a check's device sync would make every rank start its kernels at a different
+    time."""
+    global _values_unchecked
+    _values_unchecked += 1
+    try:
+        yield
+    finally:
+        _values_unchecked -= 1
+
+
 def check_expert_ids(name: str, topk_idx: torch.Tensor, num_experts: int) -> None:
     """Expert ids must be -1 or in [0, num_experts). Reading the values costs a device sync, so the check
-    is skipped inside CUDA-graph capture and when FLASHEP_CHECK_VALUES=0."""
-    if os.environ.get("FLASHEP_CHECK_VALUES", "1") == "0" or topk_idx.numel() == 0:
+    is skipped inside CUDA-graph capture, inside `values_unchecked()` and when FLASHEP_CHECK_VALUES=0."""
+    if os.environ.get("FLASHEP_CHECK_VALUES", "1") == "0" or _values_unchecked or topk_idx.numel() == 0:
         return
     if topk_idx.is_cuda and torch.cuda.is_current_stream_capturing():
         return

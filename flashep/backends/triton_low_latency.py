@@ -26,31 +26,33 @@ from .base import Backend, LowLatencyDispatchResult
 
 TOPK_LIMIT = 32  # largest top-k the message slots hold
 MAX_GROUPS = kernels.MAX_GROUPS.value  # flags per (half, source rank): upper bound of programs per peer
-SCAN = 128  # top-k rows read per step when counting or packing
 SLOT_ATTR = "_flashep_topk_slot"  # int8 [L, R * T_max] attached to src_info: k of each received row
 
 
 @dataclass(frozen=True)
 class Tuning:
     """Launch shapes. Env: FLASHEP_LL_SEND_PROGRAMS, FLASHEP_LL_RECV_PROGRAMS, FLASHEP_LL_BLOCK_H,
-    FLASHEP_LL_TILE_TOKENS, FLASHEP_LL_TILE_ROWS, FLASHEP_LL_NUM_WARPS. Every rank must use the same
-    FLASHEP_LL_SEND_PROGRAMS (it fixes how many flags a receiver waits for)."""
+    FLASHEP_LL_TILE_TOKENS, FLASHEP_LL_TILE_ROWS, FLASHEP_LL_SCAN_ROWS, FLASHEP_LL_NUM_WARPS, FLASHEP_LL_FUSED.
+    Every rank must use the same FLASHEP_LL_SEND_PROGRAMS (it fixes how many flags a receiver waits for)."""
 
     send_programs: int  # programs of each send kernel, spread over the destination ranks
     recv_programs: int  # programs of each receive kernel (at least one per local expert / token tile)
     block_h: int  # hidden elements per tile (a multiple of 512: FP8 scales pack 4 groups per int32)
     tile_tokens: int  # tokens per tile in the dispatch send and the combine receive
     tile_rows: int  # rows per tile in the dispatch receive and the combine send
+    scan_rows: int  # received top-k rows the dispatch receive reads per step when it packs the rows
     num_warps: int
+    fused: int  # 1: a call without a hook launches both phases at once; 0: two launches, as with a hook
 
     # GPU: spread the stores over many SMs. Interpreter: programs run one after another, so few programs
     # with large tiles are fastest.
-    GPU_DEFAULTS = dict(send_programs=128, recv_programs=128, block_h=1024, tile_tokens=4, tile_rows=4, num_warps=8)
+    GPU_DEFAULTS = dict(send_programs=128, recv_programs=128, block_h=1024, tile_tokens=4, tile_rows=4,
+                        scan_rows=128, num_warps=8, fused=1)
     INTERPRETER_DEFAULTS = dict(send_programs=1, recv_programs=1, block_h=1024, tile_tokens=16, tile_rows=16,
-                                num_warps=4)
+                                scan_rows=128, num_warps=4, fused=1)
     ENV = dict(send_programs="FLASHEP_LL_SEND_PROGRAMS", recv_programs="FLASHEP_LL_RECV_PROGRAMS",
                block_h="FLASHEP_LL_BLOCK_H", tile_tokens="FLASHEP_LL_TILE_TOKENS", tile_rows="FLASHEP_LL_TILE_ROWS",
-               num_warps="FLASHEP_LL_NUM_WARPS")
+               scan_rows="FLASHEP_LL_SCAN_ROWS", num_warps="FLASHEP_LL_NUM_WARPS", fused="FLASHEP_LL_FUSED")
 
     @staticmethod
     def from_env() -> "Tuning":
@@ -59,12 +61,14 @@ class Tuning:
             if os.environ.get(env):
                 values[field] = int(os.environ[env])
         tuning = Tuning(**values)
-        for name in ("block_h", "tile_tokens", "tile_rows", "num_warps"):
+        for name in ("block_h", "tile_tokens", "tile_rows", "scan_rows", "num_warps"):
             value = getattr(tuning, name)
             if value < 1 or value & (value - 1):
                 raise ValueError(f"{Tuning.ENV[name]} must be a power of two, got {value}")
         if tuning.block_h < 512:
             raise ValueError(f"FLASHEP_LL_BLOCK_H must be >= 512, got {tuning.block_h}")
+        if tuning.fused not in (0, 1):
+            raise ValueError(f"FLASHEP_LL_FUSED must be 0 or 1, got {tuning.fused}")
         if tuning.send_programs < 1 or tuning.recv_programs < 1:
             raise ValueError("FLASHEP_LL_SEND_PROGRAMS and FLASHEP_LL_RECV_PROGRAMS must be >= 1")
         return tuning
@@ -89,9 +93,8 @@ class Regions:
     """Byte offsets inside the heap. Every region but the flags holds two halves (operation epoch % 2).
 
     flags: int64 [2, R, G] for dispatch and for combine (G = flags per source rank), int64 [2] publish.
-    data: per dispatch message (source rank, slot < T) a record of 2 * hidden bytes: the BF16 row, or the
-    FP8 row followed by its 4-byte scales. meta: per message `meta` int32: the top-k expert ids, then the
-    source token index at position `topk`. combine: per (token, k) a BF16 row. publish: per (token, k) this
+    data: per dispatch message (source rank, token < T) a record of 2 * hidden bytes: the BF16 row, or the
+    FP8 row followed by its 4-byte scales. meta: per message `meta` int32: the top-k expert ids. combine: per (token, k) a BF16 row. publish: per (token, k) this
     rank's expert ids, read by the owners when a handle lost its per-row top-k slots.
     """
 
@@ -100,7 +103,7 @@ class Regions:
         self.capacity = capacity
         self.row_bytes = 2 * capacity.hidden
         self.groups = min(MAX_GROUPS, capacity.num_max_tokens)
-        self.meta = -(-(capacity.topk + 1) // 4) * 4
+        self.meta = -(-capacity.topk // 4) * 4
         flag_bytes = 2 * num_ranks * self.groups * 8
         layout = Layout()
         self.dispatch_flags = layout.add("flags", 2 * flag_bytes + 2 * 8)
@@ -219,7 +222,7 @@ class TritonLowLatencyBackend(Backend):
             HAS_EXPERT_STATS=cumulative_local_expert_recv_stats is not None,
             HAS_WAIT_STATS=dispatch_wait_recv_cost_stats is not None,
             TILE_T=min(self.tuning.tile_tokens, _pow2(tokens_per_group)), TILE_R=self.tuning.tile_rows,
-            BLOCK_H=self.tuning.block_h, SCAN=SCAN, PHASE_CODE=PHASE_LL_DISPATCH,
+            BLOCK_H=self.tuning.block_h, SCAN=self.tuning.scan_rows, PHASE_CODE=PHASE_LL_DISPATCH,
             **self._common(regions))
         receive = self._launch(kernels.ep_ll_dispatch_kernel, args, num_ranks * groups, num_local * parts, with_hook)
         return LowLatencyDispatchResult(recv_x=recv_x, recv_x_scales=scales.transpose(1, 2) if use_fp8 else None,
@@ -287,6 +290,7 @@ class TritonLowLatencyBackend(Backend):
     def _launch(self, kernel, args: dict, senders: int, receivers: int, with_hook: bool) -> Callable[[], None]:
         """Without a hook: one launch of both phases (senders first), and a no-op receive. With a hook: the send
         phase now, the receive phase when the hook runs. The epoch moves on after the (first) launch."""
+        with_hook = with_hook or not self.tuning.fused
         if with_hook:
             kernel[(senders,)](PHASE=kernels.SEND.value, num_senders=senders, **args)
         else:

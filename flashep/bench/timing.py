@@ -26,6 +26,7 @@ import torch.distributed as dist
 import triton
 
 from ..kernels.sync import now_ns
+from ..validate import values_unchecked
 
 KERNEL_PATTERNS = ("notify", "dispatch", "combine")
 NCCL_PATTERNS = ("SendRecv", "AllToAll")  # NCCL's all_to_all kernels (not the all_reduce that lines ranks up)
@@ -168,13 +169,14 @@ class Timer:
         return statistics.median(start.elapsed_time(end) * 1e3 for start, end in pairs)
 
     def profile(self, fn: Callable[[], object]) -> Optional[KernelProfile]:
-        """Kernel profile of `profile_iters` calls (GPU only; None on CPU, which has no kernels)."""
+        """Kernel profile of `profile_iters` calls (GPU only; None on CPU, which has no kernels). The value
+        checks are off meanwhile: their device sync would let the ranks start their kernels apart."""
         if not self.on_gpu:
             return None
         fn()
         self.barrier()
         activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
-        with torch.profiler.profile(activities=activities) as prof:
+        with torch.profiler.profile(activities=activities) as prof, values_unchecked():
             for _ in range(self.profile_iters):
                 self._flush_l2()
                 self._line_up()

@@ -5,13 +5,13 @@ programs send, the others receive), or, when the caller asked for a receive hook
 receive phase), so that a profiler sees exactly one kernel name per operation:
 
 - `ep_ll_dispatch_kernel`
-  send, grid R * G: program (d, g) takes token group g of this rank, and for each token bound for rank d
-  (one of its top-k experts lives there) stores one message into d's receive region at slot
-  `position of the token among this rank's tokens bound for d`: the FP8 row (quantised here) followed by
-  its scales, or the BF16 row, into the data record; its top-k row and token index into the meta record.
-  Then it publishes `(e << 32) | tokens` in d's flag [half][this rank][g]. Send programs never wait.
+  send, grid R * G: program (d, g) takes token group g of this rank and stores, into d's receive region at
+  slot (this rank, token), every token's top-k row (meta record) and, for each token bound for rank d (one
+  of its top-k experts lives there), the FP8 row (quantised here) followed by its scales, or the BF16 row
+  (data record). Then it publishes `(e << 32) | tokens in the group` in d's flag [half][this rank][g].
+  Send programs never wait.
   receive, grid L * P: program (local expert l, part p) waits for every flag of every source (the flags
-  also carry the message counts), scans all received top-k rows once in (source rank, slot) order, and
+  also carry the token counts), scans all received top-k rows once in (source rank, token) order, and
   packs the rows that selected expert l in (source rank, token, k) order: src_info, the top-k slot k of
   each row, layout_range, recv_count and the statistics; then copies the rows. Rows are split between the
   P parts by tiles of TILE_R rows.
@@ -72,7 +72,8 @@ def _wait_flags(flags, num_rows, num_cols, target, budget, error_address, phase,
     spins = 0
     alive = True
     while (tl.min(done.to(tl.int32), axis=0) == 0) & alive:
-        values = tl.atomic_add(ptrs, 0, mask=mask, sem="acquire", scope="sys")
+        # relaxed (volatile) polls: an acquire RMW per flag per poll would load the flags' memory with atomics
+        values = tl.load(ptrs, mask=mask, other=0, volatile=True)
         row_done = tl.min(tl.where(mask, values, target), axis=1) >= target
         arrived = row_done & (done == 0)
         elapsed = now_ns(USE_TIMER) - start
@@ -84,6 +85,7 @@ def _wait_flags(flags, num_rows, num_cols, target, budget, error_address, phase,
             alive = elapsed < budget
         else:
             alive = spins < budget
+    tl.atomic_add(ptrs, 0, mask=mask, sem="acquire", scope="sys")  # orders the data reads after the flags
     ok = tl.min(done.to(tl.int32), axis=0) == 1
     if ok == 0:
         missing = tl.min(tl.where(done, ROWS, rows), axis=0)
@@ -200,25 +202,15 @@ def _quantize_and_store(x_ptr, tokens, send, h0, data_dst, msg, H: tl.constexpr,
 def _dispatch_send(pid, e, x_ptr, topk_ptr, num_tokens, heap_bases, rank, num_local, off_data, off_meta,
                    off_flags, tokens_per_group, num_groups,
                    H: tl.constexpr, K: tl.constexpr, K_PAD: tl.constexpr, R: tl.constexpr, T_CAP: tl.constexpr,
-                   K_CAP: tl.constexpr, META: tl.constexpr, G_STRIDE: tl.constexpr, ROW_BYTES: tl.constexpr,
+                   META: tl.constexpr, G_STRIDE: tl.constexpr, ROW_BYTES: tl.constexpr,
                    USE_FP8: tl.constexpr, ROUND_SCALE: tl.constexpr, UE8M0: tl.constexpr,
-                   EXACT_CASTS: tl.constexpr, TILE_T: tl.constexpr, BLOCK_H: tl.constexpr, SCAN: tl.constexpr):
+                   EXACT_CASTS: tl.constexpr, TILE_T: tl.constexpr, BLOCK_H: tl.constexpr):
     dst = pid // num_groups
     group = pid % num_groups
     half = e % 2
     records = R * T_CAP  # message records per half
     t0 = tl.minimum(group * tokens_per_group, num_tokens)
     t1 = tl.minimum(t0 + tokens_per_group, num_tokens)
-
-    # slot of the group's first token for dst = tokens before t0 bound for dst
-    sent = tl.zeros((), tl.int32)
-    start = tl.zeros((), tl.int32)
-    while start < t0:
-        tokens = start + tl.arange(0, SCAN)
-        sent += tl.sum(_bound_for(topk_ptr, tokens, tokens < t0, dst, num_local, K, K_PAD).to(tl.int32), axis=0)
-        start += SCAN
-    first_slot = sent
-
     if USE_FP8:
         data_dst = _heap_ptr(heap_bases, dst, off_data + half * records * ROW_BYTES, tl.uint8)
     else:
@@ -228,9 +220,9 @@ def _dispatch_send(pid, e, x_ptr, topk_ptr, num_tokens, heap_bases, rank, num_lo
     start = t0
     while start < t1:
         tokens = start + tl.arange(0, TILE_T)
-        send = _bound_for(topk_ptr, tokens, tokens < t1, dst, num_local, K, K_PAD)
-        send_i = send.to(tl.int32)
-        msg = rank * T_CAP + sent + tl.cumsum(send_i, axis=0) - send_i
+        tmask = tokens < t1
+        send = _bound_for(topk_ptr, tokens, tmask, dst, num_local, K, K_PAD)
+        msg = rank * T_CAP + tokens  # the message slot is the token index: no count of earlier tokens needed
         for h0 in tl.static_range(0, H, BLOCK_H):  # unrolled: all loads in flight at once
             if USE_FP8:
                 _quantize_and_store(x_ptr, tokens, send, h0, data_dst, msg, H, ROW_BYTES, ROUND_SCALE, UE8M0,
@@ -240,15 +232,15 @@ def _dispatch_send(pid, e, x_ptr, topk_ptr, num_tokens, heap_bases, rank, num_lo
                 mask = send[:, None] & (cols[None, :] < H)
                 row = tl.load(x_ptr + tokens[:, None].to(tl.int64) * H + cols[None, :], mask=mask)
                 tl.store(data_dst + msg[:, None].to(tl.int64) * (ROW_BYTES // 2) + cols[None, :], row, mask=mask)
-        kmask = send[:, None] & (ks[None, :] < K)
+        # every token's top-k row goes to every destination: the receivers find their experts in it (a token
+        # bound elsewhere matches none), so a slot needs no data unless some expert of dst is selected
+        kmask = tmask[:, None] & (ks[None, :] < K)
         ids = tl.load(topk_ptr + tokens[:, None] * K + ks[None, :], mask=kmask, other=-1)
         tl.store(meta_dst + msg[:, None] * META + ks[None, :], ids.to(tl.int32), mask=kmask)
-        tl.store(meta_dst + msg * META + K_CAP, tokens, mask=send)
-        sent += tl.sum(send_i, axis=0)
         start += TILE_T
 
     flags = _heap_ptr(heap_bases, dst, off_flags, tl.int64)
-    signal(flags + (half * R + rank) * G_STRIDE + group, (e << 32) | (sent - first_slot))
+    signal(flags + (half * R + rank) * G_STRIDE + group, (e << 32) | (t1 - t0))
 
 
 @triton.jit
@@ -332,8 +324,7 @@ def _dispatch_receive(pid, e, recv_x, recv_scales, recv_count, src_info, topk_sl
             per_msg = tl.sum(match, axis=1)
             rows = num_rows + (tl.cumsum(per_msg, axis=0) - per_msg)[:, None] + tl.cumsum(match, axis=1) - match
             mine = (match > 0) & (rows < rows_per_expert) & ((rows // TILE_R) % num_parts == part)
-            token = tl.load(meta_src + msg * META + K_CAP, mask=mmask, other=0, cache_modifier=".cg")
-            tl.store(src_info + expert_base + rows, tl.broadcast_to(token[:, None], rows.shape), mask=mine)
+            tl.store(src_info + expert_base + rows, tl.broadcast_to(slot[:, None], rows.shape), mask=mine)
             tl.store(topk_slot + expert_base + rows, tl.broadcast_to(ks[None, :], rows.shape).to(tl.int8), mask=mine)
             tl.store(row_msg + expert_base + rows, tl.broadcast_to(msg[:, None], rows.shape), mask=mine)
             rows_per_source += tl.sum(tl.where(src[:, None] == sources[None, :], per_msg[:, None], 0), axis=0)
@@ -370,8 +361,8 @@ def ep_ll_dispatch_kernel(x_ptr, topk_ptr, num_tokens, recv_x, recv_scales, recv
     pid, e, sending = _role(epoch_ptr, num_senders, PHASE)
     if sending:
         _dispatch_send(pid, e, x_ptr, topk_ptr, num_tokens, heap_bases, rank, num_local, off_data, off_meta,
-                       off_flags, tokens_per_group, num_groups, H, K, K_PAD, R, T_CAP, K_CAP, META, G_STRIDE,
-                       ROW_BYTES, USE_FP8, ROUND_SCALE, UE8M0, EXACT_CASTS, TILE_T, BLOCK_H, SCAN)
+                       off_flags, tokens_per_group, num_groups, H, K, K_PAD, R, T_CAP, META, G_STRIDE,
+                       ROW_BYTES, USE_FP8, ROUND_SCALE, UE8M0, EXACT_CASTS, TILE_T, BLOCK_H)
     else:
         _dispatch_receive(pid, e, recv_x, recv_scales, recv_count, src_info,
                           topk_slot, layout_range, row_msg, expert_stats, wait_stats, heap_bases, error_address,
