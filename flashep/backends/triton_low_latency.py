@@ -32,27 +32,30 @@ SLOT_ATTR = "_flashep_topk_slot"  # int8 [L, R * T_max] attached to src_info: k 
 @dataclass(frozen=True)
 class Tuning:
     """Launch shapes. Env: FLASHEP_LL_SEND_PROGRAMS, FLASHEP_LL_RECV_PROGRAMS, FLASHEP_LL_BLOCK_H,
-    FLASHEP_LL_TILE_TOKENS, FLASHEP_LL_TILE_ROWS, FLASHEP_LL_SCAN_ROWS, FLASHEP_LL_NUM_WARPS, FLASHEP_LL_FUSED.
+    FLASHEP_LL_TILE_TOKENS, FLASHEP_LL_TILE_ROWS, FLASHEP_LL_COMBINE_TILE_ROWS, FLASHEP_LL_SCAN_ROWS,
+    FLASHEP_LL_NUM_WARPS, FLASHEP_LL_FUSED.
     Every rank must use the same FLASHEP_LL_SEND_PROGRAMS (it fixes how many flags a receiver waits for)."""
 
     send_programs: int  # programs of each send kernel, spread over the destination ranks
     recv_programs: int  # programs of each receive kernel (at least one per local expert / token tile)
     block_h: int  # hidden elements per tile (a multiple of 512: FP8 scales pack 4 groups per int32)
     tile_tokens: int  # tokens per tile in the dispatch send and the combine receive
-    tile_rows: int  # rows per tile in the dispatch receive and the combine send
+    tile_rows: int  # rows per tile in the dispatch receive
+    combine_tile_rows: int  # rows per tile in the combine send
     scan_rows: int  # received top-k rows the dispatch receive reads per step when it packs the rows
     num_warps: int
     fused: int  # 1: a call without a hook launches both phases at once; 0: two launches, as with a hook
 
     # GPU: spread the stores over many SMs. Interpreter: programs run one after another, so few programs
     # with large tiles are fastest.
-    GPU_DEFAULTS = dict(send_programs=128, recv_programs=128, block_h=1024, tile_tokens=4, tile_rows=4,
-                        scan_rows=128, num_warps=8, fused=1)
+    GPU_DEFAULTS = dict(send_programs=128, recv_programs=128, block_h=1024, tile_tokens=4, tile_rows=8,
+                        combine_tile_rows=4, scan_rows=256, num_warps=8, fused=1)
     INTERPRETER_DEFAULTS = dict(send_programs=1, recv_programs=1, block_h=1024, tile_tokens=16, tile_rows=16,
-                                scan_rows=128, num_warps=4, fused=1)
+                                combine_tile_rows=16, scan_rows=128, num_warps=4, fused=1)
     ENV = dict(send_programs="FLASHEP_LL_SEND_PROGRAMS", recv_programs="FLASHEP_LL_RECV_PROGRAMS",
                block_h="FLASHEP_LL_BLOCK_H", tile_tokens="FLASHEP_LL_TILE_TOKENS", tile_rows="FLASHEP_LL_TILE_ROWS",
-               scan_rows="FLASHEP_LL_SCAN_ROWS", num_warps="FLASHEP_LL_NUM_WARPS", fused="FLASHEP_LL_FUSED")
+               combine_tile_rows="FLASHEP_LL_COMBINE_TILE_ROWS", scan_rows="FLASHEP_LL_SCAN_ROWS",
+               num_warps="FLASHEP_LL_NUM_WARPS", fused="FLASHEP_LL_FUSED")
 
     @staticmethod
     def from_env() -> "Tuning":
@@ -61,7 +64,7 @@ class Tuning:
             if os.environ.get(env):
                 values[field] = int(os.environ[env])
         tuning = Tuning(**values)
-        for name in ("block_h", "tile_tokens", "tile_rows", "scan_rows", "num_warps"):
+        for name in ("block_h", "tile_tokens", "tile_rows", "combine_tile_rows", "scan_rows", "num_warps"):
             value = getattr(tuning, name)
             if value < 1 or value & (value - 1):
                 raise ValueError(f"{Tuning.ENV[name]} must be a power of two, got {value}")
@@ -264,7 +267,7 @@ class TritonLowLatencyBackend(Backend):
             off_publish=regions.publish, off_publish_flags=regions.publish_flags,
             H=hidden, K=topk, K_PAD=_pow2(topk), G_PAD=_pow2(groups), L_PAD=_pow2(num_local),
             HAS_SLOTS=topk_slot is not None, HAS_WAIT_STATS=combine_wait_recv_cost_stats is not None,
-            TILE_T=self.tuning.tile_tokens, TILE_R=self.tuning.tile_rows, BLOCK_H=self.tuning.block_h,
+            TILE_T=self.tuning.tile_tokens, TILE_R=self.tuning.combine_tile_rows, BLOCK_H=self.tuning.block_h,
             HIDDEN_PARTS=hidden_parts, PHASE_CODE=PHASE_LL_COMBINE, **self._common(regions))
         return self._launch(kernels.ep_ll_combine_kernel, args, num_ranks * groups, token_tiles * hidden_parts,
                             with_hook)

@@ -13,6 +13,7 @@ the annotation), so one profiled round can time a send kernel and its receive ke
 """
 from __future__ import annotations
 
+import gc
 import json
 import os
 import statistics
@@ -33,9 +34,10 @@ NCCL_PATTERNS = ("SendRecv", "AllToAll")  # NCCL's all_to_all kernels (not the a
 _LABEL_PREFIX = "flashep.bench:"
 OP_PHASE = "op"  # every profiled call runs inside this phase
 L2_FLUSH_BYTES = int(256e6)
-_IDLE_NS = 1_000_000  # time for the host to queue the call's kernels before they start; a rank that starts late
-# inflates its peers' kernel times. Measured in time, not clock cycles: GPUs idling at different clocks
-# drifted apart by up to ~200 us over 4M cycles (docs/perf.md)
+_IDLE_NS = 5_000_000  # time for the host to queue the call's kernels before they start; a rank that starts late
+# inflates its peers' kernel times (a low-latency call costs its host ~0.3 ms, more under the profiler, and
+# 1 ms was not always enough). Measured in time, not clock cycles: GPUs idling at different clocks drifted
+# apart by up to ~200 us over 4M cycles (docs/perf.md)
 
 
 @triton.jit
@@ -176,6 +178,8 @@ class Timer:
         fn()
         self.barrier()
         activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+        gc_was_on = gc.isenabled()
+        gc.disable()  # a collection pause on one rank's host would delay that rank's kernels
         with torch.profiler.profile(activities=activities) as prof, values_unchecked():
             for _ in range(self.profile_iters):
                 self._flush_l2()
@@ -183,6 +187,8 @@ class Timer:
                 with phase(OP_PHASE):
                     fn()
             torch.cuda.synchronize(self.device)
+        if gc_was_on:
+            gc.enable()
         with tempfile.TemporaryDirectory() as folder:
             path = os.path.join(folder, "trace.json")
             prof.export_chrome_trace(path)
