@@ -48,7 +48,7 @@ class Tuning:
 
     # GPU: spread the stores over many SMs. Interpreter: programs run one after another, so few programs
     # with large tiles are fastest.
-    GPU_DEFAULTS = dict(send_programs=128, recv_programs=128, block_h=1024, tile_tokens=4, tile_rows=8,
+    GPU_DEFAULTS = dict(send_programs=128, recv_programs=128, block_h=1024, tile_tokens=4, tile_rows=16,
                         combine_tile_rows=4, scan_rows=256, num_warps=8, fused=1)
     INTERPRETER_DEFAULTS = dict(send_programs=1, recv_programs=1, block_h=1024, tile_tokens=16, tile_rows=16,
                                 combine_tile_rows=16, scan_rows=128, num_warps=4, fused=1)

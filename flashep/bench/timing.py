@@ -33,6 +33,7 @@ KERNEL_PATTERNS = ("notify", "dispatch", "combine")
 NCCL_PATTERNS = ("SendRecv", "AllToAll")  # NCCL's all_to_all kernels (not the all_reduce that lines ranks up)
 _LABEL_PREFIX = "flashep.bench:"
 OP_PHASE = "op"  # every profiled call runs inside this phase
+_PROFILER_WARMUP = 2  # profiled calls run before the recorded ones
 L2_FLUSH_BYTES = int(256e6)
 _IDLE_NS = 5_000_000  # time for the host to queue the call's kernels before they start; a rank that starts late
 # inflates its peers' kernel times (a low-latency call costs its host ~0.3 ms, more under the profiler, and
@@ -180,13 +181,17 @@ class Timer:
         activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
         gc_was_on = gc.isenabled()
         gc.disable()  # a collection pause on one rank's host would delay that rank's kernels
-        with torch.profiler.profile(activities=activities) as prof, values_unchecked():
-            for _ in range(self.profile_iters):
+        # the first profiled calls pay the profiler's own start-up on the host (milliseconds, longer than the
+        # idle before a call): warm-up steps take them, only the active steps are recorded
+        steps = torch.profiler.schedule(wait=0, warmup=_PROFILER_WARMUP, active=self.profile_iters, repeat=1)
+        with torch.profiler.profile(activities=activities, schedule=steps) as prof, values_unchecked():
+            for _ in range(_PROFILER_WARMUP + self.profile_iters):
                 self._flush_l2()
                 self._line_up()
                 with phase(OP_PHASE):
                     fn()
-            torch.cuda.synchronize(self.device)
+                torch.cuda.synchronize(self.device)
+                prof.step()
         if gc_was_on:
             gc.enable()
         with tempfile.TemporaryDirectory() as folder:
