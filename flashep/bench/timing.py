@@ -36,9 +36,7 @@ OP_PHASE = "op"  # every profiled call runs inside this phase
 _PROFILER_WARMUP = 2  # profiled calls run before the recorded ones
 L2_FLUSH_BYTES = int(256e6)
 _IDLE_NS = 5_000_000  # time for the host to queue the call's kernels before they start; a rank that starts late
-# inflates its peers' kernel times (a low-latency call costs its host ~0.3 ms, more under the profiler, and
-# 1 ms was not always enough). Measured in time, not clock cycles: GPUs idling at different clocks drifted
-# apart by up to ~200 us over 4M cycles (docs/perf.md)
+# inflates its peers' kernel times (a low-latency call costs its host ~0.3 ms, more under the profiler).
 
 
 @triton.jit
@@ -205,5 +203,8 @@ class Timer:
         self._flush_buffer.zero_()
 
     def _line_up(self) -> None:
-        dist.all_reduce(self._token, group=self.group)
+        # idle first, then the all_reduce: the host queues the call while the GPU idles, and every rank's
+        # kernels then start when the all_reduce ends, which is the same moment on every rank whenever
+        # each host got there
         _idle_kernel[(1,)](_IDLE_NS)
+        dist.all_reduce(self._token, group=self.group)
