@@ -1,8 +1,9 @@
 """Low-latency mode on Triton kernels over NVLink symmetric memory (kernels in flashep.kernels.low_latency).
 
-Each operation is one send launch and one receive launch of the same kernel. The send phase stores every
-message straight into the destination's region of a symmetric heap and raises flags; the receive phase
-(the hook, or run right away) waits for the flags and builds the outputs. Nothing in the data path syncs
+The send phase of an operation stores every message straight into the destination's region of a symmetric
+heap and raises flags; the receive phase waits for the flags and builds the outputs. With a receive hook
+they are two launches of the operation's kernel (the hook launches the second); without one, a single
+launch runs both, the receiving programs after the sending ones. Nothing in the data path syncs
 with the host, so calls can be captured in CUDA graphs once the heap exists.
 
 The heap is this backend's own (separate from normal mode's), allocated at the first low-latency call or in
