@@ -296,3 +296,31 @@ def indivisible_experts(num_ranks: int) -> int:
 def test_errors_come_before_communication(backend):
     raised = run_ranks(2, bad_calls_body, backend=backend, timeout=300)
     assert len(raised[0]) == 8 and len(raised[1]) == 2
+
+
+@pytest.mark.parametrize("variable, raw, message", [
+    ("FLASHEP_LL_TILE_ROWS", "3", "FLASHEP_LL_TILE_ROWS must be a power of two, got 3"),
+    ("FLASHEP_LL_SCAN_ROWS", "many", "FLASHEP_LL_SCAN_ROWS must be a power of two, got 'many'"),
+    ("FLASHEP_LL_SEND_PROGRAMS", "0", "FLASHEP_LL_SEND_PROGRAMS must be >= 1, got 0"),
+    ("FLASHEP_LL_FUSED", "2", "FLASHEP_LL_FUSED must be 0 or 1, got 2"),
+    ("FLASHEP_LL_BLOCK_H", "256", "FLASHEP_LL_BLOCK_H must be >= 512, got 256"),
+])
+def test_low_latency_knobs_name_the_variable(variable, raw, message):
+    from flashep.backends.triton_low_latency import Tuning
+
+    with environment({variable: raw}):
+        with pytest.raises(ValueError, match=message):
+            Tuning.from_env()
+    assert Tuning.from_env().fused in (0, 1)  # unset again: the defaults parse
+
+
+@pytest.mark.parametrize("variable, raw, parser, message", [
+    ("FLASHEP_TIMEOUT_S", "soon", "timeout_seconds", "FLASHEP_TIMEOUT_S must be a number of seconds, got 'soon'"),
+    ("FLASHEP_NODE_SIZE", "0", "node_size", "FLASHEP_NODE_SIZE must be >= 1, got 0"),
+])
+def test_process_knobs_name_the_variable(variable, raw, parser, message):
+    from flashep import _env
+
+    with environment({variable: raw}):
+        with pytest.raises(ValueError, match=message):
+            getattr(_env, parser)()

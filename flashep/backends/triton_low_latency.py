@@ -13,7 +13,6 @@ the same decision.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -58,23 +57,22 @@ class Tuning:
                combine_tile_rows="FLASHEP_LL_COMBINE_TILE_ROWS", scan_rows="FLASHEP_LL_SCAN_ROWS",
                num_warps="FLASHEP_LL_NUM_WARPS", fused="FLASHEP_LL_FUSED")
 
+    POWERS_OF_TWO = ("block_h", "tile_tokens", "tile_rows", "combine_tile_rows", "scan_rows", "num_warps")
+
     @staticmethod
     def from_env() -> "Tuning":
-        values = dict(Tuning.INTERPRETER_DEFAULTS if _env.interpret_mode() else Tuning.GPU_DEFAULTS)
+        defaults = Tuning.INTERPRETER_DEFAULTS if _env.interpret_mode() else Tuning.GPU_DEFAULTS
+        values = {}
         for field, env in Tuning.ENV.items():
-            if os.environ.get(env):
-                values[field] = int(os.environ[env])
+            if field in Tuning.POWERS_OF_TWO:
+                values[field] = _env.power_of_two(env, defaults[field])
+            else:
+                values[field] = _env.integer(env, defaults[field], minimum=1 if field.endswith("programs") else 0)
         tuning = Tuning(**values)
-        for name in ("block_h", "tile_tokens", "tile_rows", "combine_tile_rows", "scan_rows", "num_warps"):
-            value = getattr(tuning, name)
-            if value < 1 or value & (value - 1):
-                raise ValueError(f"{Tuning.ENV[name]} must be a power of two, got {value}")
         if tuning.block_h < 512:
             raise ValueError(f"FLASHEP_LL_BLOCK_H must be >= 512, got {tuning.block_h}")
         if tuning.fused not in (0, 1):
             raise ValueError(f"FLASHEP_LL_FUSED must be 0 or 1, got {tuning.fused}")
-        if tuning.send_programs < 1 or tuning.recv_programs < 1:
-            raise ValueError("FLASHEP_LL_SEND_PROGRAMS and FLASHEP_LL_RECV_PROGRAMS must be >= 1")
         return tuning
 
 

@@ -50,7 +50,6 @@ Tuning knobs (environment at construction; they must be equal on every rank):
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -58,6 +57,7 @@ import torch
 import torch.distributed as dist
 import triton
 
+from .. import _env
 from ..kernels import normal as kernels
 from ..kernels.sync import ErrorWord, use_timer, wait_budget
 from ..transport.copy_engine import PeerCopier
@@ -78,20 +78,20 @@ class TritonNormalBackend(Backend):
         self.device = buffer.device
         self.meeting = meeting if meeting is not None else HostMeeting(self.group)
         self.num_nvl_bytes = buffer.num_nvl_bytes
-        self.tile_tokens = _env_power_of_two("FLASHEP_TILE_TOKENS", 16)
-        self.tile_hidden = _env_power_of_two("FLASHEP_TILE_HIDDEN", 1024)
-        self.num_warps = _env_power_of_two("FLASHEP_NUM_WARPS", 8)
-        self.stages = _env_int("FLASHEP_STAGES", 3 if self.device.type == "cuda" else 1, minimum=1)
-        self.reduce_smem = _env_int("FLASHEP_REDUCE_SMEM", 192 * 1024, minimum=1)
-        self.receivers = _env_int("FLASHEP_RECEIVERS", None, minimum=1)
-        self.combine_receivers = _env_int("FLASHEP_COMBINE_RECEIVERS", self.receivers, minimum=1)
-        self.receiver_share = _env_share("FLASHEP_RECEIVER_SHARE", 1 / 3)
-        self.combine_receiver_share = _env_share("FLASHEP_COMBINE_RECEIVER_SHARE", 0.55)
-        self.publish_tokens = _env_int("FLASHEP_PUBLISH_TOKENS", 32, minimum=1)
+        self.tile_tokens = _env.power_of_two("FLASHEP_TILE_TOKENS", 16)
+        self.tile_hidden = _env.power_of_two("FLASHEP_TILE_HIDDEN", 1024)
+        self.num_warps = _env.power_of_two("FLASHEP_NUM_WARPS", 8)
+        self.stages = _env.integer("FLASHEP_STAGES", 3 if self.device.type == "cuda" else 1, minimum=1)
+        self.reduce_smem = _env.integer("FLASHEP_REDUCE_SMEM", 192 * 1024, minimum=1)
+        self.receivers = _env.integer("FLASHEP_RECEIVERS", None, minimum=1)
+        self.combine_receivers = _env.integer("FLASHEP_COMBINE_RECEIVERS", self.receivers, minimum=1)
+        self.receiver_share = _env.share("FLASHEP_RECEIVER_SHARE", 1 / 3)
+        self.combine_receiver_share = _env.share("FLASHEP_COMBINE_RECEIVER_SHARE", 0.55)
+        self.publish_tokens = _env.integer("FLASHEP_PUBLISH_TOKENS", 32, minimum=1)
         # off by default: on H200 (docs/perf.md) a combine by copy engine was no faster than the SM pushers at
         # 2 ranks once the reduction was tuned, slower at 4 (host work per copy and flag), and noisier
-        self.use_copy_engine = _env_int("FLASHEP_COPY_ENGINE", 0, minimum=0) != 0
-        self.copy_parts = min(_env_int("FLASHEP_COPY_PARTS", 4, minimum=1), kernels.MAX_COPY_PARTS)
+        self.use_copy_engine = _env.integer("FLASHEP_COPY_ENGINE", 0, minimum=0) != 0
+        self.copy_parts = min(_env.integer("FLASHEP_COPY_PARTS", 4, minimum=1), kernels.MAX_COPY_PARTS)
         self.signal_layout = _SignalLayout(self.num_ranks)
         self.signal_heap = SymmetricHeap(self.group, self.signal_layout.nbytes, self.device, self.meeting,
                                          "normal-mode signal buffer allocation")
@@ -605,37 +605,3 @@ def _publish_every(publish_tokens: int, per_channel: float, num_channels: int) -
     if per_channel <= 0:
         return num_channels
     return min(num_channels, max(1, math.ceil(publish_tokens / per_channel)))
-
-
-def _env_value(name: str, default, parse, what: str):
-    """The environment variable `name` parsed by `parse` (`default` when unset or empty); a value `parse`
-    rejects raises a ValueError naming the variable and `what` it must be."""
-    raw = os.environ.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        return parse(raw)
-    except ValueError:
-        raise ValueError(f"{name} must be {what}, got {raw!r}") from None
-
-
-def _env_int(name: str, default: Optional[int], minimum: int) -> Optional[int]:
-    number = _env_value(name, default, int, "an integer")
-    if number is not None and number < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {number}")
-    return number
-
-
-def _env_power_of_two(name: str, default: int) -> int:
-    value = _env_value(name, default, int, "a power of two")
-    if value < 1 or value & (value - 1):
-        raise ValueError(f"{name} must be a power of two, got {value}")
-    return value
-
-
-def _env_share(name: str, default: float) -> float:
-    between = "a number between 0 and 1 (exclusive)"
-    share = _env_value(name, default, float, between)
-    if not 0.0 < share < 1.0:
-        raise ValueError(f"{name} must be {between}, got {share!r}")
-    return share
