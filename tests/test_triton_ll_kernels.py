@@ -233,6 +233,33 @@ def _growth_body(rank, world, group, seed, num_experts, topk):
     return True
 
 
+def _epoch_wrap_body(rank, world, group, seed, t_max, num_experts, topk):
+    """Operations across the points where the flag tags wrap (dispatch tags at epoch 2^30, combine tags at
+    2^31): results stay exact. The epochs are set by hand on every rank after a clean."""
+    backend = _backend(rank, world, group)
+    for first_epoch in (2**30 - 3, 2**31 - 3):
+        backend.clean_low_latency_buffer(t_max, HIDDEN, num_experts)
+        backend.epoch.fill_(first_epoch)
+        for step in range(3):
+            xs, idxs, weights = _inputs(seed, world, t_max, num_experts, topk, step)
+            result = _dispatch(backend, xs, idxs, rank, t_max, num_experts, "fp8", with_hook=step == 1)
+            result.receive()
+            _check_dispatch(result, xs, idxs, rank, world, t_max, num_experts, "fp8")
+            y = torch.randn(num_experts // world, world * t_max, HIDDEN,
+                            generator=generator(seed, rank, step, 9)).to(torch.bfloat16)
+            everyone = _gather(group, world, y, result.src_info, result.layout_range)
+            expect = reference.low_latency_combine([g[0] for g in everyone],
+                                                   [(g[1], g[2], t_max, HIDDEN, num_experts) for g in everyone],
+                                                   idxs, weights, num_experts)[rank]
+            out = torch.empty(idxs[rank].size(0), HIDDEN, dtype=torch.bfloat16)
+            backend.low_latency_combine(y, idxs[rank], weights[rank],
+                                        (result.src_info, result.layout_range, t_max, HIDDEN, num_experts),
+                                        False, out, None, step == 2)()
+            assert_same(out, expect, f"epoch {int(backend.epoch)}: combine")
+    assert int(backend.epoch) == 2**31 + 3
+    return True
+
+
 def _timeout_body(rank, world, group, seed, t_max, num_experts, topk, with_hook):
     """Rank 1 skips a dispatch: rank 0's receive (the hook, or the one launch of both phases) raises
     PeerTimeoutError naming both ranks and the phase instead of hanging; clean_low_latency_buffer then
@@ -282,6 +309,10 @@ def test_combine_fallback_and_duplicate_experts(seed):
 
 def test_heap_grows_collectively(seed):
     assert all(run_ranks(2, _growth_body, seed, 8, 3, backend="triton"))
+
+
+def test_flag_tags_wrap(seed):
+    assert all(run_ranks(2, _epoch_wrap_body, seed, 4, 4, 2, backend="triton", env=MANY_PROGRAMS))
 
 
 @pytest.mark.parametrize("with_hook", [False, True])

@@ -6,24 +6,25 @@ receive phase), so that a profiler sees exactly one kernel name per operation:
 
 - `ep_ll_dispatch_kernel`
   send, grid R * G: program (d, g) takes token group g of this rank and stores, into d's receive region at
-  slot (this rank, token), every token's top-k row (meta record) and, for each token bound for rank d (one
-  of its top-k experts lives there), the FP8 row (quantised here) followed by its scales, or the BF16 row
-  (data record). Then it publishes `(e << 32) | tokens in the group` in d's flag [half][this rank][g].
-  Send programs never wait.
-  receive, grid L * P: program (local expert l, part p) waits for every flag of every source (the flags
-  also carry the token counts), scans all received top-k rows once in (source rank, token) order, and
-  packs the rows that selected expert l in (source rank, token, k) order: src_info, the top-k slot k of
-  each row, layout_range, recv_count and the statistics; then copies the rows. Rows are split between the
-  P parts by tiles of TILE_R rows.
+  slot (this rank, token), first every token's top-k row (meta record), raising its flag [half][this
+  rank][g] to `tag(2e) << 32 | tokens in the group`; then, for each token bound for rank d (one of its
+  top-k experts lives there), the FP8 row (quantised here) followed by its scales, or the BF16 row (data
+  record), raising the flag to `tag(2e + 1) << 32 | tokens`. Send programs never wait.
+  receive, grid L * P: program (local expert l, part p) waits for the top-k rows of every source (the
+  flags also carry the token counts), scans them once in (source rank, token) order, and packs the rows
+  that selected expert l in (source rank, token, k) order: src_info, the top-k slot k of each row,
+  layout_range, recv_count and the statistics. Then, source by source (its own rank first) as each
+  source's data flags arrive, it copies that source's rows; the P parts split them by tiles of TILE_R rows.
 - `ep_ll_combine_kernel`
   send, grid R * G: program (h, g) takes chunk g of the rows this rank received from rank h (all local
   experts, in expert order) and stores each row into h's combine region at slot (token, k), then
-  publishes its flag [half][this rank][g] on h.
+  publishes its flag [half][this rank][g] on h: `tag(e) << 32 | rows`.
   receive, grid (token tiles, hidden parts): waits for every owner's flags, then per token sums
   `w[t, k] * y[t, k]` in fp32 over k in order (entries -1 skipped) and writes bf16.
 
 Epochs: the send phase (and a fused launch) uses e = epoch + 1, the host bumps `epoch` after that launch, a
-separate receive phase reads e = epoch. Regions are double-buffered by e % 2 (see docs/design.md).
+separate receive phase reads e = epoch. Regions are double-buffered by e % 2 (see docs/design.md). Flags
+carry tags (epochs modulo 2^31, see `_tag`) that receivers compare for equality, so they never overflow.
 
 Under TRITON_INTERPRET=1 the float -> fp8 / bf16 conversions run in integer code (EXACT_CASTS), because
 the interpreter's own conversions do not round to nearest even; on the GPU the hardware converts.
@@ -33,6 +34,7 @@ import triton.language as tl
 
 from .sync import now_ns, record_timeout, signal
 
+TAG_MASK = tl.constexpr(0x7FFFFFFF)  # flag tags are epochs modulo 2^31: equal, not "at least", so they may wrap
 SEND = tl.constexpr(0)
 RECEIVE = tl.constexpr(1)
 BOTH = tl.constexpr(2)  # one launch: programs [0, num_senders) send, the rest receive
@@ -51,16 +53,24 @@ def _heap_ptr(heap_bases, rank, offset, dtype: tl.constexpr):
 
 
 @triton.jit
+def _tag(n):
+    """The flag tag of a rising counter: an operation's flags carry `tag << 32 | count`. A receiver waits for
+    its operation's tag exactly; the half's previous value is from two operations earlier, so a tag of
+    31 bits never confuses them, however many operations run."""
+    return n & TAG_MASK
+
+
+@triton.jit
 def _error_ptr(error_address):
     return tl.load(error_address).to(tl.pointer_type(tl.int32))
 
 
 @triton.jit
-def _wait_flags(flags, num_rows, num_cols, target, budget, error_address, phase, rank,
+def _wait_flags(flags, num_rows, num_cols, tag, other_tag, budget, error_address, phase, rank,
                 ROWS: tl.constexpr, COLS: tl.constexpr, ROW_STRIDE: tl.constexpr, USE_TIMER: tl.constexpr):
-    """Spin until flags[r * ROW_STRIDE + c] >= target for every r < num_rows, c < num_cols.
-    -> (ok, per-row wait in ns, per-row sum of the flags' low 32 bits). On timeout records (phase, rank,
-    first missing row) in the error word."""
+    """Spin until the tag (high 32 bits) of flags[r * ROW_STRIDE + c] is `tag` or `other_tag` for every
+    r < num_rows, c < num_cols. -> (ok, per-row wait in ns, per-row sum of the flags' low 32 bits). On
+    timeout records (phase, rank, first missing row) in the error word."""
     rows = tl.arange(0, ROWS)
     cols = tl.arange(0, COLS)
     mask = (rows[:, None] < num_rows) & (cols[None, :] < num_cols)
@@ -74,7 +84,9 @@ def _wait_flags(flags, num_rows, num_cols, target, budget, error_address, phase,
     while (tl.min(done.to(tl.int32), axis=0) == 0) & alive:
         # relaxed (volatile) polls: an acquire RMW per flag per poll would load the flags' memory with atomics
         values = tl.load(ptrs, mask=mask, other=0, volatile=True)
-        row_done = tl.min(tl.where(mask, values, target), axis=1) >= target
+        tags = values >> 32
+        hit = ((tags == tag) | (tags == other_tag)).to(tl.int32)
+        row_done = tl.min(tl.where(mask, hit, 1), axis=1) > 0
         arrived = row_done & (done == 0)
         elapsed = now_ns(USE_TIMER) - start
         waited = tl.where(arrived, elapsed, waited)
@@ -216,13 +228,26 @@ def _dispatch_send(pid, e, x_ptr, topk_ptr, num_tokens, heap_bases, rank, num_lo
     else:
         data_dst = _heap_ptr(heap_bases, dst, off_data + half * records * ROW_BYTES, tl.bfloat16)
     meta_dst = _heap_ptr(heap_bases, dst, off_meta + half * records * META * 4, tl.int32)
+    flag = _heap_ptr(heap_bases, dst, off_flags, tl.int64) + (half * R + rank) * G_STRIDE + group
+    # stage 1: every token's top-k row goes to every destination (the receivers find their experts in it; a
+    # token bound elsewhere matches none), then a flag, so that receivers lay out their rows while the data
+    # is still on its way
     ks = tl.arange(0, K_PAD)
     start = t0
     while start < t1:
         tokens = start + tl.arange(0, TILE_T)
-        tmask = tokens < t1
-        send = _bound_for(topk_ptr, tokens, tmask, dst, num_local, K, K_PAD)
+        kmask = (tokens[:, None] < t1) & (ks[None, :] < K)
+        ids = tl.load(topk_ptr + tokens[:, None] * K + ks[None, :], mask=kmask, other=-1)
         msg = rank * T_CAP + tokens  # the message slot is the token index: no count of earlier tokens needed
+        tl.store(meta_dst + msg[:, None] * META + ks[None, :], ids.to(tl.int32), mask=kmask)
+        start += TILE_T
+    signal(flag, (_tag(2 * e) << 32) | (t1 - t0))
+    # stage 2: the data of the tokens bound for dst (one of their experts lives there)
+    start = t0
+    while start < t1:
+        tokens = start + tl.arange(0, TILE_T)
+        send = _bound_for(topk_ptr, tokens, tokens < t1, dst, num_local, K, K_PAD)
+        msg = rank * T_CAP + tokens
         for h0 in tl.static_range(0, H, BLOCK_H):  # unrolled: all loads in flight at once
             if USE_FP8:
                 _quantize_and_store(x_ptr, tokens, send, h0, data_dst, msg, H, ROW_BYTES, ROUND_SCALE, UE8M0,
@@ -232,27 +257,20 @@ def _dispatch_send(pid, e, x_ptr, topk_ptr, num_tokens, heap_bases, rank, num_lo
                 mask = send[:, None] & (cols[None, :] < H)
                 row = tl.load(x_ptr + tokens[:, None].to(tl.int64) * H + cols[None, :], mask=mask)
                 tl.store(data_dst + msg[:, None].to(tl.int64) * (ROW_BYTES // 2) + cols[None, :], row, mask=mask)
-        # every token's top-k row goes to every destination: the receivers find their experts in it (a token
-        # bound elsewhere matches none), so a slot needs no data unless some expert of dst is selected
-        kmask = tmask[:, None] & (ks[None, :] < K)
-        ids = tl.load(topk_ptr + tokens[:, None] * K + ks[None, :], mask=kmask, other=-1)
-        tl.store(meta_dst + msg[:, None] * META + ks[None, :], ids.to(tl.int32), mask=kmask)
         start += TILE_T
-
-    flags = _heap_ptr(heap_bases, dst, off_flags, tl.int64)
-    signal(flags + (half * R + rank) * G_STRIDE + group, (e << 32) | (t1 - t0))
+    signal(flag, (_tag(2 * e + 1) << 32) | (t1 - t0))
 
 
 @triton.jit
-def _copy_rows(recv_x, recv_scales, row_msg, data_src, local_expert, num_rows, part, num_parts, rows_per_expert,
-               H: tl.constexpr, ROW_BYTES: tl.constexpr, NUM_SCALES: tl.constexpr, SCALES_PAD: tl.constexpr,
-               USE_FP8: tl.constexpr, TILE_R: tl.constexpr, BLOCK_H: tl.constexpr):
-    """Copy this part's tiles of rows [0, num_rows) of one local expert from the data records."""
+def _copy_rows(recv_x, recv_scales, row_msg, data_src, local_expert, row_begin, row_end, part, num_parts,
+               rows_per_expert, H: tl.constexpr, ROW_BYTES: tl.constexpr, NUM_SCALES: tl.constexpr,
+               SCALES_PAD: tl.constexpr, USE_FP8: tl.constexpr, TILE_R: tl.constexpr, BLOCK_H: tl.constexpr):
+    """Copy this part's tiles of rows [row_begin, row_end) of one local expert from the data records."""
     expert_base = local_expert.to(tl.int64) * rows_per_expert
     tile = part
-    while tile * TILE_R < num_rows:
-        rows = tile * TILE_R + tl.arange(0, TILE_R)
-        rmask = rows < num_rows
+    while row_begin + tile * TILE_R < row_end:
+        rows = row_begin + tile * TILE_R + tl.arange(0, TILE_R)
+        rmask = rows < row_end
         msg = tl.load(row_msg + expert_base + rows, mask=rmask, other=0).to(tl.int64)
         for h0 in tl.static_range(0, H, BLOCK_H):  # unrolled: all loads in flight at once
             cols = h0 + tl.arange(0, BLOCK_H)
@@ -291,13 +309,14 @@ def _dispatch_receive(pid, e, recv_x, recv_scales, recv_count, src_info, topk_sl
     expert = rank * num_local + local_expert
 
     flags = _heap_ptr(heap_bases, rank, off_flags, tl.int64) + half * R * G_STRIDE
-    ok, waited, num_msgs = _wait_flags(flags, R, num_groups, e << 32, budget, error_address, PHASE_CODE, rank,
-                                       R_PAD, G_PAD, G_STRIDE, USE_TIMER)
+    meta_tag = _tag(2 * e)
+    data_tag = _tag(2 * e + 1)
+    start = now_ns(USE_TIMER)
+    # the top-k rows of every source (a source whose data already came counts too)
+    ok, _, num_msgs = _wait_flags(flags, R, num_groups, meta_tag, data_tag, budget, error_address, PHASE_CODE,
+                                  rank, R_PAD, G_PAD, G_STRIDE, USE_TIMER)
     if ok:
         sources = tl.arange(0, R_PAD)
-        if HAS_WAIT_STATS:
-            if pid == 0:
-                tl.atomic_add(wait_stats + sources, waited, mask=sources < R, sem="relaxed")
         if USE_FP8:
             data_src = _heap_ptr(heap_bases, rank, off_data + half * records * ROW_BYTES, tl.uint8)
         else:
@@ -323,7 +342,8 @@ def _dispatch_receive(pid, e, recv_x, recv_scales, recv_count, src_info, topk_sl
             match = (ids == expert).to(tl.int32)
             per_msg = tl.sum(match, axis=1)
             rows = num_rows + (tl.cumsum(per_msg, axis=0) - per_msg)[:, None] + tl.cumsum(match, axis=1) - match
-            mine = (match > 0) & (rows < rows_per_expert) & ((rows // TILE_R) % num_parts == part)
+            # every part of the expert writes every row (the same values): it reads back any of them below
+            mine = (match > 0) & (rows < rows_per_expert)
             tl.store(src_info + expert_base + rows, tl.broadcast_to(slot[:, None], rows.shape), mask=mine)
             tl.store(topk_slot + expert_base + rows, tl.broadcast_to(ks[None, :], rows.shape).to(tl.int8), mask=mine)
             tl.store(row_msg + expert_base + rows, tl.broadcast_to(msg[:, None], rows.shape), mask=mine)
@@ -341,8 +361,26 @@ def _dispatch_receive(pid, e, recv_x, recv_scales, recv_count, src_info, topk_sl
             if HAS_EXPERT_STATS:
                 tl.store(expert_stats + local_expert, tl.load(expert_stats + local_expert) + num_rows)
         tl.debug_barrier()  # this program's row_msg stores are read back by its copy
-        _copy_rows(recv_x, recv_scales, row_msg, data_src, local_expert, num_rows, part, num_parts, rows_per_expert,
-                   H, ROW_BYTES, NUM_SCALES, SCALES_PAD, USE_FP8, TILE_R, BLOCK_H)
+        # then each source's rows as its data arrives, this rank's own first (in a launch of both phases they
+        # are here first); a source that never arrives stops the copying (the timeout is recorded)
+        waited = tl.zeros([R_PAD], dtype=tl.int64)
+        i = 0
+        while (i < R) & ok:
+            source = (rank + i) % R
+            ok, _source_wait, _source_tokens = _wait_flags(flags + source * G_STRIDE, 1, num_groups, data_tag,
+                                                           data_tag, budget, error_address, PHASE_CODE, rank, 1,
+                                                           G_PAD, G_STRIDE, USE_TIMER)
+            waited = tl.where(sources == source, now_ns(USE_TIMER) - start, waited)
+            if ok:
+                row_begin = tl.sum(tl.where(sources == source, begins, 0), axis=0)
+                row_end = tl.sum(tl.where(sources == source, ends, 0), axis=0)
+                _copy_rows(recv_x, recv_scales, row_msg, data_src, local_expert, row_begin, row_end, part,
+                           num_parts, rows_per_expert, H, ROW_BYTES, NUM_SCALES, SCALES_PAD, USE_FP8, TILE_R,
+                           BLOCK_H)
+            i += 1
+        if HAS_WAIT_STATS:
+            if pid == 0:
+                tl.atomic_add(wait_stats + sources, waited, mask=sources < R, sem="relaxed")
 
 
 @triton.jit(do_not_specialize=["num_tokens", "rank", "budget"])
@@ -387,7 +425,7 @@ def _publish_topk(topk_ptr, num_tokens, heap_bases, rank, half, e, off_publish, 
         ids = tl.load(topk_ptr + tokens[:, None] * K + ks[None, :], mask=mask, other=-1)
         tl.store(own + tokens[:, None] * K_CAP + ks[None, :], ids.to(tl.int32), mask=mask)
         t0 += TILE_T
-    signal(_heap_ptr(heap_bases, rank, off_publish_flags, tl.int64) + half, e)
+    signal(_heap_ptr(heap_bases, rank, off_publish_flags, tl.int64) + half, _tag(e) << 32)
 
 
 @triton.jit
@@ -437,8 +475,9 @@ def _combine_send(pid, e, x_ptr, x_expert_stride, x_row_stride, topk_ptr, num_to
 
     ok = True
     if not HAS_SLOTS:
-        ok, _, _ = _wait_flags(_heap_ptr(heap_bases, home, off_publish_flags, tl.int64) + half, 1, 1, e, budget,
-                            error_address, PHASE_CODE, rank, 1, 1, 1, USE_TIMER)
+        publish_flag = _heap_ptr(heap_bases, home, off_publish_flags, tl.int64) + half
+        ok, _, _ = _wait_flags(publish_flag, 1, 1, _tag(e), _tag(e), budget, error_address, PHASE_CODE, rank,
+                               1, 1, 1, USE_TIMER)
         home_topk = _heap_ptr(heap_bases, home, off_publish + half * T_CAP * K_CAP * 4, tl.int32)
     if ok:
         dst = _heap_ptr(heap_bases, home, off_combine + half * T_CAP * K_CAP * ROW_BYTES, tl.bfloat16)
@@ -467,7 +506,7 @@ def _combine_send(pid, e, x_ptr, x_expert_stride, x_row_stride, topk_ptr, num_to
                 tl.store(dst + slot[:, None] * (ROW_BYTES // 2) + cols[None, :], y, mask=mask)
             start += TILE_R
     flags = _heap_ptr(heap_bases, home, off_flags, tl.int64)
-    signal(flags + (half * R + rank) * G_STRIDE + group, (e << 32) | (i1 - i0))
+    signal(flags + (half * R + rank) * G_STRIDE + group, (_tag(e) << 32) | (i1 - i0))
 
 
 @triton.jit
@@ -480,7 +519,7 @@ def _combine_receive(pid_t, pid_h, e, out_ptr, topk_ptr, weights_ptr, num_tokens
                      HIDDEN_PARTS: tl.constexpr, PHASE_CODE: tl.constexpr):
     half = e % 2
     flags = _heap_ptr(heap_bases, rank, off_flags, tl.int64) + half * R * G_STRIDE
-    ok, waited, _ = _wait_flags(flags, R, num_groups, e << 32, budget, error_address, PHASE_CODE, rank,
+    ok, waited, _ = _wait_flags(flags, R, num_groups, _tag(e), _tag(e), budget, error_address, PHASE_CODE, rank,
                                 R_PAD, G_PAD, G_STRIDE, USE_TIMER)
     if ok:
         if HAS_WAIT_STATS:
