@@ -69,8 +69,7 @@ def check_expert_ids(name: str, topk_idx: torch.Tensor, num_experts: int) -> Non
         return
     if topk_idx.is_cuda and torch.cuda.is_current_stream_capturing():
         return
-    low, high = torch.aminmax(topk_idx)
-    low, high = int(low), int(high)
+    low, high = torch.stack(torch.aminmax(topk_idx)).tolist()  # one device-to-host copy
     if low < -1 or high >= num_experts:
         raise ValueError(f"{name} holds expert ids outside [-1, {num_experts}): min {low}, max {high}")
 
