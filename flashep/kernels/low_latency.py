@@ -24,7 +24,8 @@ receive phase), so that a profiler sees exactly one kernel name per operation:
 
 Epochs: the send phase (and a fused launch) uses e = epoch + 1, the host bumps `epoch` after that launch, a
 separate receive phase reads e = epoch. Regions are double-buffered by e % 2 (see docs/design.md). Flags
-carry tags (epochs modulo 2^31, see `_tag`) that receivers compare for equality, so they never overflow.
+carry `sync.tag` values that receivers compare for equality: exactly their operation's, since a half's
+previous value is from two operations earlier.
 
 Under TRITON_INTERPRET=1 the float -> fp8 / bf16 conversions run in integer code (EXACT_CASTS), because
 the interpreter's own conversions do not round to nearest even; on the GPU the hardware converts.
@@ -32,9 +33,7 @@ the interpreter's own conversions do not round to nearest even; on the GPU the h
 import triton
 import triton.language as tl
 
-from .sync import now_ns, record_timeout, signal
-
-TAG_MASK = tl.constexpr(0x7FFFFFFF)  # flag tags are epochs modulo 2^31: equal, not "at least", so they may wrap
+from .sync import now_ns, record_timeout, signal, tag
 SEND = tl.constexpr(0)
 RECEIVE = tl.constexpr(1)
 BOTH = tl.constexpr(2)  # one launch: programs [0, num_senders) send, the rest receive
@@ -53,22 +52,14 @@ def _heap_ptr(heap_bases, rank, offset, dtype: tl.constexpr):
 
 
 @triton.jit
-def _tag(n):
-    """The flag tag of a rising counter: an operation's flags carry `tag << 32 | count`. A receiver waits for
-    its operation's tag exactly; the half's previous value is from two operations earlier, so a tag of
-    31 bits never confuses them, however many operations run."""
-    return n & TAG_MASK
-
-
-@triton.jit
 def _error_ptr(error_address):
     return tl.load(error_address).to(tl.pointer_type(tl.int32))
 
 
 @triton.jit
-def _wait_flags(flags, num_rows, num_cols, tag, other_tag, budget, error_address, phase, rank,
+def _wait_flags(flags, num_rows, num_cols, wanted, other, budget, error_address, phase, rank,
                 ROWS: tl.constexpr, COLS: tl.constexpr, ROW_STRIDE: tl.constexpr, USE_TIMER: tl.constexpr):
-    """Spin until the tag (high 32 bits) of flags[r * ROW_STRIDE + c] is `tag` or `other_tag` for every
+    """Spin until the tag (high 32 bits) of flags[r * ROW_STRIDE + c] is `wanted` or `other` for every
     r < num_rows, c < num_cols. -> (ok, per-row wait in ns, per-row sum of the flags' low 32 bits). On
     timeout records (phase, rank, first missing row) in the error word."""
     rows = tl.arange(0, ROWS)
@@ -84,8 +75,8 @@ def _wait_flags(flags, num_rows, num_cols, tag, other_tag, budget, error_address
     while (tl.min(done.to(tl.int32), axis=0) == 0) & alive:
         # relaxed (volatile) polls: an acquire RMW per flag per poll would load the flags' memory with atomics
         values = tl.load(ptrs, mask=mask, other=0, volatile=True)
-        tags = values >> 32
-        hit = ((tags == tag) | (tags == other_tag)).to(tl.int32)
+        flag_tags = values >> 32
+        hit = ((flag_tags == wanted) | (flag_tags == other)).to(tl.int32)
         row_done = tl.min(tl.where(mask, hit, 1), axis=1) > 0
         arrived = row_done & (done == 0)
         elapsed = now_ns(USE_TIMER) - start
@@ -241,7 +232,7 @@ def _dispatch_send(pid, e, x_ptr, topk_ptr, num_tokens, heap_bases, rank, num_lo
         msg = rank * T_CAP + tokens  # the message slot is the token index: no count of earlier tokens needed
         tl.store(meta_dst + msg[:, None] * META + ks[None, :], ids.to(tl.int32), mask=kmask)
         start += TILE_T
-    signal(flag, (_tag(2 * e) << 32) | (t1 - t0))
+    signal(flag, (tag(2 * e) << 32) | (t1 - t0))
     # stage 2: the data of the tokens bound for dst (one of their experts lives there)
     start = t0
     while start < t1:
@@ -258,7 +249,7 @@ def _dispatch_send(pid, e, x_ptr, topk_ptr, num_tokens, heap_bases, rank, num_lo
                 row = tl.load(x_ptr + tokens[:, None].to(tl.int64) * H + cols[None, :], mask=mask)
                 tl.store(data_dst + msg[:, None].to(tl.int64) * (ROW_BYTES // 2) + cols[None, :], row, mask=mask)
         start += TILE_T
-    signal(flag, (_tag(2 * e + 1) << 32) | (t1 - t0))
+    signal(flag, (tag(2 * e + 1) << 32) | (t1 - t0))
 
 
 @triton.jit
@@ -309,8 +300,8 @@ def _dispatch_receive(pid, e, recv_x, recv_scales, recv_count, src_info, topk_sl
     expert = rank * num_local + local_expert
 
     flags = _heap_ptr(heap_bases, rank, off_flags, tl.int64) + half * R * G_STRIDE
-    meta_tag = _tag(2 * e)
-    data_tag = _tag(2 * e + 1)
+    meta_tag = tag(2 * e)
+    data_tag = tag(2 * e + 1)
     start = now_ns(USE_TIMER)
     # the top-k rows of every source (a source whose data already came counts too)
     ok, _, num_msgs = _wait_flags(flags, R, num_groups, meta_tag, data_tag, budget, error_address, PHASE_CODE,
@@ -425,7 +416,7 @@ def _publish_topk(topk_ptr, num_tokens, heap_bases, rank, half, e, off_publish, 
         ids = tl.load(topk_ptr + tokens[:, None] * K + ks[None, :], mask=mask, other=-1)
         tl.store(own + tokens[:, None] * K_CAP + ks[None, :], ids.to(tl.int32), mask=mask)
         t0 += TILE_T
-    signal(_heap_ptr(heap_bases, rank, off_publish_flags, tl.int64) + half, _tag(e) << 32)
+    signal(_heap_ptr(heap_bases, rank, off_publish_flags, tl.int64) + half, tag(e) << 32)
 
 
 @triton.jit
@@ -476,7 +467,7 @@ def _combine_send(pid, e, x_ptr, x_expert_stride, x_row_stride, topk_ptr, num_to
     ok = True
     if not HAS_SLOTS:
         publish_flag = _heap_ptr(heap_bases, home, off_publish_flags, tl.int64) + half
-        ok, _, _ = _wait_flags(publish_flag, 1, 1, _tag(e), _tag(e), budget, error_address, PHASE_CODE, rank,
+        ok, _, _ = _wait_flags(publish_flag, 1, 1, tag(e), tag(e), budget, error_address, PHASE_CODE, rank,
                                1, 1, 1, USE_TIMER)
         home_topk = _heap_ptr(heap_bases, home, off_publish + half * T_CAP * K_CAP * 4, tl.int32)
     if ok:
@@ -506,7 +497,7 @@ def _combine_send(pid, e, x_ptr, x_expert_stride, x_row_stride, topk_ptr, num_to
                 tl.store(dst + slot[:, None] * (ROW_BYTES // 2) + cols[None, :], y, mask=mask)
             start += TILE_R
     flags = _heap_ptr(heap_bases, home, off_flags, tl.int64)
-    signal(flags + (half * R + rank) * G_STRIDE + group, (_tag(e) << 32) | (i1 - i0))
+    signal(flags + (half * R + rank) * G_STRIDE + group, (tag(e) << 32) | (i1 - i0))
 
 
 @triton.jit
@@ -519,7 +510,7 @@ def _combine_receive(pid_t, pid_h, e, out_ptr, topk_ptr, weights_ptr, num_tokens
                      HIDDEN_PARTS: tl.constexpr, PHASE_CODE: tl.constexpr):
     half = e % 2
     flags = _heap_ptr(heap_bases, rank, off_flags, tl.int64) + half * R * G_STRIDE
-    ok, waited, _ = _wait_flags(flags, R, num_groups, _tag(e), _tag(e), budget, error_address, PHASE_CODE, rank,
+    ok, waited, _ = _wait_flags(flags, R, num_groups, tag(e), tag(e), budget, error_address, PHASE_CODE, rank,
                                 R_PAD, G_PAD, G_STRIDE, USE_TIMER)
     if ok:
         if HAS_WAIT_STATS:

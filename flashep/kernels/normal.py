@@ -16,7 +16,7 @@ num_sms // 2`), in segments of channels: a segment ends after every `publish_eve
 after the first and each of the last channels (receivers start and finish sooner). Per segment, a
 dispatch pusher takes an equal contiguous part of the segment's tokens and a combine pusher an equal
 contiguous part of every home's rows (homes in ring order from a pusher-dependent start, so that a rank's
-pushers load all its links at once). At a segment's end a pusher publishes `(epoch << 32) | channels it
+pushers load all its links at once). At a segment's end a pusher publishes `(tag(epoch) << 32) | channels it
 finished` to every peer: one CTA barrier and one release atomic per peer, rarely, so its stores stream.
 Receivers take an equal contiguous part of the segment's rows (dispatch: of every peer; combine: of this
 rank's tokens) and wait until every pusher of the peers they need has passed the segment: one vector of
@@ -39,7 +39,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .sync import PHASE_COMBINE, PHASE_DISPATCH, PHASE_NOTIFY, now_ns, record_timeout, signal, wait_ge
+from .sync import PHASE_COMBINE, PHASE_DISPATCH, PHASE_NOTIFY, now_ns, record_timeout, signal, tag, wait_tag
 
 MAX_CHANNELS = 128  # num_sms <= 256
 MAX_PUSHERS = 2 * MAX_CHANNELS  # at most num_sms - 1 programs push
@@ -86,11 +86,11 @@ def _publish_now(channels_done, publish_every, num_channels):
 
 @triton.jit
 def _channels_done(values, e, num_channels):
-    """Channels a pusher finished in epoch e, from its flag: an older epoch means none yet, a later one
-    that the pusher already finished epoch e."""
-    epoch = values >> 32
-    done = tl.where(epoch > e, num_channels, (values & 0xFFFFFFFF).to(tl.int32))
-    return tl.where(epoch < e, 0, done)
+    """Channels a pusher finished in epoch e, from its flag: epoch e + 1 (peers are at most one operation
+    apart) means it already finished epoch e, an older one that it has not started."""
+    flag_tag = values >> 32
+    done = tl.where(flag_tag == tag(e + 1), num_channels, (values & 0xFFFFFFFF).to(tl.int32))
+    return tl.where((flag_tag == tag(e)) | (flag_tag == tag(e + 1)), done, 0)
 
 
 @triton.jit
@@ -213,15 +213,15 @@ def ep_notify_kernel(in_rank_ptr, expert_counts_ptr, signal_bases_ptr, notify_fl
             l0 += L_BLOCK
         tl.store(slot + MAX_C + MAX_L + ranks, totals, mask=rank_ok)
         tl.store(slot + MAX_C + MAX_L + NUM_RANKS, num_tokens)
-        signal(_heap_ptr(signal_bases_ptr, peer, notify_flags_offset + rank * 8, tl.int64, 8), e << 32)
+        signal(_heap_ptr(signal_bases_ptr, peer, notify_flags_offset + rank * 8, tl.int64, 8), tag(e) << 32)
 
     err_ptr = tl.load(err_addr_ptr).to(tl.pointer_type(tl.int32))
     failed = tl.load(err_ptr + 3, volatile=True)
     flags = _heap_ptr(signal_bases_ptr, rank, notify_flags_offset, tl.int64, 8)
     for src in tl.static_range(NUM_RANKS):
         if failed == 0:
-            value = wait_ge(flags + src, e << 32, budget, USE_TIMER)
-            if value < (e << 32):
+            arrived = wait_tag(flags + src, tag(e), tag(e + 1), budget, USE_TIMER)  # a peer may be one ahead
+            if arrived == 0:
                 record_timeout(err_ptr, _phase_notify, rank, src)
                 failed = 1
     if failed == 0:
@@ -543,7 +543,7 @@ def ep_dispatch_kernel(x_ptr, scales_ptr, scale_stride_t, scale_stride_s, topk_p
                                          rank, capacity, num_out_rows, NUM_RANKS, R_PAD, ROW_WORDS, RECORD_WORDS,
                                          BLOCK_T, BLOCK_W)
                     step += 1
-            _publish(out_flags, tl.zeros([R_PAD], tl.int64) + ((e << 32) | segment_end.to(tl.int64)), peer_ok)
+            _publish(out_flags, tl.zeros([R_PAD], tl.int64) + ((tag(e) << 32) | segment_end.to(tl.int64)), peer_ok)
             segment = segment_end
     else:
         worker = pid - num_pushers
@@ -827,7 +827,7 @@ def ep_combine_kernel(x_ptr, weights_ptr, bias0_ptr, bias1_ptr, in_rank_ptr, sen
                         _combine_push_weights(tile, begins, ends, tiles, tiles_before, x_block, slot_block, bases,
                                               weights_ptr, num_topk, capacity, HIDDEN, RECORD_ELEMS, K_PAD, BLOCK_T)
                         tile += 1
-            _publish(out_flags, tl.zeros([R_PAD], tl.int64) + ((e << 32) | segment_end.to(tl.int64)), peer_ok)
+            _publish(out_flags, tl.zeros([R_PAD], tl.int64) + ((tag(e) << 32) | segment_end.to(tl.int64)), peer_ok)
             row_lo = row_hi
             segment = segment_end
     else:

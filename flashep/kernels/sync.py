@@ -1,8 +1,11 @@
 """Cross-rank signalling helpers for the Triton kernels, and the error word that turns hangs into errors.
 
 Protocol: a writer stores its data, `tl.debug_barrier()`, then raises a flag with a release atomic at
-system scope; a reader spins with acquire atomics until the flag reaches the value it expects. Flags
-carry rising epochs (one per call), so nothing is ever reset.
+system scope; a reader spins until the flag holds the value it expects, and reads it with acquire
+semantics. Flags carry `tag(epoch) << 32` (the epoch rises by one per call), so nothing is ever reset; tags
+run 1 .. 2^31 - 1 and start over, and readers compare them for equality (this operation's, or the next
+one's where a peer may already be one operation ahead), so they never overflow and a flag never written
+(0) never matches.
 
 Every wait is bounded: on the GPU by `%globaltimer`, under the interpreter by a spin count. A wait that
 runs out records (phase, rank, peer) in the error word and returns False; the kernel then skips the rest
@@ -59,22 +62,31 @@ def signal(ptr, value):
     tl.atomic_xchg(ptr, value, sem="release", scope="sys")
 
 
+TAG_CYCLE = tl.constexpr(0x7FFFFFFF)  # tags run 1 .. TAG_CYCLE
+
+
 @triton.jit
-def wait_ge(ptr, target, budget, USE_TIMER: tl.constexpr):
-    """Spin until *ptr >= target. `budget` is nanoseconds (GPU) or spins (interpreter).
-    Returns the last value read; the caller compares it with `target` to learn whether it timed out."""
-    v = load_acquire(ptr)
+def tag(n):
+    """Flag tag of the rising counter n (an epoch, or a stage number): 1 + n mod (2^31 - 1), never 0."""
+    return n % TAG_CYCLE + 1
+
+
+@triton.jit
+def wait_tag(ptr, wanted, other, budget, USE_TIMER: tl.constexpr):
+    """Spin until the tag (high 32 bits) of *ptr is `wanted` or `other`. `budget` is nanoseconds (GPU) or
+    spins (interpreter). -> True when it came, False on timeout."""
+    v = load_acquire(ptr) >> 32
     start = now_ns(USE_TIMER)
     spins = 0
     alive = True
-    while (v < target) & alive:
-        v = load_acquire(ptr)
+    while (v != wanted) & (v != other) & alive:
+        v = load_acquire(ptr) >> 32
         spins += 1
         if USE_TIMER:
             alive = (now_ns(USE_TIMER) - start) < budget
         else:
             alive = spins < budget
-    return v
+    return (v == wanted) | (v == other)
 
 
 @triton.jit
@@ -88,7 +100,7 @@ def record_timeout(err_ptr, phase, rank, peer):
 
 
 def wait_budget() -> int:
-    """Budget argument of `wait_ge` for this process."""
+    """Budget argument of the waits (`wait_tag` and the kernels' own loops) for this process."""
     seconds = _env.timeout_seconds()
     if _env.interpret_mode():
         return max(1, int(seconds * _INTERPRET_SPINS_PER_SECOND))
