@@ -282,6 +282,27 @@ def _timeout_body(rank, world, group, seed, t_max, num_experts, topk, with_hook)
     return message
 
 
+def _combine_timeout_body(rank, world, group, seed, t_max, num_experts, topk):
+    """Rank 1 skips a combine whose handle lost its top-k slots (a copy): rank 0's send waits for rank 1's
+    published top-k rows and raises PeerTimeoutError naming rank 1, not itself."""
+    from flashep.kernels.sync import PeerTimeoutError
+
+    backend = _backend(rank, world, group)
+    xs, idxs, weights = _inputs(seed, world, t_max, num_experts, topk)
+    result = _dispatch(backend, xs, idxs, rank, t_max, num_experts, "bf16")
+    result.receive()
+    y = torch.randn(num_experts // world, world * t_max, HIDDEN, generator=generator(seed, rank, 4)).to(torch.bfloat16)
+    message = ""
+    if rank == 0:
+        out = torch.empty(idxs[rank].size(0), HIDDEN, dtype=torch.bfloat16)
+        handle = (result.src_info.clone(), result.layout_range, t_max, HIDDEN, num_experts)
+        with pytest.raises(PeerTimeoutError) as error:
+            backend.low_latency_combine(y, idxs[rank], weights[rank], handle, False, out, None, True)()
+        message = str(error.value)
+    dist.barrier(group)
+    return message
+
+
 # ---- tests ------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("world, num_experts, topk, topk_dtype", [
     (2, 8, 3, torch.int64), (3, 12, 4, torch.int32), (4, 16, 3, torch.int64)])
@@ -321,6 +342,12 @@ def test_timeout_names_rank_peer_and_phase(seed, with_hook):
     messages = run_ranks(2, _timeout_body, seed, 4, 4, 2, with_hook, backend="triton", env=env)
     assert "rank 0" in messages[0] and "rank 1" in messages[0], messages[0]
     assert "low-latency dispatch receive" in messages[0], messages[0]
+
+
+def test_combine_timeout_names_the_missing_home(seed):
+    messages = run_ranks(2, _combine_timeout_body, seed, 4, 4, 2, backend="triton", env={"FLASHEP_TIMEOUT_S": "0.3"})
+    assert "rank 0 timed out" in messages[0] and "waiting for rank 1" in messages[0], messages[0]
+    assert "low-latency combine receive" in messages[0], messages[0]
 
 
 @pytest.mark.parametrize("num_ranks", [2, 4, 8])

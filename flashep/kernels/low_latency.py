@@ -57,11 +57,12 @@ def _error_ptr(error_address):
 
 
 @triton.jit
-def _wait_flags(flags, num_rows, num_cols, wanted, other, budget, error_address, phase, rank,
+def _wait_flags(flags, num_rows, num_cols, wanted, other, budget, error_address, phase, rank, first_peer,
                 ROWS: tl.constexpr, COLS: tl.constexpr, ROW_STRIDE: tl.constexpr, USE_TIMER: tl.constexpr):
     """Spin until the tag (high 32 bits) of flags[r * ROW_STRIDE + c] is `wanted` or `other` for every
-    r < num_rows, c < num_cols. -> (ok, per-row wait in ns, per-row sum of the flags' low 32 bits). On
-    timeout records (phase, rank, first missing row) in the error word."""
+    r < num_rows, c < num_cols; row r is the flags of peer first_peer + r. -> (ok, per-row wait in ns,
+    per-row sum of the flags' low 32 bits). On timeout records (phase, rank, first missing peer) in the
+    error word."""
     rows = tl.arange(0, ROWS)
     cols = tl.arange(0, COLS)
     mask = (rows[:, None] < num_rows) & (cols[None, :] < num_cols)
@@ -92,7 +93,7 @@ def _wait_flags(flags, num_rows, num_cols, wanted, other, budget, error_address,
     ok = tl.min(done.to(tl.int32), axis=0) == 1
     if ok == 0:
         missing = tl.min(tl.where(done, ROWS, rows), axis=0)
-        record_timeout(_error_ptr(error_address), phase, rank, missing)
+        record_timeout(_error_ptr(error_address), phase, rank, first_peer + missing)
     return ok, waited, counts
 
 
@@ -305,7 +306,7 @@ def _dispatch_receive(pid, e, recv_x, recv_scales, recv_count, src_info, topk_sl
     start = now_ns(USE_TIMER)
     # the top-k rows of every source (a source whose data already came counts too)
     ok, _, num_msgs = _wait_flags(flags, R, num_groups, meta_tag, data_tag, budget, error_address, PHASE_CODE,
-                                  rank, R_PAD, G_PAD, G_STRIDE, USE_TIMER)
+                                  rank, 0, R_PAD, G_PAD, G_STRIDE, USE_TIMER)
     if ok:
         sources = tl.arange(0, R_PAD)
         if USE_FP8:
@@ -359,8 +360,8 @@ def _dispatch_receive(pid, e, recv_x, recv_scales, recv_count, src_info, topk_sl
         while (i < R) & ok:
             source = (rank + i) % R
             ok, _source_wait, _source_tokens = _wait_flags(flags + source * G_STRIDE, 1, num_groups, data_tag,
-                                                           data_tag, budget, error_address, PHASE_CODE, rank, 1,
-                                                           G_PAD, G_STRIDE, USE_TIMER)
+                                                           data_tag, budget, error_address, PHASE_CODE, rank,
+                                                           source, 1, G_PAD, G_STRIDE, USE_TIMER)
             waited = tl.where(sources == source, now_ns(USE_TIMER) - start, waited)
             if ok:
                 row_begin = tl.sum(tl.where(sources == source, begins, 0), axis=0)
@@ -468,7 +469,7 @@ def _combine_send(pid, e, x_ptr, x_expert_stride, x_row_stride, topk_ptr, num_to
     if not HAS_SLOTS:
         publish_flag = _heap_ptr(heap_bases, home, off_publish_flags, tl.int64) + half
         ok, _, _ = _wait_flags(publish_flag, 1, 1, tag(e), tag(e), budget, error_address, PHASE_CODE, rank,
-                               1, 1, 1, USE_TIMER)
+                               home, 1, 1, 1, USE_TIMER)
         home_topk = _heap_ptr(heap_bases, home, off_publish + half * T_CAP * K_CAP * 4, tl.int32)
     if ok:
         dst = _heap_ptr(heap_bases, home, off_combine + half * T_CAP * K_CAP * ROW_BYTES, tl.bfloat16)
@@ -510,7 +511,7 @@ def _combine_receive(pid_t, pid_h, e, out_ptr, topk_ptr, weights_ptr, num_tokens
                      HIDDEN_PARTS: tl.constexpr, PHASE_CODE: tl.constexpr):
     half = e % 2
     flags = _heap_ptr(heap_bases, rank, off_flags, tl.int64) + half * R * G_STRIDE
-    ok, waited, _ = _wait_flags(flags, R, num_groups, tag(e), tag(e), budget, error_address, PHASE_CODE, rank,
+    ok, waited, _ = _wait_flags(flags, R, num_groups, tag(e), tag(e), budget, error_address, PHASE_CODE, rank, 0,
                                 R_PAD, G_PAD, G_STRIDE, USE_TIMER)
     if ok:
         if HAS_WAIT_STATS:
