@@ -96,8 +96,9 @@ class Regions:
 
     flags: int64 [2, R, G] for dispatch and for combine (G = flags per source rank), int64 [2] publish.
     data: per dispatch message (source rank, token < T) a record of 2 * hidden bytes: the BF16 row, or the
-    FP8 row followed by its 4-byte scales. meta: per message `meta` int32: the top-k expert ids. combine: per (token, k) a BF16 row. publish: per (token, k) this
-    rank's expert ids, read by the owners when a handle lost its per-row top-k slots.
+    FP8 row followed by its 4-byte scales. meta: per message `meta` int32: the top-k expert ids. combine: per
+    (token, k) a BF16 row. publish: per (token, k) this rank's expert ids, read by the owners when a handle
+    lost its per-row top-k slots.
     """
 
     def __init__(self, num_ranks: int, capacity: Capacity):
@@ -180,7 +181,7 @@ class TritonLowLatencyBackend(Backend):
     def _common(self, regions: Regions) -> dict:
         return dict(heap_bases=self.heap.peer_bases, epoch_ptr=self.epoch, error_address=self.error.address,
                     rank=self.rank, budget=wait_budget(), R=self.num_ranks, R_PAD=_pow2(self.num_ranks),
-                    T_CAP=regions.capacity.num_max_tokens, K_CAP=regions.capacity.topk, G_STRIDE=regions.groups,
+                    T_CAP=regions.capacity.num_max_tokens, G_STRIDE=regions.groups,
                     ROW_BYTES=regions.row_bytes, USE_TIMER=use_timer(), EXACT_CASTS=_env.interpret_mode(),
                     num_warps=self.tuning.num_warps)
 
@@ -264,7 +265,8 @@ class TritonLowLatencyBackend(Backend):
             wait_stats=_or(combine_wait_recv_cost_stats, self._no_i64), num_local=num_local, rows_per_expert=rows,
             num_groups=groups, off_combine=regions.combine, off_flags=regions.combine_flags,
             off_publish=regions.publish, off_publish_flags=regions.publish_flags,
-            H=hidden, K=topk, K_PAD=_pow2(topk), G_PAD=_pow2(groups), L_PAD=_pow2(num_local),
+            H=hidden, K=topk, K_PAD=_pow2(topk), K_CAP=regions.capacity.topk, G_PAD=_pow2(groups),
+            L_PAD=_pow2(num_local),
             HAS_SLOTS=topk_slot is not None, HAS_WAIT_STATS=combine_wait_recv_cost_stats is not None,
             TILE_T=self.tuning.tile_tokens, TILE_R=self.tuning.combine_tile_rows, BLOCK_H=self.tuning.block_h,
             HIDDEN_PARTS=hidden_parts, PHASE_CODE=PHASE_LL_COMBINE, **self._common(regions))
@@ -290,16 +292,17 @@ class TritonLowLatencyBackend(Backend):
 
     # ---- launches, hooks, cleaning, teardown ---------------------------------------------------------------------
     def _launch(self, kernel, args: dict, senders: int, receivers: int, with_hook: bool) -> Callable[[], None]:
-        """Without a hook: one launch of both phases (senders first), and a no-op receive. With a hook: the send
-        phase now, the receive phase when the hook runs. The epoch moves on after the (first) launch."""
-        with_hook = with_hook or not self.tuning.fused
-        if with_hook:
-            kernel[(senders,)](PHASE=kernels.SEND.value, num_senders=senders, **args)
-        else:
+        """Without a hook: one launch of both phases (senders first), and a no-op receive. With a hook (or
+        FLASHEP_LL_FUSED=0): the send phase now, the receive phase when the returned function runs. The epoch
+        moves on after the (first) launch."""
+        fused = self.tuning.fused and not with_hook
+        if fused:
             kernel[(senders + receivers,)](PHASE=kernels.BOTH.value, num_senders=senders, **args)
+        else:
+            kernel[(senders,)](PHASE=kernels.SEND.value, num_senders=senders, **args)
         self.epoch.add_(1)
         self._after_launch()
-        if not with_hook:
+        if fused:
             return lambda: None
         return self._receive_on_this_stream(
             lambda: kernel[(receivers,)](PHASE=kernels.RECEIVE.value, num_senders=senders, **args))

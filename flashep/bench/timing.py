@@ -13,6 +13,7 @@ the annotation), so one profiled round can time a send kernel and its receive ke
 """
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import os
@@ -44,6 +45,19 @@ def _idle_kernel(duration_ns):
     start = now_ns(True)
     while now_ns(True) - start < duration_ns:
         pass
+
+
+@contextlib.contextmanager
+def _gc_paused():
+    """Python's garbage collector off inside the block: a collection pause on one rank's host would delay
+    that rank's kernels."""
+    was_on = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_on:
+            gc.enable()
 
 
 def phase(label: str):
@@ -177,12 +191,10 @@ class Timer:
         fn()
         self.barrier()
         activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
-        gc_was_on = gc.isenabled()
-        gc.disable()  # a collection pause on one rank's host would delay that rank's kernels
         # the first profiled calls pay the profiler's own start-up on the host (milliseconds, longer than the
         # idle before a call): warm-up steps take them, only the active steps are recorded
         steps = torch.profiler.schedule(wait=0, warmup=_PROFILER_WARMUP, active=self.profile_iters, repeat=1)
-        with torch.profiler.profile(activities=activities, schedule=steps) as prof, values_unchecked():
+        with torch.profiler.profile(activities=activities, schedule=steps) as prof, values_unchecked(), _gc_paused():
             for _ in range(_PROFILER_WARMUP + self.profile_iters):
                 self._flush_l2()
                 self._line_up()
@@ -190,8 +202,6 @@ class Timer:
                     fn()
                 torch.cuda.synchronize(self.device)
                 prof.step()
-        if gc_was_on:
-            gc.enable()
         with tempfile.TemporaryDirectory() as folder:
             path = os.path.join(folder, "trace.json")
             prof.export_chrome_trace(path)

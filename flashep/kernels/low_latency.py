@@ -289,7 +289,7 @@ def _dispatch_receive(pid, e, recv_x, recv_scales, recv_count, src_info, topk_sl
                       expert_stats, wait_stats, heap_bases, error_address, rank, num_local, rows_per_expert, num_parts,
                       num_groups, budget, off_data, off_meta, off_flags,
                       H: tl.constexpr, K: tl.constexpr, K_PAD: tl.constexpr, R: tl.constexpr, R_PAD: tl.constexpr,
-                      T_CAP: tl.constexpr, K_CAP: tl.constexpr, META: tl.constexpr, G_STRIDE: tl.constexpr,
+                      T_CAP: tl.constexpr, META: tl.constexpr, G_STRIDE: tl.constexpr,
                       G_PAD: tl.constexpr, ROW_BYTES: tl.constexpr, NUM_SCALES: tl.constexpr,
                       SCALES_PAD: tl.constexpr, USE_FP8: tl.constexpr, HAS_EXPERT_STATS: tl.constexpr,
                       HAS_WAIT_STATS: tl.constexpr, USE_TIMER: tl.constexpr, TILE_R: tl.constexpr,
@@ -381,8 +381,8 @@ def ep_ll_dispatch_kernel(x_ptr, topk_ptr, num_tokens, recv_x, recv_scales, recv
                           rank, num_local, rows_per_expert, tokens_per_group, num_groups, num_parts, num_senders,
                           budget, off_data, off_meta, off_flags,
                           PHASE: tl.constexpr, H: tl.constexpr, K: tl.constexpr, K_PAD: tl.constexpr,
-                          R: tl.constexpr, R_PAD: tl.constexpr, T_CAP: tl.constexpr, K_CAP: tl.constexpr,
-                          META: tl.constexpr, G_STRIDE: tl.constexpr, G_PAD: tl.constexpr, ROW_BYTES: tl.constexpr,
+                          R: tl.constexpr, R_PAD: tl.constexpr, T_CAP: tl.constexpr, META: tl.constexpr,
+                          G_STRIDE: tl.constexpr, G_PAD: tl.constexpr, ROW_BYTES: tl.constexpr,
                           NUM_SCALES: tl.constexpr, SCALES_PAD: tl.constexpr, USE_FP8: tl.constexpr,
                           ROUND_SCALE: tl.constexpr, UE8M0: tl.constexpr, EXACT_CASTS: tl.constexpr,
                           HAS_EXPERT_STATS: tl.constexpr, HAS_WAIT_STATS: tl.constexpr, USE_TIMER: tl.constexpr,
@@ -397,7 +397,7 @@ def ep_ll_dispatch_kernel(x_ptr, topk_ptr, num_tokens, recv_x, recv_scales, recv
         _dispatch_receive(pid, e, recv_x, recv_scales, recv_count, src_info,
                           topk_slot, layout_range, row_msg, expert_stats, wait_stats, heap_bases, error_address,
                           rank, num_local, rows_per_expert, num_parts, num_groups, budget, off_data, off_meta,
-                          off_flags, H, K, K_PAD, R, R_PAD, T_CAP, K_CAP, META, G_STRIDE, G_PAD, ROW_BYTES,
+                          off_flags, H, K, K_PAD, R, R_PAD, T_CAP, META, G_STRIDE, G_PAD, ROW_BYTES,
                           NUM_SCALES, SCALES_PAD, USE_FP8, HAS_EXPERT_STATS, HAS_WAIT_STATS, USE_TIMER, TILE_R,
                           BLOCK_H, SCAN, PHASE_CODE)
 
