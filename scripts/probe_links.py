@@ -1,10 +1,11 @@
-"""Link probe: Triton remote stores (push) vs remote loads (pull) over NVLink symmetric memory.
+"""Link probe: Triton remote stores (push), TMA stores (tma), remote loads (pull) over NVLink symmetric memory.
 
 Every rank moves `rows` rows of `hidden` bf16 to/from every peer at once (all-to-all pattern), with a
 given number of programs (SMs), tile shape and warps. Prints remote GB/s per rank (slowest rank).
 Also checks the heap, `%globaltimer` and a cross-GPU flag wait.
 
-    python scripts/probe_links.py [--ranks N] [--rows 3600] [--hidden 7168]
+    python scripts/probe_links.py [--ranks N] [--rows 3600] [--hidden 7168] [--modes push,tma,pull,local]
+                                  [--programs 12,24,48]
 """
 import argparse
 import os
@@ -15,7 +16,7 @@ import triton
 import triton.language as tl
 
 import local_ranks
-from flashep.kernels.sync import load_acquire, now_ns, signal, wait_ge
+from flashep.kernels.sync import now_ns, signal, tag, wait_tag
 from flashep.transport.heap import SymmetricHeap
 
 
@@ -36,6 +37,29 @@ def push_kernel(src, peer_bases, region_off, rank, R, nrows, H: tl.constexpr, BT
                 peer = (rank + p) % R
                 base = (tl.load(peer_bases + peer) + region_off).to(tl.pointer_type(tl.bfloat16))
                 tl.store(base + (rank * nrows + rows[:, None]) * H + cols[None, :], v, mask=m)
+
+
+@triton.jit
+def push_tma_kernel(src, peer_bases, region_off, rank, R, nrows, H: tl.constexpr, BT: tl.constexpr,
+                    BH: tl.constexpr):
+    """As push_kernel, but the remote writes are TMA tensor stores (box [BT, min(BH, 256)])."""
+    BOX: tl.constexpr = BH if BH < 256 else 256
+    pid = tl.program_id(0)
+    per = tl.cdiv(nrows, tl.num_programs(0))
+    r0 = pid * per
+    r1 = tl.minimum(r0 + per, nrows)
+    for p in range(1, R):
+        peer = (rank + p) % R
+        base = (tl.load(peer_bases + peer) + region_off).to(tl.pointer_type(tl.bfloat16)) + rank * nrows * H
+        desc = tl.make_tensor_descriptor(tl.multiple_of(base, 16), shape=[r1, H], strides=[H, 1],
+                                         block_shape=[BT, BOX])
+        for t in range(r0, r1, BT):
+            rows = t + tl.arange(0, BT)
+            rmask = rows < r1
+            for h in range(0, H, BOX):
+                cols = h + tl.arange(0, BOX)
+                v = tl.load(src + rows[:, None] * H + cols[None, :], mask=rmask[:, None] & (cols[None, :] < H))
+                desc.store([t, h], v)
 
 
 @triton.jit
@@ -89,10 +113,10 @@ def timer_kernel(out):
 def flag_kernel(peer_bases, flag_off, rank, peer, epoch, budget, out):
     # write our flag slot on the peer, then wait for the peer's slot on us
     dst = (tl.load(peer_bases + peer) + flag_off).to(tl.pointer_type(tl.int64)) + rank
-    signal(dst, epoch)
+    signal(dst, tag(epoch) << 32)
     mine = (tl.load(peer_bases + rank) + flag_off).to(tl.pointer_type(tl.int64)) + peer
-    v = wait_ge(mine, epoch, budget, True)
-    tl.store(out, v)
+    ok = wait_tag(mine, tag(epoch), tag(epoch), budget, True)
+    tl.store(out, ok.to(tl.int64))
 
 
 def time_kernel(fn, iters=10):
@@ -123,17 +147,21 @@ def worker(rank, world, args):
     flag_kernel[(1,)](heap.peer_bases, flag_off, rank, peer, 5, int(5e9), out)
     torch.cuda.synchronize()
     if rank == 0:
-        print(f"globaltimer ok: {t1 - t0} ns for a 100k loop; flag wait returned {out[0].item()} (expect >= 5)")
+        print(f"globaltimer ok: {t1 - t0} ns for a 100k loop; flag wait returned {out[0].item()} (expect 1)")
     src = torch.randn(rows, H, device="cuda").to(torch.bfloat16)
     dst = torch.empty(world * rows, H, device="cuda", dtype=torch.bfloat16)
     remote_bytes = (world - 1) * rows * H * 2
     results = []
-    for mode in ("push", "pull", "local"):
-        for programs in (12, 24, 48):
+    triton.set_allocator(lambda size, alignment, stream: torch.empty(size, device="cuda", dtype=torch.int8))
+    for mode in args.modes.split(","):
+        for programs in [int(p) for p in args.programs.split(",")]:
             for bt, bh, warps in ((4, 1024, 4), (4, 2048, 8), (8, 1024, 8), (8, 2048, 16), (16, 1024, 16)):
                 if mode == "push":
                     fn = lambda: push_kernel[(programs,)](src, heap.peer_bases, 0, rank, world, rows, H=H, BT=bt,
                                                           BH=bh, num_warps=warps)
+                elif mode == "tma":
+                    fn = lambda: push_tma_kernel[(programs,)](src, heap.peer_bases, 0, rank, world, rows, H=H,
+                                                              BT=bt, BH=bh, num_warps=warps)
                 elif mode == "pull":
                     fn = lambda: pull_kernel[(programs,)](dst, heap.peer_bases, 0, rank, world, rows, H=H, BT=bt,
                                                           BH=bh, num_warps=warps)
@@ -142,8 +170,6 @@ def worker(rank, world, args):
                 t = time_kernel(fn)
                 nbytes = remote_bytes if mode != "local" else rows * H * 2
                 results.append((mode, programs, bt, bh, warps, t * 1e6, nbytes / t / 1e9))
-    if mode == "pull":
-        pass
     # correctness of push: peer p's region slot `rank` holds our src
     dist.barrier()
     push_kernel[(24,)](src, heap.peer_bases, 0, rank, world, rows, H=H, BT=4, BH=2048, num_warps=8)
@@ -153,8 +179,15 @@ def worker(rank, world, args):
     srcs = [torch.empty_like(src) for _ in range(world)]
     dist.all_gather(srcs, src)
     ok = all(torch.equal(got[s], srcs[s]) for s in range(world) if s != rank)
+    got.zero_()
+    torch.cuda.synchronize()
+    dist.barrier()
+    push_tma_kernel[(24,)](src, heap.peer_bases, 0, rank, world, rows, H=H, BT=4, BH=1024, num_warps=8)
+    torch.cuda.synchronize()
+    dist.barrier()
+    tma_ok = all(torch.equal(got[s], srcs[s]) for s in range(world) if s != rank)
     if rank == 0:
-        print(f"push correctness: {ok}")
+        print(f"push correctness: {ok}; TMA push correctness: {tma_ok}")
         print(f"{'mode':6} {'progs':>5} {'BT':>3} {'BH':>5} {'warps':>5} {'us':>9} {'GB/s':>8}  (remote bytes per rank; local = copy bytes)")
         for r in results:
             print(f"{r[0]:6} {r[1]:5d} {r[2]:3d} {r[3]:5d} {r[4]:5d} {r[5]:9.1f} {r[6]:8.1f}")
@@ -166,6 +199,8 @@ def main():
     p.add_argument("--ranks", type=int, default=torch.cuda.device_count())
     p.add_argument("--rows", type=int, default=3600)
     p.add_argument("--hidden", type=int, default=7168)
+    p.add_argument("--modes", default="push,tma,pull,local")
+    p.add_argument("--programs", default="12,24,48")
     args = p.parse_args()
     local_ranks.spawn(worker, args.ranks, args)
 
