@@ -23,10 +23,10 @@ HIDDEN = 512
 MODES = {"bf16": (False, False, False), "fp8": (True, False, False), "fp8_round": (True, True, False),
          "fp8_ue8m0": (True, True, True)}
 # The interpreter's defaults are one program per destination / local expert with large tiles (fastest
-# there); these launch shapes exercise several token groups per destination, several parts per expert,
-# tiles that straddle source blocks and a combine sent in several rounds, as on the GPU.
+# there); these launch shapes exercise several token groups per destination, several parts per expert and
+# tiles that straddle source blocks, as on the GPU.
 MANY_PROGRAMS = {"FLASHEP_LL_SEND_PROGRAMS": "8", "FLASHEP_LL_RECV_PROGRAMS": "8", "FLASHEP_LL_TILE_TOKENS": "2",
-                 "FLASHEP_LL_TILE_ROWS": "2", "FLASHEP_LL_COMBINE_TILE_ROWS": "2", "FLASHEP_LL_COMBINE_ROUNDS": "3"}
+                 "FLASHEP_LL_TILE_ROWS": "2", "FLASHEP_LL_COMBINE_TILE_ROWS": "2"}
 
 
 def _backend(rank, world, group):

@@ -32,8 +32,8 @@ SLOT_ATTR = "_flashep_topk_slot"  # int8 [L, R * T_max] attached to src_info: k 
 @dataclass(frozen=True)
 class Tuning:
     """Launch shapes. Env: FLASHEP_LL_SEND_PROGRAMS, FLASHEP_LL_RECV_PROGRAMS, FLASHEP_LL_BLOCK_H,
-    FLASHEP_LL_TILE_TOKENS, FLASHEP_LL_TILE_ROWS, FLASHEP_LL_COMBINE_TILE_ROWS, FLASHEP_LL_COMBINE_ROUNDS,
-    FLASHEP_LL_SCAN_ROWS, FLASHEP_LL_NUM_WARPS, FLASHEP_LL_FUSED.
+    FLASHEP_LL_TILE_TOKENS, FLASHEP_LL_TILE_ROWS, FLASHEP_LL_COMBINE_TILE_ROWS, FLASHEP_LL_SCAN_ROWS,
+    FLASHEP_LL_NUM_WARPS, FLASHEP_LL_FUSED.
     Every rank must use the same FLASHEP_LL_SEND_PROGRAMS (it fixes how many flags a receiver waits for)."""
 
     send_programs: int  # programs of each send kernel, spread over the destination ranks
@@ -42,7 +42,6 @@ class Tuning:
     tile_tokens: int  # tokens per tile in the dispatch send and the combine receive
     tile_rows: int  # rows per tile in the dispatch receive
     combine_tile_rows: int  # rows per tile in the combine send
-    combine_rounds: int  # the combine send goes out in this many token ranges, a flag after each
     scan_rows: int  # received top-k rows the dispatch receive reads per step when it packs the rows
     num_warps: int
     fused: int  # 1: a call without a hook launches both phases at once; 0: two launches, as with a hook
@@ -50,13 +49,12 @@ class Tuning:
     # GPU: spread the stores over many SMs. Interpreter: programs run one after another, so few programs
     # with large tiles are fastest.
     GPU_DEFAULTS = dict(send_programs=128, recv_programs=128, block_h=1024, tile_tokens=4, tile_rows=16,
-                        combine_tile_rows=4, combine_rounds=2, scan_rows=256, num_warps=8, fused=1)
+                        combine_tile_rows=4, scan_rows=256, num_warps=8, fused=1)
     INTERPRETER_DEFAULTS = dict(send_programs=1, recv_programs=1, block_h=1024, tile_tokens=16, tile_rows=16,
-                                combine_tile_rows=16, combine_rounds=2, scan_rows=128, num_warps=4, fused=1)
+                                combine_tile_rows=16, scan_rows=128, num_warps=4, fused=1)
     ENV = dict(send_programs="FLASHEP_LL_SEND_PROGRAMS", recv_programs="FLASHEP_LL_RECV_PROGRAMS",
                block_h="FLASHEP_LL_BLOCK_H", tile_tokens="FLASHEP_LL_TILE_TOKENS", tile_rows="FLASHEP_LL_TILE_ROWS",
-               combine_tile_rows="FLASHEP_LL_COMBINE_TILE_ROWS", combine_rounds="FLASHEP_LL_COMBINE_ROUNDS",
-               scan_rows="FLASHEP_LL_SCAN_ROWS",
+               combine_tile_rows="FLASHEP_LL_COMBINE_TILE_ROWS", scan_rows="FLASHEP_LL_SCAN_ROWS",
                num_warps="FLASHEP_LL_NUM_WARPS", fused="FLASHEP_LL_FUSED")
 
     POWERS_OF_TWO = ("block_h", "tile_tokens", "tile_rows", "combine_tile_rows", "scan_rows", "num_warps")
@@ -69,8 +67,7 @@ class Tuning:
             if field in Tuning.POWERS_OF_TWO:
                 values[field] = _env.power_of_two(env, defaults[field])
             else:
-                positive = field.endswith("programs") or field == "combine_rounds"
-                values[field] = _env.integer(env, defaults[field], minimum=1 if positive else 0)
+                values[field] = _env.integer(env, defaults[field], minimum=1 if field.endswith("programs") else 0)
         tuning = Tuning(**values)
         if tuning.block_h < 512:
             raise ValueError(f"FLASHEP_LL_BLOCK_H must be >= 512, got {tuning.block_h}")
@@ -256,7 +253,6 @@ class TritonLowLatencyBackend(Backend):
         if topk_slot is not None and tuple(topk_slot.shape) != tuple(src_info.shape):
             topk_slot = None
         groups = max(1, min(regions.groups, -(-self.tuning.send_programs // num_ranks)))
-        tokens_per_round, rounds = self._combine_rounds(num_max_tokens)
         # receive grid: token tiles x hidden parts; the parts are a constexpr (the chunk loop is unrolled), so
         # they follow T_max, not the token count, to compile one variant per shape
         token_tiles = max(1, -(-num_tokens // self.tuning.tile_tokens))
@@ -267,7 +263,7 @@ class TritonLowLatencyBackend(Backend):
             weights_ptr=topk_weights, num_tokens=num_tokens, out_ptr=out.view(torch.int16), src_info=src_info,
             topk_slot=_or(topk_slot, self._no_i8), layout_range=layout_range,
             wait_stats=_or(combine_wait_recv_cost_stats, self._no_i64), num_local=num_local, rows_per_expert=rows,
-            num_groups=groups, tokens_per_round=tokens_per_round, num_rounds=rounds, off_combine=regions.combine, off_flags=regions.combine_flags,
+            num_groups=groups, off_combine=regions.combine, off_flags=regions.combine_flags,
             off_publish=regions.publish, off_publish_flags=regions.publish_flags,
             H=hidden, K=topk, K_PAD=_pow2(topk), K_CAP=regions.capacity.topk, G_PAD=_pow2(groups),
             L_PAD=_pow2(num_local),
@@ -276,13 +272,6 @@ class TritonLowLatencyBackend(Backend):
             HIDDEN_PARTS=hidden_parts, PHASE_CODE=PHASE_LL_COMBINE, **self._common(regions))
         return self._launch(kernels.ep_ll_combine_kernel, args, num_ranks * groups, token_tiles * hidden_parts,
                             with_hook)
-
-    def _combine_rounds(self, num_max_tokens: int) -> tuple[int, int]:
-        """(tokens per round, rounds) of the combine send: equal token ranges of T_max (the same on every
-        rank), each a whole number of the receive's token tiles."""
-        tile = self.tuning.tile_tokens
-        per_round = -(-max(1, -(-num_max_tokens // self.tuning.combine_rounds)) // tile) * tile
-        return per_round, -(-num_max_tokens // per_round)
 
     def get_next_low_latency_combine_buffer(self, num_max_tokens: int, hidden: int, num_experts: int) -> torch.Tensor:
         """A local bf16 [L, R * T_max, H] view with row stride H + H / 64 (DeepEP's strides). It is read only

@@ -17,12 +17,10 @@ receive phase), so that a profiler sees exactly one kernel name per operation:
   source's data flags arrive, it copies that source's rows; the P parts split them by tiles of TILE_R rows.
 - `ep_ll_combine_kernel`
   send, grid R * G: program (h, g) takes chunk g of the rows this rank received from rank h (all local
-  experts, in expert order) and stores each row into h's combine region at slot (token, k), in rounds over
-  h's tokens (round r: the rows of tokens [r, r + 1) * tokens_per_round); after round r it publishes its
-  flag [half][this rank][g] on h: `tag(e) << 32 | r + 1`.
-  receive, grid (token tiles, hidden parts): waits until every owner's flags have passed the tile's round,
-  then per token sums `w[t, k] * y[t, k]` in fp32 over k in order (entries -1 skipped) and writes bf16. In a
-  launch of both phases the first tiles are reduced while the later rounds are still on the wire.
+  experts, in expert order) and stores each row into h's combine region at slot (token, k), then
+  publishes its flag [half][this rank][g] on h: `tag(e) << 32 | rows`.
+  receive, grid (token tiles, hidden parts): waits for every owner's flags, then per token sums
+  `w[t, k] * y[t, k]` in fp32 over k in order (entries -1 skipped) and writes bf16.
 
 Epochs: the send phase (and a fused launch) uses e = epoch + 1, the host bumps `epoch` after that launch, a
 separate receive phase reads e = epoch. Regions are double-buffered by e % 2 (see docs/design.md). Flags
@@ -35,7 +33,7 @@ the interpreter's own conversions do not round to nearest even; on the GPU the h
 import triton
 import triton.language as tl
 
-from .sync import acquire_fence, now_ns, record_timeout, signal, tag
+from .sync import now_ns, record_timeout, signal, tag
 SEND = tl.constexpr(0)
 RECEIVE = tl.constexpr(1)
 BOTH = tl.constexpr(2)  # one launch: programs [0, num_senders) send, the rest receive
@@ -59,13 +57,12 @@ def _error_ptr(error_address):
 
 
 @triton.jit
-def _wait_flags(flags, num_rows, num_cols, wanted, other, min_count, budget, error_address, phase, rank,
-                first_peer, ROWS: tl.constexpr, COLS: tl.constexpr, ROW_STRIDE: tl.constexpr,
-                USE_TIMER: tl.constexpr):
-    """Spin until the tag (high 32 bits) of flags[r * ROW_STRIDE + c] is `wanted` or `other`, and its low 32
-    bits are at least `min_count`, for every r < num_rows, c < num_cols; row r is the flags of peer
-    first_peer + r. -> (ok, per-row wait in ns, per-row sum of the flags' low 32 bits). On timeout records
-    (phase, rank, first missing peer) in the error word."""
+def _wait_flags(flags, num_rows, num_cols, wanted, other, budget, error_address, phase, rank, first_peer,
+                ROWS: tl.constexpr, COLS: tl.constexpr, ROW_STRIDE: tl.constexpr, USE_TIMER: tl.constexpr):
+    """Spin until the tag (high 32 bits) of flags[r * ROW_STRIDE + c] is `wanted` or `other` for every
+    r < num_rows, c < num_cols; row r is the flags of peer first_peer + r. -> (ok, per-row wait in ns,
+    per-row sum of the flags' low 32 bits). On timeout records (phase, rank, first missing peer) in the
+    error word."""
     rows = tl.arange(0, ROWS)
     cols = tl.arange(0, COLS)
     mask = (rows[:, None] < num_rows) & (cols[None, :] < num_cols)
@@ -80,7 +77,7 @@ def _wait_flags(flags, num_rows, num_cols, wanted, other, min_count, budget, err
         # relaxed (volatile) polls: an acquire RMW per flag per poll would load the flags' memory with atomics
         values = tl.load(ptrs, mask=mask, other=0, volatile=True)
         flag_tags = values >> 32
-        hit = (((flag_tags == wanted) | (flag_tags == other)) & ((values & 0xFFFFFFFF) >= min_count)).to(tl.int32)
+        hit = ((flag_tags == wanted) | (flag_tags == other)).to(tl.int32)
         row_done = tl.min(tl.where(mask, hit, 1), axis=1) > 0
         arrived = row_done & (done == 0)
         elapsed = now_ns(USE_TIMER) - start
@@ -92,7 +89,7 @@ def _wait_flags(flags, num_rows, num_cols, wanted, other, min_count, budget, err
             alive = elapsed < budget
         else:
             alive = spins < budget
-    acquire_fence(USE_TIMER)  # orders the data reads after the flags
+    tl.atomic_add(ptrs, 0, mask=mask, sem="acquire", scope="sys")  # orders the data reads after the flags
     ok = tl.min(done.to(tl.int32), axis=0) == 1
     if ok == 0:
         missing = tl.min(tl.where(done, ROWS, rows), axis=0)
@@ -308,7 +305,7 @@ def _dispatch_receive(pid, e, recv_x, recv_scales, recv_count, src_info, topk_sl
     data_tag = tag(2 * e + 1)
     start = now_ns(USE_TIMER)
     # the top-k rows of every source (a source whose data already came counts too)
-    ok, _, num_msgs = _wait_flags(flags, R, num_groups, meta_tag, data_tag, 0, budget, error_address, PHASE_CODE,
+    ok, _, num_msgs = _wait_flags(flags, R, num_groups, meta_tag, data_tag, budget, error_address, PHASE_CODE,
                                   rank, 0, R_PAD, G_PAD, G_STRIDE, USE_TIMER)
     if ok:
         sources = tl.arange(0, R_PAD)
@@ -363,7 +360,7 @@ def _dispatch_receive(pid, e, recv_x, recv_scales, recv_count, src_info, topk_sl
         while (i < R) & ok:
             source = (rank + i) % R
             ok, _source_wait, _source_tokens = _wait_flags(flags + source * G_STRIDE, 1, num_groups, data_tag,
-                                                           data_tag, 0, budget, error_address, PHASE_CODE, rank,
+                                                           data_tag, budget, error_address, PHASE_CODE, rank,
                                                            source, 1, G_PAD, G_STRIDE, USE_TIMER)
             waited = tl.where(sources == source, now_ns(USE_TIMER) - start, waited)
             if ok:
@@ -444,8 +441,8 @@ def _find_slot(home_topk, src_info, base, row, row_begin, token, expert, mask,
 
 @triton.jit
 def _combine_send(pid, e, x_ptr, x_expert_stride, x_row_stride, topk_ptr, num_tokens, src_info, topk_slot,
-                  layout_range, heap_bases, error_address, rank, num_local, rows_per_expert, num_groups,
-                  tokens_per_round, num_rounds, budget, off_combine, off_flags, off_publish, off_publish_flags,
+                  layout_range, heap_bases, error_address, rank, num_local, rows_per_expert, num_groups, budget,
+                  off_combine, off_flags, off_publish, off_publish_flags,
                   H: tl.constexpr, K: tl.constexpr, K_PAD: tl.constexpr, R: tl.constexpr, T_CAP: tl.constexpr,
                   K_CAP: tl.constexpr, G_STRIDE: tl.constexpr, ROW_BYTES: tl.constexpr, L_PAD: tl.constexpr,
                   HAS_SLOTS: tl.constexpr,
@@ -471,17 +468,13 @@ def _combine_send(pid, e, x_ptr, x_expert_stride, x_row_stride, topk_ptr, num_to
     ok = True
     if not HAS_SLOTS:
         publish_flag = _heap_ptr(heap_bases, home, off_publish_flags, tl.int64) + half
-        ok, _, _ = _wait_flags(publish_flag, 1, 1, tag(e), tag(e), 0, budget, error_address, PHASE_CODE, rank,
+        ok, _, _ = _wait_flags(publish_flag, 1, 1, tag(e), tag(e), budget, error_address, PHASE_CODE, rank,
                                home, 1, 1, 1, USE_TIMER)
         home_topk = _heap_ptr(heap_bases, home, off_publish + half * T_CAP * K_CAP * 4, tl.int32)
-    dst = _heap_ptr(heap_bases, home, off_combine + half * T_CAP * K_CAP * ROW_BYTES, tl.bfloat16)
-    flag = _heap_ptr(heap_bases, home, off_flags, tl.int64) + (half * R + rank) * G_STRIDE + group
-    # in rounds over the home's tokens (round r: tokens [r, r + 1) * tokens_per_round), each closed by the flag
-    # `tag(e) << 32 | r + 1`: the home reduces its first tokens while the later rows are still on the way
-    r = 0
-    while r < num_rounds:
+    if ok:
+        dst = _heap_ptr(heap_bases, home, off_combine + half * T_CAP * K_CAP * ROW_BYTES, tl.bfloat16)
         start = i0
-        while (start < i1) & ok:
+        while start < i1:
             idx = start + tl.arange(0, TILE_R)
             imask = idx < i1
             local_expert = tl.sum(((inclusive[None, :] <= idx[:, None]) & lmask[None, :]).to(tl.int32), axis=1)
@@ -490,7 +483,6 @@ def _combine_send(pid, e, x_ptr, x_expert_stride, x_row_stride, topk_ptr, num_to
             row = row_begin + idx - before
             base = local_expert.to(tl.int64) * rows_per_expert + row
             token = tl.load(src_info + base, mask=imask, other=0)
-            imask = imask & (token // tokens_per_round == r)
             if HAS_SLOTS:
                 k = tl.load(topk_slot + base, mask=imask, other=0).to(tl.int32)
             else:
@@ -505,13 +497,13 @@ def _combine_send(pid, e, x_ptr, x_expert_stride, x_row_stride, topk_ptr, num_to
                             + row[:, None].to(tl.int64) * x_row_stride + cols[None, :], mask=mask)
                 tl.store(dst + slot[:, None] * (ROW_BYTES // 2) + cols[None, :], y, mask=mask)
             start += TILE_R
-        signal(flag, (tag(e) << 32) | (r + 1))
-        r += 1
+    flags = _heap_ptr(heap_bases, home, off_flags, tl.int64)
+    signal(flags + (half * R + rank) * G_STRIDE + group, (tag(e) << 32) | (i1 - i0))
 
 
 @triton.jit
 def _combine_receive(pid_t, pid_h, e, out_ptr, topk_ptr, weights_ptr, num_tokens, wait_stats, heap_bases,
-                     error_address, rank, num_groups, tokens_per_round, budget, off_combine, off_flags,
+                     error_address, rank, num_groups, budget, off_combine, off_flags,
                      H: tl.constexpr, K: tl.constexpr, K_PAD: tl.constexpr, R: tl.constexpr, R_PAD: tl.constexpr,
                      G_STRIDE: tl.constexpr, G_PAD: tl.constexpr, T_CAP: tl.constexpr, K_CAP: tl.constexpr,
                      ROW_BYTES: tl.constexpr, HAS_WAIT_STATS: tl.constexpr, EXACT_CASTS: tl.constexpr,
@@ -519,13 +511,11 @@ def _combine_receive(pid_t, pid_h, e, out_ptr, topk_ptr, weights_ptr, num_tokens
                      HIDDEN_PARTS: tl.constexpr, PHASE_CODE: tl.constexpr):
     half = e % 2
     flags = _heap_ptr(heap_bases, rank, off_flags, tl.int64) + half * R * G_STRIDE
-    # this tile's round of every owner's send (tiles do not straddle rounds: TILE_T divides tokens_per_round)
-    rounds_needed = pid_t * TILE_T // tokens_per_round + 1
-    ok, waited, _ = _wait_flags(flags, R, num_groups, tag(e), tag(e), rounds_needed, budget, error_address,
-                                PHASE_CODE, rank, 0, R_PAD, G_PAD, G_STRIDE, USE_TIMER)
+    ok, waited, _ = _wait_flags(flags, R, num_groups, tag(e), tag(e), budget, error_address, PHASE_CODE, rank, 0,
+                                R_PAD, G_PAD, G_STRIDE, USE_TIMER)
     if ok:
-        if HAS_WAIT_STATS:  # the last tile's wait: until every owner's last round came
-            if (pid_t == tl.maximum(tl.cdiv(num_tokens, TILE_T), 1) - 1) & (pid_h == 0):
+        if HAS_WAIT_STATS:
+            if pid_t + pid_h == 0:
                 owners = tl.arange(0, R_PAD)
                 tl.atomic_add(wait_stats + owners, waited, mask=owners < R, sem="relaxed")
         region = _heap_ptr(heap_bases, rank, off_combine + half * T_CAP * K_CAP * ROW_BYTES, tl.bfloat16)
@@ -556,8 +546,7 @@ def _combine_receive(pid_t, pid_h, e, out_ptr, topk_ptr, weights_ptr, num_tokens
 @triton.jit(do_not_specialize=["num_tokens", "rank", "budget"])
 def ep_ll_combine_kernel(x_ptr, x_expert_stride, x_row_stride, topk_ptr, weights_ptr, num_tokens, out_ptr,
                          src_info, topk_slot, layout_range, wait_stats, heap_bases, epoch_ptr, error_address,
-                         rank, num_local, rows_per_expert, num_groups, tokens_per_round, num_rounds, num_senders,
-                         budget,
+                         rank, num_local, rows_per_expert, num_groups, num_senders, budget,
                          off_combine, off_flags, off_publish, off_publish_flags,
                          PHASE: tl.constexpr, H: tl.constexpr, K: tl.constexpr, K_PAD: tl.constexpr,
                          R: tl.constexpr, R_PAD: tl.constexpr, T_CAP: tl.constexpr, K_CAP: tl.constexpr,
@@ -568,14 +557,13 @@ def ep_ll_combine_kernel(x_ptr, x_expert_stride, x_row_stride, topk_ptr, weights
     pid, e, sending = _role(epoch_ptr, num_senders, PHASE)
     if sending:
         _combine_send(pid, e, x_ptr, x_expert_stride, x_row_stride, topk_ptr, num_tokens, src_info, topk_slot,
-                      layout_range, heap_bases, error_address, rank, num_local, rows_per_expert, num_groups,
-                      tokens_per_round, num_rounds, budget, off_combine, off_flags, off_publish, off_publish_flags,
+                      layout_range, heap_bases, error_address, rank, num_local, rows_per_expert, num_groups, budget,
+                      off_combine, off_flags, off_publish, off_publish_flags,
                       H, K, K_PAD, R, T_CAP, K_CAP, G_STRIDE, ROW_BYTES, L_PAD, HAS_SLOTS, USE_TIMER, TILE_R,
                       BLOCK_H, PHASE_CODE)
     else:
         # receive programs: (token tile, hidden part), part fastest
         _combine_receive(pid // HIDDEN_PARTS, pid % HIDDEN_PARTS, e, out_ptr, topk_ptr, weights_ptr, num_tokens,
-                         wait_stats, heap_bases, error_address, rank, num_groups, tokens_per_round, budget,
-                         off_combine, off_flags,
+                         wait_stats, heap_bases, error_address, rank, num_groups, budget, off_combine, off_flags,
                          H, K, K_PAD, R, R_PAD, G_STRIDE, G_PAD, T_CAP, K_CAP, ROW_BYTES, HAS_WAIT_STATS,
                          EXACT_CASTS, USE_TIMER, TILE_T, BLOCK_H, HIDDEN_PARTS, PHASE_CODE)

@@ -39,8 +39,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .sync import (PHASE_COMBINE, PHASE_DISPATCH, PHASE_NOTIFY, acquire_fence, now_ns, record_timeout, signal, tag,
-                   wait_tag)
+from .sync import PHASE_COMBINE, PHASE_DISPATCH, PHASE_NOTIFY, now_ns, record_timeout, signal, tag, wait_tag
 
 MAX_CHANNELS = 128  # num_sms <= 256
 MAX_PUSHERS = 2 * MAX_CHANNELS  # at most num_sms - 1 programs push
@@ -108,9 +107,7 @@ def _wait_channels(flag_ptrs, flag_ok, needed, channel, ready, e, num_channels, 
         spins = 0
         alive = True
         while (tl.max(behind.to(tl.int32), axis=0) > 0) & alive:
-            # relaxed (volatile) polls, one fence after: an acquire RMW per poll would contend with every
-            # other receiver polling the same flags
-            values = tl.load(flag_ptrs, mask=flag_ok & behind[:, None], other=0, volatile=True)
+            values = tl.atomic_add(flag_ptrs, 0, mask=flag_ok & behind[:, None], sem="acquire", scope="sys")
             done = tl.min(tl.where(flag_ok, _channels_done(values, e, num_channels), num_channels), axis=1)
             ready = tl.where(behind, done, ready)
             behind = needed & (ready <= channel)
@@ -119,7 +116,7 @@ def _wait_channels(flag_ptrs, flag_ok, needed, channel, ready, e, num_channels, 
                 alive = (now_ns(USE_TIMER) - start) < budget
             else:
                 alive = spins < budget
-        acquire_fence(USE_TIMER)  # the rows are read after the flags (by every thread: the fence ends in a barrier)
+        tl.debug_barrier()  # threads that did not acquire read the rows only after those that did
         if tl.max(behind.to(tl.int32), axis=0) > 0:
             record_timeout(err_ptr, phase, rank, tl.min(tl.where(behind, ranks, R_PAD), axis=0))
             failed = 1
@@ -880,14 +877,14 @@ def _wait_parts(flag_ptrs, needed, seq, seq_next, failed, err_ptr, phase, rank, 
     went on to the next one) into its flag here (`flag_ptrs` [R_PAD]). A timeout is recorded in the error
     word, naming the first source behind. -> failed"""
     ranks = tl.arange(0, R_PAD)
-    values = tl.load(flag_ptrs, mask=needed, other=0, volatile=True)
+    values = tl.atomic_add(flag_ptrs, 0, mask=needed, sem="acquire", scope="sys")
     behind = needed & (values != seq) & (values != seq_next)
     if (tl.max(behind.to(tl.int32), axis=0) > 0) & (failed == 0):
         start = now_ns(USE_TIMER)
         spins = 0
         alive = True
         while (tl.max(behind.to(tl.int32), axis=0) > 0) & alive:
-            values = tl.load(flag_ptrs, mask=behind, other=0, volatile=True)
+            values = tl.atomic_add(flag_ptrs, 0, mask=behind, sem="acquire", scope="sys")
             behind = behind & (values != seq) & (values != seq_next)
             spins += 1
             if USE_TIMER:
@@ -897,7 +894,7 @@ def _wait_parts(flag_ptrs, needed, seq, seq_next, failed, err_ptr, phase, rank, 
         if tl.max(behind.to(tl.int32), axis=0) > 0:
             record_timeout(err_ptr, phase, rank, tl.min(tl.where(behind, ranks, R_PAD), axis=0))
             failed = 1
-    acquire_fence(USE_TIMER)  # the rows are read after the flags (by every thread: the fence ends in a barrier)
+    tl.debug_barrier()  # threads that did not acquire read the rows only after those that did
     return failed
 
 

@@ -56,18 +56,6 @@ def load_acquire(ptr):
 
 
 @triton.jit
-def acquire_fence(ON_GPU: tl.constexpr):
-    """After relaxed (volatile) polls saw every flag it waited for: a fence, so that this CTA's later loads
-    see what the writers stored before raising those flags (the acquire pattern of the PTX memory model,
-    one fence instead of an acquire RMW per flag, which many CTAs polling the same flags would contend on).
-    The interpreter runs programs one at a time on plain memory: nothing to order there."""
-    if ON_GPU:
-        tl.inline_asm_elementwise("fence.acq_rel.sys;\n\tmov.u32 $0, 0;", "=r", [], dtype=tl.int32,
-                                  is_pure=False, pack=1)
-    tl.debug_barrier()
-
-
-@triton.jit
 def signal(ptr, value):
     """Publish `value` at `ptr` (release, system scope): everything this CTA stored before is visible first."""
     tl.debug_barrier()
