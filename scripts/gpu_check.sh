@@ -11,6 +11,11 @@
 # Arguments after `--` go to every benchmark run (e.g. -- --backend triton --num-sms 24,12).
 #
 # Needs torch and triton installed (no network, no pip install: the repository is put on PYTHONPATH).
+# Triton cache: kernels compile into ./.triton_cache; the GPU suites spend most of their time compiling
+# (~40 s per test when cold). A tarball .devcache/triton-cache.tar.xz (git-ignored; carry it with the device
+# tool's `carry: [".devcache"]`) is unpacked first, and SAVE_TRITON_CACHE=1 writes the cache back as
+# $OUT/triton-cache.tar.xz (one of the 8 files that come back) for the next call. Entries are keyed by kernel
+# source, so a cache stays valid until the kernels change.
 # Writes logs and JSON into $OUT (or bench/results/<date>-<host>/), at most 8 files, and ends with a
 # short summary. Time limits per phase (seconds) can be changed with TESTS_TIMEOUT, BENCH_TIMEOUT and
 # SWEEP_TIMEOUT. Exit status: 0 when every phase passed.
@@ -22,6 +27,8 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
+export TRITON_CACHE_DIR="${TRITON_CACHE_DIR:-$PWD/.triton_cache}"
+[ -f .devcache/triton-cache.tar.xz ] && tar xf .devcache/triton-cache.tar.xz -C "$(dirname "$TRITON_CACHE_DIR")"
 # never NVLink multicast: it can take a shared host's GPUs out of service
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 PYTHON="${PYTHON:-python3}"
@@ -103,6 +110,10 @@ for phase in "${phases[@]}"; do
         --plot "$OUT/sweep.png" ;;
   esac
 done
+
+if [ "${SAVE_TRITON_CACHE:-0}" = 1 ]; then
+  XZ_OPT=-T0 tar cJf "$OUT/triton-cache.tar.xz" -C "$(dirname "$TRITON_CACHE_DIR")" "$(basename "$TRITON_CACHE_DIR")"
+fi
 
 echo
 echo "=== summary ($OUT)"

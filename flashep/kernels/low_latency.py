@@ -61,8 +61,8 @@ def _wait_flags(flags, num_rows, num_cols, wanted, other, budget, error_address,
                 ROWS: tl.constexpr, COLS: tl.constexpr, ROW_STRIDE: tl.constexpr, USE_TIMER: tl.constexpr):
     """Spin until the tag (high 32 bits) of flags[r * ROW_STRIDE + c] is `wanted` or `other` for every
     r < num_rows, c < num_cols; row r is the flags of peer first_peer + r. -> (ok, per-row wait in ns,
-    per-row sum of the flags' low 32 bits). On timeout records (phase, rank, first missing peer) in the
-    error word."""
+    per-row sum of the flags' low 32 bits, per row: every flag already held `other` when acquired). On
+    timeout records (phase, rank, first missing peer) in the error word."""
     rows = tl.arange(0, ROWS)
     cols = tl.arange(0, COLS)
     mask = (rows[:, None] < num_rows) & (cols[None, :] < num_cols)
@@ -89,12 +89,14 @@ def _wait_flags(flags, num_rows, num_cols, wanted, other, budget, error_address,
             alive = elapsed < budget
         else:
             alive = spins < budget
-    tl.atomic_add(ptrs, 0, mask=mask, sem="acquire", scope="sys")  # orders the data reads after the flags
+    # orders the data reads after the flags; what it reads may already be a later stage's tag
+    acquired = tl.atomic_add(ptrs, 0, mask=mask, sem="acquire", scope="sys")
+    at_other = tl.min(tl.where(mask, ((acquired >> 32) == other).to(tl.int32), 1), axis=1) > 0
     ok = tl.min(done.to(tl.int32), axis=0) == 1
     if ok == 0:
         missing = tl.min(tl.where(done, ROWS, rows), axis=0)
         record_timeout(_error_ptr(error_address), phase, rank, first_peer + missing)
-    return ok, waited, counts
+    return ok, waited, counts, at_other
 
 
 @triton.jit
@@ -305,8 +307,8 @@ def _dispatch_receive(pid, e, recv_x, recv_scales, recv_count, src_info, topk_sl
     data_tag = tag(2 * e + 1)
     start = now_ns(USE_TIMER)
     # the top-k rows of every source (a source whose data already came counts too)
-    ok, _, num_msgs = _wait_flags(flags, R, num_groups, meta_tag, data_tag, budget, error_address, PHASE_CODE,
-                                  rank, 0, R_PAD, G_PAD, G_STRIDE, USE_TIMER)
+    ok, _, num_msgs, data_came = _wait_flags(flags, R, num_groups, meta_tag, data_tag, budget, error_address,
+                                             PHASE_CODE, rank, 0, R_PAD, G_PAD, G_STRIDE, USE_TIMER)
     if ok:
         sources = tl.arange(0, R_PAD)
         if USE_FP8:
@@ -354,14 +356,17 @@ def _dispatch_receive(pid, e, recv_x, recv_scales, recv_count, src_info, topk_sl
                 tl.store(expert_stats + local_expert, tl.load(expert_stats + local_expert) + num_rows)
         tl.debug_barrier()  # this program's row_msg stores are read back by its copy
         # then each source's rows as its data arrives, this rank's own first (in a launch of both phases they
-        # are here first); a source that never arrives stops the copying (the timeout is recorded)
+        # are here first); a source that never arrives stops the copying (the timeout is recorded). Sources
+        # whose data flags the wait above already acquired (all of them after a hook's delay) need no second
+        # wait.
         waited = tl.zeros([R_PAD], dtype=tl.int64)
         i = 0
         while (i < R) & ok:
             source = (rank + i) % R
-            ok, _source_wait, _source_tokens = _wait_flags(flags + source * G_STRIDE, 1, num_groups, data_tag,
-                                                           data_tag, budget, error_address, PHASE_CODE, rank,
-                                                           source, 1, G_PAD, G_STRIDE, USE_TIMER)
+            if tl.sum(tl.where(sources == source, data_came.to(tl.int32), 0), axis=0) == 0:
+                ok, _source_wait, _source_tokens, _source_done = _wait_flags(
+                    flags + source * G_STRIDE, 1, num_groups, data_tag, data_tag, budget, error_address, PHASE_CODE,
+                    rank, source, 1, G_PAD, G_STRIDE, USE_TIMER)
             waited = tl.where(sources == source, now_ns(USE_TIMER) - start, waited)
             if ok:
                 row_begin = tl.sum(tl.where(sources == source, begins, 0), axis=0)
@@ -468,8 +473,8 @@ def _combine_send(pid, e, x_ptr, x_expert_stride, x_row_stride, topk_ptr, num_to
     ok = True
     if not HAS_SLOTS:
         publish_flag = _heap_ptr(heap_bases, home, off_publish_flags, tl.int64) + half
-        ok, _, _ = _wait_flags(publish_flag, 1, 1, tag(e), tag(e), budget, error_address, PHASE_CODE, rank,
-                               home, 1, 1, 1, USE_TIMER)
+        ok, _, _, _ = _wait_flags(publish_flag, 1, 1, tag(e), tag(e), budget, error_address, PHASE_CODE, rank,
+                                  home, 1, 1, 1, USE_TIMER)
         home_topk = _heap_ptr(heap_bases, home, off_publish + half * T_CAP * K_CAP * 4, tl.int32)
     if ok:
         dst = _heap_ptr(heap_bases, home, off_combine + half * T_CAP * K_CAP * ROW_BYTES, tl.bfloat16)
@@ -511,8 +516,8 @@ def _combine_receive(pid_t, pid_h, e, out_ptr, topk_ptr, weights_ptr, num_tokens
                      HIDDEN_PARTS: tl.constexpr, PHASE_CODE: tl.constexpr):
     half = e % 2
     flags = _heap_ptr(heap_bases, rank, off_flags, tl.int64) + half * R * G_STRIDE
-    ok, waited, _ = _wait_flags(flags, R, num_groups, tag(e), tag(e), budget, error_address, PHASE_CODE, rank, 0,
-                                R_PAD, G_PAD, G_STRIDE, USE_TIMER)
+    ok, waited, _, _ = _wait_flags(flags, R, num_groups, tag(e), tag(e), budget, error_address, PHASE_CODE, rank,
+                                   0, R_PAD, G_PAD, G_STRIDE, USE_TIMER)
     if ok:
         if HAS_WAIT_STATS:
             if pid_t + pid_h == 0:
