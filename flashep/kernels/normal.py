@@ -279,14 +279,26 @@ def _source_rows(rank_prefix_ptr, recv_prefix_ptr, rank, channel, num_channels, 
 
 
 @triton.jit
+def _share(lo, hi, index, count):
+    """Share `index` of `count` near-equal contiguous shares of [lo, hi) -> (begin, end)."""
+    n = hi - lo
+    return lo + n * index // count, lo + n * (index + 1) // count
+
+
+@triton.jit
+def _channel_tokens(first_channel, end_channel, tokens_per_channel, num_tokens):
+    """Tokens of channels [first_channel, end_channel) -> (lo, hi)."""
+    return (tl.minimum(first_channel * tokens_per_channel, num_tokens),
+            tl.minimum(end_channel * tokens_per_channel, num_tokens))
+
+
+@triton.jit
 def _parts(lo, hi, part, num_parts, peer_ok, first_peer, NUM_RANKS: tl.constexpr, R_PAD: tl.constexpr,
            BLOCK_T: tl.constexpr):
     """Part `part` of `num_parts` of every peer's row range [lo, hi) ([R_PAD] vectors), the peers taken in
     ring order from `first_peer`. -> (part begin, part end, tiles, tiles of the peers before in the order)."""
     ranks = tl.arange(0, R_PAD)
-    n = hi - lo
-    begin = lo + n * part // num_parts
-    end = lo + n * (part + 1) // num_parts
+    begin, end = _share(lo, hi, part, num_parts)
     tiles = tl.where(peer_ok, tl.cdiv(end - begin, BLOCK_T), 0)
     order = (ranks - first_peer % NUM_RANKS + NUM_RANKS) % NUM_RANKS
     before = tl.sum(tl.where(order[None, :] < order[:, None], tiles[None, :], 0), axis=1)
@@ -494,10 +506,8 @@ def ep_dispatch_kernel(x_ptr, scales_ptr, scale_stride_t, scale_stride_s, topk_p
         bases = tl.load(data_bases_ptr + ranks, mask=rank_ok, other=0) + half_offset  # every rank's region
         while segment < num_channels:
             segment_end = _segment_end(segment, publish_every, num_channels)
-            lo = tl.minimum(segment * tokens_per_channel, num_tokens)
-            n = tl.minimum(segment_end * tokens_per_channel, num_tokens) - lo
-            first = lo + n * pid // num_pushers
-            last = lo + n * (pid + 1) // num_pushers
+            lo, hi = _channel_tokens(segment, segment_end, tokens_per_channel, num_tokens)
+            first, last = _share(lo, hi, pid, num_pushers)
             before = tl.zeros([R_PAD], tl.int32)  # tokens before `first` sent to each rank
             if WRITE_SEND_HEAD:
                 channel = first // tokens_per_channel
@@ -851,10 +861,8 @@ def ep_combine_kernel(x_ptr, weights_ptr, bias0_ptr, bias1_ptr, in_rank_ptr, sen
         ready = tl.zeros([R_PAD], tl.int32)  # channels every pusher of a peer finished, as last seen
         while segment < num_channels:
             segment_end = _segment_end(segment, publish_every, num_channels)
-            lo = tl.minimum(segment * tokens_per_channel, num_tokens)
-            n = tl.minimum(segment_end * tokens_per_channel, num_tokens) - lo
-            first = lo + n * worker // num_workers
-            last = lo + n * (worker + 1) // num_workers
+            lo, hi = _channel_tokens(segment, segment_end, tokens_per_channel, num_tokens)
+            first, last = _share(lo, hi, worker, num_workers)
             if first < last:
                 ready, failed = _wait_channels(flags, flag_ok, peer_ok, segment_end - 1, ready, e, num_channels,
                                                failed, err_ptr, _phase_combine, rank, budget, R_PAD, USE_TIMER)
@@ -931,10 +939,9 @@ def ep_combine_reduce_kernel(x_ptr, weights_ptr, bias0_ptr, bias1_ptr, send_head
     self_row0 = tl.sum(tl.where(ranks == rank, before, 0), axis=0)
     part = zero
     while part < num_parts:
-        lo = tl.minimum(num_channels * part // num_parts * tokens_per_channel, num_tokens)
-        n = tl.minimum(num_channels * (part + 1) // num_parts * tokens_per_channel, num_tokens) - lo
-        first = lo + n * pid // num_programs
-        last = lo + n * (pid + 1) // num_programs
+        first_channel, end_channel = _share(0, num_channels, part, num_parts)
+        lo, hi = _channel_tokens(first_channel, end_channel, tokens_per_channel, num_tokens)
+        first, last = _share(lo, hi, pid, num_programs)
         if first < last:
             failed = _wait_parts(flags_ptr + ranks * MAX_PARTS + part, peer_ok, seq, seq_next, failed, err_ptr,
                                  _phase_combine, rank, budget, R_PAD, USE_TIMER)
