@@ -21,11 +21,16 @@ from flashep.transport.heap import SymmetricHeap
 
 
 @triton.jit
-def push_kernel(src, peer_bases, region_off, rank, R, nrows, H: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr):
-    pid = tl.program_id(0)
+def _program_rows(nrows):
+    """This program's contiguous share [r0, r1) of nrows rows."""
     per = tl.cdiv(nrows, tl.num_programs(0))
-    r0 = pid * per
-    r1 = tl.minimum(r0 + per, nrows)
+    r0 = tl.program_id(0) * per
+    return r0, tl.minimum(r0 + per, nrows)
+
+
+@triton.jit
+def push_kernel(src, peer_bases, region_off, rank, R, nrows, H: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr):
+    r0, r1 = _program_rows(nrows)
     for t in range(r0, r1, BT):
         rows = t + tl.arange(0, BT)
         rmask = rows < r1
@@ -44,10 +49,7 @@ def push_tma_kernel(src, peer_bases, region_off, rank, R, nrows, H: tl.constexpr
                     BH: tl.constexpr):
     """As push_kernel, but the remote writes are TMA tensor stores (box [BT, min(BH, 256)])."""
     BOX: tl.constexpr = BH if BH < 256 else 256
-    pid = tl.program_id(0)
-    per = tl.cdiv(nrows, tl.num_programs(0))
-    r0 = pid * per
-    r1 = tl.minimum(r0 + per, nrows)
+    r0, r1 = _program_rows(nrows)
     for p in range(1, R):
         peer = (rank + p) % R
         base = (tl.load(peer_bases + peer) + region_off).to(tl.pointer_type(tl.bfloat16)) + rank * nrows * H
@@ -64,10 +66,7 @@ def push_tma_kernel(src, peer_bases, region_off, rank, R, nrows, H: tl.constexpr
 
 @triton.jit
 def pull_kernel(dst, peer_bases, region_off, rank, R, nrows, H: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr):
-    pid = tl.program_id(0)
-    per = tl.cdiv(nrows, tl.num_programs(0))
-    r0 = pid * per
-    r1 = tl.minimum(r0 + per, nrows)
+    r0, r1 = _program_rows(nrows)
     for p in range(1, R):
         peer = (rank + p) % R
         base = (tl.load(peer_bases + peer) + region_off).to(tl.pointer_type(tl.bfloat16))
@@ -83,10 +82,7 @@ def pull_kernel(dst, peer_bases, region_off, rank, R, nrows, H: tl.constexpr, BT
 
 @triton.jit
 def local_copy_kernel(src, dst, nrows, H: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr):
-    pid = tl.program_id(0)
-    per = tl.cdiv(nrows, tl.num_programs(0))
-    r0 = pid * per
-    r1 = tl.minimum(r0 + per, nrows)
+    r0, r1 = _program_rows(nrows)
     for t in range(r0, r1, BT):
         rows = t + tl.arange(0, BT)
         rmask = rows < r1
@@ -113,9 +109,10 @@ def timer_kernel(out):
 def flag_kernel(peer_bases, flag_off, rank, peer, epoch, budget, out):
     # write our flag slot on the peer, then wait for the peer's slot on us
     dst = (tl.load(peer_bases + peer) + flag_off).to(tl.pointer_type(tl.int64)) + rank
-    signal(dst, tag(epoch) << 32)
+    wanted = tag(epoch.to(tl.int64))
+    signal(dst, wanted << 32)
     mine = (tl.load(peer_bases + rank) + flag_off).to(tl.pointer_type(tl.int64)) + peer
-    ok = wait_tag(mine, tag(epoch), tag(epoch), budget, True)
+    ok = wait_tag(mine, wanted, wanted, budget, True)
     tl.store(out, ok.to(tl.int64))
 
 
