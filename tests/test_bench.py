@@ -211,6 +211,22 @@ def test_kernels_are_attributed_to_the_phase_that_launched_them():
     assert profile.breakdown(("gemm",), "op") == {"ampere_bf16_gemm": 900.0}
 
 
+def test_kernel_time_is_the_median_over_calls():
+    events = []
+    for call, (start, durations) in enumerate(((0, (4.0, 6.0)), (1000, (5.0, 6.0)), (2000, (40.0, 6.0)))):
+        events.append(_trace_event("user_annotation", "flashep.bench:op", start, 100))
+        for i, duration in enumerate(durations):
+            correlation = 10 * call + i
+            events.append(_trace_event("cuda_runtime", "cudaLaunchKernel", start + 10 + i, 1, correlation=correlation))
+            events.append(_trace_event("kernel", "ep_ll_combine_kernel", start + 500 + 50 * i, duration,
+                                       correlation=correlation))
+    profile = KernelProfile(kernels_from_trace(events), calls=3)
+    assert sorted(profile.per_call_sums(profile.matching(("combine",)))) == [10.0, 11.0, 46.0]
+    assert profile.per_call_us(("combine",)) == 11.0  # the mean, 22.3, would count the one slow call
+    short = KernelProfile(kernels_from_trace(events), calls=4)  # a call launched nothing: mean over 4 calls
+    assert short.per_call_us(("combine",)) == pytest.approx(67.0 / 4)
+
+
 def test_kernels_fall_back_to_gpu_annotations_without_launch_records():
     events = [
         _trace_event("gpu_user_annotation", "flashep.bench:combine send", 100, 20),

@@ -71,6 +71,7 @@ class Kernel:
     start_us: float
     duration_us: float
     phase: Optional[str]  # innermost `phase` that launched it, None if unknown
+    call: Optional[float] = None  # start of the profiled call (its OP_PHASE span) that launched it
 
 
 @dataclass
@@ -90,10 +91,22 @@ class KernelProfile:
         return sorted(found, key=lambda k: k.start_us)
 
     def per_call_us(self, patterns: Sequence[str], phase_label: Optional[str] = None) -> Optional[float]:
+        """Median over the profiled calls of the matching kernels' summed time (one call where a peer
+        started late does not move it); the mean where kernels cannot be told apart by call."""
         found = self.matching(patterns, phase_label)
         if not found:
             return None
-        return sum(k.duration_us for k in found) / self.calls
+        sums = self.per_call_sums(found)
+        return statistics.median(sums) if sums else sum(k.duration_us for k in found) / self.calls
+
+    def per_call_sums(self, found: list) -> Optional[list]:
+        """Summed duration per profiled call, or None unless every call launched some of `found`."""
+        if any(k.call is None for k in found):
+            return None
+        sums: dict = {}
+        for k in found:
+            sums[k.call] = sums.get(k.call, 0.0) + k.duration_us
+        return list(sums.values()) if len(sums) == self.calls else None
 
     def breakdown(self, patterns: Sequence[str], phase_label: Optional[str] = None) -> dict:
         """us per call of each matching kernel name."""
@@ -107,6 +120,8 @@ def kernels_from_trace(events: list) -> list:
     """Kernels of a Chrome trace exported by torch.profiler, each with the phase that launched it."""
     annotations = _intervals(events, "user_annotation")
     gpu_annotations = _intervals(events, "gpu_user_annotation")
+    calls = [s for s in annotations if s[2] == OP_PHASE]
+    gpu_calls = [s for s in gpu_annotations if s[2] == OP_PHASE]
     launches = {}
     for ev in events:
         if ev.get("cat") in ("cuda_runtime", "cuda_driver") and "correlation" in ev.get("args", {}):
@@ -118,9 +133,11 @@ def kernels_from_trace(events: list) -> list:
         start = float(ev["ts"])
         launched_at = launches.get(ev.get("args", {}).get("correlation"))
         label = _innermost(annotations, launched_at) if launched_at is not None else None
+        call = _span_start(calls, launched_at) if launched_at is not None else None
         if label is None:
             label = _innermost(gpu_annotations, start)
-        kernels.append(Kernel(ev.get("name", ""), start, float(ev.get("dur", 0.0)), label))
+            call = _span_start(gpu_calls, start)
+        kernels.append(Kernel(ev.get("name", ""), start, float(ev.get("dur", 0.0)), label, call))
     return kernels
 
 
@@ -137,6 +154,12 @@ def _intervals(events: list, category: str) -> list:
 def _innermost(spans: list, t: float) -> Optional[str]:
     inside = [s for s in spans if s[0] <= t <= s[1]]
     return max(inside, key=lambda s: s[0])[2] if inside else None
+
+
+def _span_start(spans: list, t: float) -> Optional[float]:
+    """Start of the span of `spans` holding time t (None if none does)."""
+    inside = [s[0] for s in spans if s[0] <= t <= s[1]]
+    return min(inside) if inside else None
 
 
 class Timer:
