@@ -31,13 +31,14 @@ SLOT_ATTR = "_flashep_topk_slot"  # int8 [L, R * T_max] attached to src_info: k 
 
 @dataclass(frozen=True)
 class Tuning:
-    """Launch shapes. Env: FLASHEP_LL_SEND_PROGRAMS, FLASHEP_LL_RECV_PROGRAMS, FLASHEP_LL_BLOCK_H,
-    FLASHEP_LL_TILE_TOKENS, FLASHEP_LL_TILE_ROWS, FLASHEP_LL_COMBINE_TILE_ROWS, FLASHEP_LL_SCAN_ROWS,
+    """Launch shapes. Env: FLASHEP_LL_SEND_PROGRAMS, FLASHEP_LL_RECV_PROGRAMS, FLASHEP_LL_COMBINE_RECV_PROGRAMS,
+    FLASHEP_LL_BLOCK_H, FLASHEP_LL_TILE_TOKENS, FLASHEP_LL_TILE_ROWS, FLASHEP_LL_COMBINE_TILE_ROWS, FLASHEP_LL_SCAN_ROWS,
     FLASHEP_LL_NUM_WARPS, FLASHEP_LL_FUSED.
     Every rank must use the same FLASHEP_LL_SEND_PROGRAMS (it fixes how many flags a receiver waits for)."""
 
     send_programs: int  # programs of each send kernel, spread over the destination ranks
-    recv_programs: int  # programs of each receive kernel (at least one per local expert / token tile)
+    recv_programs: int  # programs of the dispatch receive (at least one per local expert)
+    combine_recv_programs: int  # programs of the combine receive (at least one per token tile)
     block_h: int  # hidden elements per tile (a multiple of 512: FP8 scales pack 4 groups per int32)
     tile_tokens: int  # tokens per tile in the dispatch send and the combine receive
     tile_rows: int  # rows per tile in the dispatch receive
@@ -48,11 +49,13 @@ class Tuning:
 
     # GPU: spread the stores over many SMs. Interpreter: programs run one after another, so few programs
     # with large tiles are fastest.
-    GPU_DEFAULTS = dict(send_programs=128, recv_programs=128, block_h=1024, tile_tokens=4, tile_rows=16,
-                        combine_tile_rows=4, scan_rows=256, num_warps=8, fused=1)
-    INTERPRETER_DEFAULTS = dict(send_programs=1, recv_programs=1, block_h=1024, tile_tokens=16, tile_rows=16,
-                                combine_tile_rows=16, scan_rows=128, num_warps=4, fused=1)
+    GPU_DEFAULTS = dict(send_programs=128, recv_programs=128, combine_recv_programs=128, block_h=1024,
+                        tile_tokens=4, tile_rows=16, combine_tile_rows=4, scan_rows=256, num_warps=8, fused=1)
+    INTERPRETER_DEFAULTS = dict(send_programs=1, recv_programs=1, combine_recv_programs=1, block_h=1024,
+                                tile_tokens=16, tile_rows=16, combine_tile_rows=16, scan_rows=128, num_warps=4,
+                                fused=1)
     ENV = dict(send_programs="FLASHEP_LL_SEND_PROGRAMS", recv_programs="FLASHEP_LL_RECV_PROGRAMS",
+               combine_recv_programs="FLASHEP_LL_COMBINE_RECV_PROGRAMS",
                block_h="FLASHEP_LL_BLOCK_H", tile_tokens="FLASHEP_LL_TILE_TOKENS", tile_rows="FLASHEP_LL_TILE_ROWS",
                combine_tile_rows="FLASHEP_LL_COMBINE_TILE_ROWS", scan_rows="FLASHEP_LL_SCAN_ROWS",
                num_warps="FLASHEP_LL_NUM_WARPS", fused="FLASHEP_LL_FUSED")
@@ -257,7 +260,8 @@ class TritonLowLatencyBackend(Backend):
         # they follow T_max, not the token count, to compile one variant per shape
         token_tiles = max(1, -(-num_tokens // self.tuning.tile_tokens))
         max_tiles = -(-num_max_tokens // self.tuning.tile_tokens)
-        hidden_parts = max(1, min(-(-hidden // self.tuning.block_h), -(-self.tuning.recv_programs // max_tiles)))
+        hidden_parts = max(1, min(-(-hidden // self.tuning.block_h),
+                                  -(-self.tuning.combine_recv_programs // max_tiles)))
         args = dict(
             x_ptr=source, x_expert_stride=source.stride(0), x_row_stride=source.stride(1), topk_ptr=topk_idx,
             weights_ptr=topk_weights, num_tokens=num_tokens, out_ptr=out.view(torch.int16), src_info=src_info,
