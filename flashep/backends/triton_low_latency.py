@@ -32,8 +32,8 @@ SLOT_ATTR = "_flashep_topk_slot"  # int8 [L, R * T_max] attached to src_info: k 
 @dataclass(frozen=True)
 class Tuning:
     """Launch shapes. Env: FLASHEP_LL_SEND_PROGRAMS, FLASHEP_LL_RECV_PROGRAMS, FLASHEP_LL_COMBINE_RECV_PROGRAMS,
-    FLASHEP_LL_BLOCK_H, FLASHEP_LL_TILE_TOKENS, FLASHEP_LL_TILE_ROWS, FLASHEP_LL_COMBINE_TILE_ROWS, FLASHEP_LL_SCAN_ROWS,
-    FLASHEP_LL_NUM_WARPS, FLASHEP_LL_FUSED.
+    FLASHEP_LL_BLOCK_H, FLASHEP_LL_TILE_TOKENS, FLASHEP_LL_TILE_ROWS, FLASHEP_LL_COMBINE_TILE_ROWS,
+    FLASHEP_LL_SCAN_ROWS, FLASHEP_LL_NUM_WARPS, FLASHEP_LL_FUSED.
     Every rank must use the same FLASHEP_LL_SEND_PROGRAMS (it fixes how many flags a receiver waits for)."""
 
     send_programs: int  # programs of each send kernel, spread over the destination ranks
