@@ -106,14 +106,21 @@ def compile_recorded(paths: list[str]) -> list[str]:
         with open(path) as f:
             records.update(line.strip() for line in f if line.strip())
     done = []
+    stamped = set()
     for line in sorted(records):
         record = json.loads(line)
         fn = getattr(importlib.import_module(record["module"]), record["kernel"])
         args = [_value(s) for s in record["args"]]
         kwargs = {k: _value(s) for k, s in record["kwargs"].items()}
         kwargs.update({k: v for k, v in GPU_OVERRIDES.items() if k in kwargs})
-        kernel = fn.warmup(*args, grid=(1,), **kwargs)
-        done.append(f"{record['kernel']}: warps={kernel.metadata.num_warps} shared={kernel.metadata.shared}")
+        variants = [kwargs]
+        if "STAMPS" in kwargs and record["kernel"] not in stamped:  # the probe variant (FLASHEP_LL_STAMPS=1), once
+            stamped.add(record["kernel"])
+            variants.append(dict(kwargs, STAMPS=True))
+        for variant in variants:
+            kernel = fn.warmup(*args, grid=(1,), **variant)
+            done.append(f"{record['kernel']}: warps={kernel.metadata.num_warps} shared={kernel.metadata.shared}"
+                        + (" (stamps)" if variant.get("STAMPS") else ""))
     return done
 
 

@@ -146,6 +146,10 @@ class TritonLowLatencyBackend(Backend):
         self._no_i32 = torch.zeros(1, dtype=torch.int32, device=self.device)
         self._no_i64 = torch.zeros(1, dtype=torch.int64, device=self.device)
         self._no_i8 = torch.zeros(1, dtype=torch.int8, device=self.device)
+        # FLASHEP_LL_STAMPS=1 (GPU): every launch records per program %globaltimer and %clock64 at a few points
+        # (kernels._stamp); `stamps` keeps the last launch's [programs, 2 * STAMP_POINTS] per kernel, senders first
+        self.stamps_on = bool(_env.integer("FLASHEP_LL_STAMPS", 0, minimum=0)) and use_timer()
+        self.stamps: dict[str, torch.Tensor] = {}
 
     # ---- heap --------------------------------------------------------------------------------------------------
     @property
@@ -300,6 +304,12 @@ class TritonLowLatencyBackend(Backend):
         FLASHEP_LL_FUSED=0): the send phase now, the receive phase when the returned function runs. The epoch
         moves on after the (first) launch."""
         fused = self.tuning.fused and not with_hook
+        stamps = self._no_i64
+        if self.stamps_on:
+            stamps = torch.zeros((senders + receivers, 2 * kernels.STAMP_POINTS.value), dtype=torch.int64,
+                                 device=self.device)
+            self.stamps[kernel.fn.__name__] = stamps
+        args = dict(args, stamps_ptr=stamps, STAMPS=self.stamps_on)
         if fused:
             kernel[(senders + receivers,)](PHASE=kernels.BOTH.value, num_senders=senders, **args)
         else:

@@ -13,8 +13,9 @@ receive phase), so that a profiler sees exactly one kernel name per operation:
   receive, grid L * P: program (local expert l, part p) waits for the top-k rows of every source (the
   flags also carry the token counts), scans them once in (source rank, token) order, and packs the rows
   that selected expert l in (source rank, token, k) order: src_info, the top-k slot k of each row,
-  layout_range, recv_count and the statistics. Then, source by source (its own rank first) as each
-  source's data flags arrive, it copies that source's rows; the P parts split them by tiles of TILE_R rows.
+  layout_range, recv_count and the statistics. Then it copies the rows (the P parts split them by tiles of
+  TILE_R rows): all at once where every source's data flags came with that first wait (after a hook's
+  delay), else its own rank's rows first and the rest at once when every peer's data flags came.
 - `ep_ll_combine_kernel`
   send, grid R * G: program (h, g) takes chunk g of the rows this rank received from rank h (all local
   experts, in expert order) and stores each row into h's combine region at slot (token, k), then
@@ -33,13 +34,14 @@ the interpreter's own conversions do not round to nearest even; on the GPU the h
 import triton
 import triton.language as tl
 
-from .sync import now_ns, record_timeout, signal, tag
+from .sync import acquire_flags, now_cycles, now_ns, record_timeout, signal, tag
 SEND = tl.constexpr(0)
 RECEIVE = tl.constexpr(1)
 BOTH = tl.constexpr(2)  # one launch: programs [0, num_senders) send, the rest receive
 MAX_GROUPS = tl.constexpr(64)  # most flags per (half, source rank): programs per destination of a send
 FP8_MAX = tl.constexpr(448.0)
 AMAX_FLOOR = tl.constexpr(1e-4)
+STAMP_POINTS = tl.constexpr(6)  # probe points per program (FLASHEP_LL_STAMPS=1)
 
 
 # ---- helpers ---------------------------------------------------------------------------------------------------
@@ -49,6 +51,24 @@ def _heap_ptr(heap_bases, rank, offset, dtype: tl.constexpr):
     alignment hint goes on the pointer: Triton does not carry it through an int -> pointer cast, and
     without it every access would be split into single elements instead of 16-byte vectors."""
     return tl.multiple_of((tl.load(heap_bases + rank) + offset).to(tl.pointer_type(dtype)), 16)
+
+
+@triton.jit
+def _stamp(stamps, point: tl.constexpr, STAMPS: tl.constexpr):
+    """Where a program's time goes (FLASHEP_LL_STAMPS=1, GPU only): %globaltimer and %clock64 at `point` of
+    this program's row of the stamps tensor [programs, 2 * STAMP_POINTS]."""
+    if STAMPS:
+        tl.store(stamps + point, now_ns(True))
+        tl.store(stamps + STAMP_POINTS + point, now_cycles())
+
+
+@triton.jit
+def _stamp_row(stamps_ptr, num_senders, PHASE: tl.constexpr):
+    """This program's row of the stamps tensor: senders first, then receivers, in either kind of launch."""
+    row = tl.program_id(0)
+    if PHASE == RECEIVE:
+        row += num_senders
+    return stamps_ptr + row * (2 * STAMP_POINTS)
 
 
 @triton.jit
@@ -70,12 +90,13 @@ def _wait_flags(flags, num_rows, num_cols, wanted, other, budget, error_address,
     start = now_ns(USE_TIMER)
     waited = tl.zeros([ROWS], dtype=tl.int64)
     counts = tl.zeros([ROWS], dtype=tl.int32)
+    values = tl.zeros([ROWS, COLS], dtype=tl.int64)
     done = rows >= num_rows
     spins = 0
     alive = True
     while (tl.min(done.to(tl.int32), axis=0) == 0) & alive:
-        # relaxed (volatile) polls: an acquire RMW per flag per poll would load the flags' memory with atomics
-        values = tl.load(ptrs, mask=mask, other=0, volatile=True)
+        # every poll acquires every flag, so the last one orders the data reads after all of them
+        values = acquire_flags(ptrs, mask, USE_TIMER)
         flag_tags = values >> 32
         hit = ((flag_tags == wanted) | (flag_tags == other)).to(tl.int32)
         row_done = tl.min(tl.where(mask, hit, 1), axis=1) > 0
@@ -89,9 +110,9 @@ def _wait_flags(flags, num_rows, num_cols, wanted, other, budget, error_address,
             alive = elapsed < budget
         else:
             alive = spins < budget
-    # orders the data reads after the flags; what it reads may already be a later stage's tag
-    acquired = tl.atomic_add(ptrs, 0, mask=mask, sem="acquire", scope="sys")
-    at_other = tl.min(tl.where(mask, ((acquired >> 32) == other).to(tl.int32), 1), axis=1) > 0
+    tl.debug_barrier()  # threads that did not acquire a flag read the data only after those that did
+    # what the last poll read may already be a later stage's tag
+    at_other = tl.min(tl.where(mask, ((values >> 32) == other).to(tl.int32), 1), axis=1) > 0
     ok = tl.min(done.to(tl.int32), axis=0) == 1
     if ok == 0:
         missing = tl.min(tl.where(done, ROWS, rows), axis=0)
@@ -210,7 +231,9 @@ def _dispatch_send(pid, e, x_ptr, topk_ptr, num_tokens, heap_bases, rank, num_lo
                    H: tl.constexpr, K: tl.constexpr, K_PAD: tl.constexpr, R: tl.constexpr, T_CAP: tl.constexpr,
                    META: tl.constexpr, G_STRIDE: tl.constexpr, ROW_BYTES: tl.constexpr,
                    USE_FP8: tl.constexpr, ROUND_SCALE: tl.constexpr, UE8M0: tl.constexpr,
-                   EXACT_CASTS: tl.constexpr, TILE_T: tl.constexpr, BLOCK_H: tl.constexpr):
+                   EXACT_CASTS: tl.constexpr, TILE_T: tl.constexpr, BLOCK_H: tl.constexpr, stamps,
+                   STAMPS: tl.constexpr):
+    _stamp(stamps, 0, STAMPS)
     dst = pid // num_groups
     group = pid % num_groups
     half = e % 2
@@ -236,6 +259,7 @@ def _dispatch_send(pid, e, x_ptr, topk_ptr, num_tokens, heap_bases, rank, num_lo
         tl.store(meta_dst + msg[:, None] * META + ks[None, :], ids.to(tl.int32), mask=kmask)
         start += TILE_T
     signal(flag, (tag(2 * e) << 32) | (t1 - t0))
+    _stamp(stamps, 1, STAMPS)
     # stage 2: the data of the tokens bound for dst (one of their experts lives there)
     start = t0
     while start < t1:
@@ -253,18 +277,20 @@ def _dispatch_send(pid, e, x_ptr, topk_ptr, num_tokens, heap_bases, rank, num_lo
                 tl.store(data_dst + msg[:, None].to(tl.int64) * (ROW_BYTES // 2) + cols[None, :], row, mask=mask)
         start += TILE_T
     signal(flag, (tag(2 * e + 1) << 32) | (t1 - t0))
+    _stamp(stamps, 2, STAMPS)
 
 
 @triton.jit
-def _copy_rows(recv_x, recv_scales, row_msg, data_src, local_expert, row_begin, row_end, part, num_parts,
-               rows_per_expert, H: tl.constexpr, ROW_BYTES: tl.constexpr, NUM_SCALES: tl.constexpr,
+def _copy_rows(recv_x, recv_scales, row_msg, data_src, local_expert, row_begin, row_end, skip_begin, skip_end, part,
+               num_parts, rows_per_expert, H: tl.constexpr, ROW_BYTES: tl.constexpr, NUM_SCALES: tl.constexpr,
                SCALES_PAD: tl.constexpr, USE_FP8: tl.constexpr, TILE_R: tl.constexpr, BLOCK_H: tl.constexpr):
-    """Copy this part's tiles of rows [row_begin, row_end) of one local expert from the data records."""
+    """Copy this part's tiles of rows [row_begin, row_end) of one local expert from the data records, all
+    but rows [skip_begin, skip_end)."""
     expert_base = local_expert.to(tl.int64) * rows_per_expert
     tile = part
     while row_begin + tile * TILE_R < row_end:
         rows = row_begin + tile * TILE_R + tl.arange(0, TILE_R)
-        rmask = rows < row_end
+        rmask = (rows < row_end) & ((rows < skip_begin) | (rows >= skip_end))
         msg = tl.load(row_msg + expert_base + rows, mask=rmask, other=0).to(tl.int64)
         for h0 in tl.static_range(0, H, BLOCK_H):  # unrolled: all loads in flight at once
             cols = h0 + tl.arange(0, BLOCK_H)
@@ -295,7 +321,9 @@ def _dispatch_receive(pid, e, recv_x, recv_scales, recv_count, src_info, topk_sl
                       G_PAD: tl.constexpr, ROW_BYTES: tl.constexpr, NUM_SCALES: tl.constexpr,
                       SCALES_PAD: tl.constexpr, USE_FP8: tl.constexpr, HAS_EXPERT_STATS: tl.constexpr,
                       HAS_WAIT_STATS: tl.constexpr, USE_TIMER: tl.constexpr, TILE_R: tl.constexpr,
-                      BLOCK_H: tl.constexpr, SCAN: tl.constexpr, PHASE_CODE: tl.constexpr):
+                      BLOCK_H: tl.constexpr, SCAN: tl.constexpr, PHASE_CODE: tl.constexpr, stamps,
+                      STAMPS: tl.constexpr):
+    _stamp(stamps, 0, STAMPS)
     local_expert = pid // num_parts
     part = pid % num_parts
     half = e % 2
@@ -309,6 +337,7 @@ def _dispatch_receive(pid, e, recv_x, recv_scales, recv_count, src_info, topk_sl
     # the top-k rows of every source (a source whose data already came counts too)
     ok, _, num_msgs, data_came = _wait_flags(flags, R, num_groups, meta_tag, data_tag, budget, error_address,
                                              PHASE_CODE, rank, 0, R_PAD, G_PAD, G_STRIDE, USE_TIMER)
+    _stamp(stamps, 1, STAMPS)
     if ok:
         sources = tl.arange(0, R_PAD)
         if USE_FP8:
@@ -355,36 +384,43 @@ def _dispatch_receive(pid, e, recv_x, recv_scales, recv_count, src_info, topk_sl
             if HAS_EXPERT_STATS:
                 tl.store(expert_stats + local_expert, tl.load(expert_stats + local_expert) + num_rows)
         tl.debug_barrier()  # this program's row_msg stores are read back by its copy
-        # then each source's rows as its data arrives, this rank's own first (in a launch of both phases they
-        # are here first); a source that never arrives stops the copying (the timeout is recorded). Sources
-        # whose data flags the wait above already acquired (all of them after a hook's delay) need no second
-        # wait.
-        waited = tl.zeros([R_PAD], dtype=tl.int64)
-        i = 0
-        while (i < R) & ok:
-            source = (rank + i) % R
-            if tl.sum(tl.where(sources == source, data_came.to(tl.int32), 0), axis=0) == 0:
-                ok, _source_wait, _source_tokens, _source_done = _wait_flags(
-                    flags + source * G_STRIDE, 1, num_groups, data_tag, data_tag, budget, error_address, PHASE_CODE,
-                    rank, source, 1, G_PAD, G_STRIDE, USE_TIMER)
-            waited = tl.where(sources == source, now_ns(USE_TIMER) - start, waited)
+        _stamp(stamps, 2, STAMPS)
+        # then the rows, in as few dependent passes as possible (each pass is a chain of loads and stores):
+        # after a hook's delay every source's data came with the wait above, so one pass copies everything;
+        # otherwise this rank's own rows (stored first in a launch of both phases) are copied while the
+        # peers' data is on its way, and the rest in one pass once every peer's data came
+        came = tl.min(tl.where(sources < R, data_came.to(tl.int32), 1), axis=0) > 0
+        waited = tl.zeros([R_PAD], dtype=tl.int64) + (now_ns(USE_TIMER) - start)
+        own_begin = tl.sum(tl.where(sources == rank, begins, 0), axis=0)
+        own_end = tl.where(came, own_begin, tl.sum(tl.where(sources == rank, ends, 0), axis=0))
+        if came == 0:
+            ok, _own_wait, _own_count, _own_done = _wait_flags(flags + rank * G_STRIDE, 1, num_groups, data_tag,
+                                                               data_tag, budget, error_address, PHASE_CODE, rank,
+                                                               rank, 1, G_PAD, G_STRIDE, USE_TIMER)
             if ok:
-                row_begin = tl.sum(tl.where(sources == source, begins, 0), axis=0)
-                row_end = tl.sum(tl.where(sources == source, ends, 0), axis=0)
-                _copy_rows(recv_x, recv_scales, row_msg, data_src, local_expert, row_begin, row_end, part,
+                _copy_rows(recv_x, recv_scales, row_msg, data_src, local_expert, own_begin, own_end, 0, 0, part,
                            num_parts, rows_per_expert, H, ROW_BYTES, NUM_SCALES, SCALES_PAD, USE_FP8, TILE_R,
                            BLOCK_H)
-            i += 1
+                since = now_ns(USE_TIMER) - start
+                ok, arrival, _all_counts, _all_done = _wait_flags(flags, R, num_groups, data_tag, data_tag, budget,
+                                                                  error_address, PHASE_CODE, rank, 0, R_PAD, G_PAD,
+                                                                  G_STRIDE, USE_TIMER)
+                waited = tl.where(data_came, waited, since + arrival)
+        _stamp(stamps, 3, STAMPS)
+        if ok:
+            _copy_rows(recv_x, recv_scales, row_msg, data_src, local_expert, 0, num_rows, own_begin, own_end, part,
+                       num_parts, rows_per_expert, H, ROW_BYTES, NUM_SCALES, SCALES_PAD, USE_FP8, TILE_R, BLOCK_H)
         if HAS_WAIT_STATS:
             if pid == 0:
                 tl.atomic_add(wait_stats + sources, waited, mask=sources < R, sem="relaxed")
+    _stamp(stamps, 4, STAMPS)
 
 
 @triton.jit(do_not_specialize=["num_tokens", "rank", "budget"])
 def ep_ll_dispatch_kernel(x_ptr, topk_ptr, num_tokens, recv_x, recv_scales, recv_count, src_info, topk_slot,
                           layout_range, row_msg, expert_stats, wait_stats, heap_bases, epoch_ptr, error_address,
-                          rank, num_local, rows_per_expert, tokens_per_group, num_groups, num_parts, num_senders,
-                          budget, off_data, off_meta, off_flags,
+                          stamps_ptr, rank, num_local, rows_per_expert, tokens_per_group, num_groups, num_parts,
+                          num_senders, budget, off_data, off_meta, off_flags,
                           PHASE: tl.constexpr, H: tl.constexpr, K: tl.constexpr, K_PAD: tl.constexpr,
                           R: tl.constexpr, R_PAD: tl.constexpr, T_CAP: tl.constexpr, META: tl.constexpr,
                           G_STRIDE: tl.constexpr, G_PAD: tl.constexpr, ROW_BYTES: tl.constexpr,
@@ -392,19 +428,20 @@ def ep_ll_dispatch_kernel(x_ptr, topk_ptr, num_tokens, recv_x, recv_scales, recv
                           ROUND_SCALE: tl.constexpr, UE8M0: tl.constexpr, EXACT_CASTS: tl.constexpr,
                           HAS_EXPERT_STATS: tl.constexpr, HAS_WAIT_STATS: tl.constexpr, USE_TIMER: tl.constexpr,
                           TILE_T: tl.constexpr, TILE_R: tl.constexpr, BLOCK_H: tl.constexpr, SCAN: tl.constexpr,
-                          PHASE_CODE: tl.constexpr):
+                          PHASE_CODE: tl.constexpr, STAMPS: tl.constexpr):
     pid, e, sending = _role(epoch_ptr, num_senders, PHASE)
+    stamps = _stamp_row(stamps_ptr, num_senders, PHASE)
     if sending:
         _dispatch_send(pid, e, x_ptr, topk_ptr, num_tokens, heap_bases, rank, num_local, off_data, off_meta,
                        off_flags, tokens_per_group, num_groups, H, K, K_PAD, R, T_CAP, META, G_STRIDE,
-                       ROW_BYTES, USE_FP8, ROUND_SCALE, UE8M0, EXACT_CASTS, TILE_T, BLOCK_H)
+                       ROW_BYTES, USE_FP8, ROUND_SCALE, UE8M0, EXACT_CASTS, TILE_T, BLOCK_H, stamps, STAMPS)
     else:
         _dispatch_receive(pid, e, recv_x, recv_scales, recv_count, src_info,
                           topk_slot, layout_range, row_msg, expert_stats, wait_stats, heap_bases, error_address,
                           rank, num_local, rows_per_expert, num_parts, num_groups, budget, off_data, off_meta,
                           off_flags, H, K, K_PAD, R, R_PAD, T_CAP, META, G_STRIDE, G_PAD, ROW_BYTES,
                           NUM_SCALES, SCALES_PAD, USE_FP8, HAS_EXPERT_STATS, HAS_WAIT_STATS, USE_TIMER, TILE_R,
-                          BLOCK_H, SCAN, PHASE_CODE)
+                          BLOCK_H, SCAN, PHASE_CODE, stamps, STAMPS)
 
 
 # ---- combine -------------------------------------------------------------------------------------------------
@@ -451,7 +488,9 @@ def _combine_send(pid, e, x_ptr, x_expert_stride, x_row_stride, topk_ptr, num_to
                   H: tl.constexpr, K: tl.constexpr, K_PAD: tl.constexpr, R: tl.constexpr, T_CAP: tl.constexpr,
                   K_CAP: tl.constexpr, G_STRIDE: tl.constexpr, ROW_BYTES: tl.constexpr, L_PAD: tl.constexpr,
                   HAS_SLOTS: tl.constexpr,
-                  USE_TIMER: tl.constexpr, TILE_R: tl.constexpr, BLOCK_H: tl.constexpr, PHASE_CODE: tl.constexpr):
+                  USE_TIMER: tl.constexpr, TILE_R: tl.constexpr, BLOCK_H: tl.constexpr, PHASE_CODE: tl.constexpr,
+                  stamps, STAMPS: tl.constexpr):
+    _stamp(stamps, 0, STAMPS)
     home = pid // num_groups
     group = pid % num_groups
     half = e % 2
@@ -504,6 +543,7 @@ def _combine_send(pid, e, x_ptr, x_expert_stride, x_row_stride, topk_ptr, num_to
             start += TILE_R
     flags = _heap_ptr(heap_bases, home, off_flags, tl.int64)
     signal(flags + (half * R + rank) * G_STRIDE + group, (tag(e) << 32) | (i1 - i0))
+    _stamp(stamps, 1, STAMPS)
 
 
 @triton.jit
@@ -513,11 +553,13 @@ def _combine_receive(pid_t, pid_h, e, out_ptr, topk_ptr, weights_ptr, num_tokens
                      G_STRIDE: tl.constexpr, G_PAD: tl.constexpr, T_CAP: tl.constexpr, K_CAP: tl.constexpr,
                      ROW_BYTES: tl.constexpr, HAS_WAIT_STATS: tl.constexpr, EXACT_CASTS: tl.constexpr,
                      USE_TIMER: tl.constexpr, TILE_T: tl.constexpr, BLOCK_H: tl.constexpr,
-                     HIDDEN_PARTS: tl.constexpr, PHASE_CODE: tl.constexpr):
+                     HIDDEN_PARTS: tl.constexpr, PHASE_CODE: tl.constexpr, stamps, STAMPS: tl.constexpr):
+    _stamp(stamps, 0, STAMPS)
     half = e % 2
     flags = _heap_ptr(heap_bases, rank, off_flags, tl.int64) + half * R * G_STRIDE
     ok, waited, _, _ = _wait_flags(flags, R, num_groups, tag(e), tag(e), budget, error_address, PHASE_CODE, rank,
                                    0, R_PAD, G_PAD, G_STRIDE, USE_TIMER)
+    _stamp(stamps, 1, STAMPS)
     if ok:
         if HAS_WAIT_STATS:
             if pid_t + pid_h == 0:
@@ -546,29 +588,32 @@ def _combine_receive(pid_t, pid_h, e, out_ptr, topk_ptr, weights_ptr, num_tokens
                 acc = tl.where(valid[:, None], acc + w[:, None] * y, acc)
             tl.store(out_ptr + tokens[:, None].to(tl.int64) * H + cols[None, :], _to_bf16_bits(acc, EXACT_CASTS),
                      mask=tmask[:, None] & cmask[None, :])
+    _stamp(stamps, 2, STAMPS)
 
 
 @triton.jit(do_not_specialize=["num_tokens", "rank", "budget"])
 def ep_ll_combine_kernel(x_ptr, x_expert_stride, x_row_stride, topk_ptr, weights_ptr, num_tokens, out_ptr,
                          src_info, topk_slot, layout_range, wait_stats, heap_bases, epoch_ptr, error_address,
-                         rank, num_local, rows_per_expert, num_groups, num_senders, budget,
+                         stamps_ptr, rank, num_local, rows_per_expert, num_groups, num_senders, budget,
                          off_combine, off_flags, off_publish, off_publish_flags,
                          PHASE: tl.constexpr, H: tl.constexpr, K: tl.constexpr, K_PAD: tl.constexpr,
                          R: tl.constexpr, R_PAD: tl.constexpr, T_CAP: tl.constexpr, K_CAP: tl.constexpr,
                          G_STRIDE: tl.constexpr, G_PAD: tl.constexpr, ROW_BYTES: tl.constexpr, L_PAD: tl.constexpr,
                          HAS_SLOTS: tl.constexpr, HAS_WAIT_STATS: tl.constexpr, EXACT_CASTS: tl.constexpr,
                          USE_TIMER: tl.constexpr, TILE_T: tl.constexpr, TILE_R: tl.constexpr,
-                         BLOCK_H: tl.constexpr, HIDDEN_PARTS: tl.constexpr, PHASE_CODE: tl.constexpr):
+                         BLOCK_H: tl.constexpr, HIDDEN_PARTS: tl.constexpr, PHASE_CODE: tl.constexpr,
+                         STAMPS: tl.constexpr):
     pid, e, sending = _role(epoch_ptr, num_senders, PHASE)
+    stamps = _stamp_row(stamps_ptr, num_senders, PHASE)
     if sending:
         _combine_send(pid, e, x_ptr, x_expert_stride, x_row_stride, topk_ptr, num_tokens, src_info, topk_slot,
                       layout_range, heap_bases, error_address, rank, num_local, rows_per_expert, num_groups, budget,
                       off_combine, off_flags, off_publish, off_publish_flags,
                       H, K, K_PAD, R, T_CAP, K_CAP, G_STRIDE, ROW_BYTES, L_PAD, HAS_SLOTS, USE_TIMER, TILE_R,
-                      BLOCK_H, PHASE_CODE)
+                      BLOCK_H, PHASE_CODE, stamps, STAMPS)
     else:
         # receive programs: (token tile, hidden part), part fastest
         _combine_receive(pid // HIDDEN_PARTS, pid % HIDDEN_PARTS, e, out_ptr, topk_ptr, weights_ptr, num_tokens,
                          wait_stats, heap_bases, error_address, rank, num_groups, budget, off_combine, off_flags,
                          H, K, K_PAD, R, R_PAD, G_STRIDE, G_PAD, T_CAP, K_CAP, ROW_BYTES, HAS_WAIT_STATS,
-                         EXACT_CASTS, USE_TIMER, TILE_T, BLOCK_H, HIDDEN_PARTS, PHASE_CODE)
+                         EXACT_CASTS, USE_TIMER, TILE_T, BLOCK_H, HIDDEN_PARTS, PHASE_CODE, stamps, STAMPS)

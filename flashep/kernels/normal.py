@@ -39,7 +39,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .sync import PHASE_COMBINE, PHASE_DISPATCH, PHASE_NOTIFY, now_ns, record_timeout, signal, tag, wait_tag
+from .sync import (PHASE_COMBINE, PHASE_DISPATCH, PHASE_NOTIFY, acquire_flags, now_ns, record_timeout, signal, tag,
+                   wait_tag)
 
 MAX_CHANNELS = 128  # num_sms <= 256
 MAX_PUSHERS = 2 * MAX_CHANNELS  # at most num_sms - 1 programs push
@@ -107,7 +108,7 @@ def _wait_channels(flag_ptrs, flag_ok, needed, channel, ready, e, num_channels, 
         spins = 0
         alive = True
         while (tl.max(behind.to(tl.int32), axis=0) > 0) & alive:
-            values = tl.atomic_add(flag_ptrs, 0, mask=flag_ok & behind[:, None], sem="acquire", scope="sys")
+            values = acquire_flags(flag_ptrs, flag_ok & behind[:, None], USE_TIMER)
             done = tl.min(tl.where(flag_ok, _channels_done(values, e, num_channels), num_channels), axis=1)
             ready = tl.where(behind, done, ready)
             behind = needed & (ready <= channel)
@@ -885,14 +886,14 @@ def _wait_parts(flag_ptrs, needed, seq, seq_next, failed, err_ptr, phase, rank, 
     went on to the next one) into its flag here (`flag_ptrs` [R_PAD]). A timeout is recorded in the error
     word, naming the first source behind. -> failed"""
     ranks = tl.arange(0, R_PAD)
-    values = tl.atomic_add(flag_ptrs, 0, mask=needed, sem="acquire", scope="sys")
+    values = acquire_flags(flag_ptrs, needed, USE_TIMER)
     behind = needed & (values != seq) & (values != seq_next)
     if (tl.max(behind.to(tl.int32), axis=0) > 0) & (failed == 0):
         start = now_ns(USE_TIMER)
         spins = 0
         alive = True
         while (tl.max(behind.to(tl.int32), axis=0) > 0) & alive:
-            values = tl.atomic_add(flag_ptrs, 0, mask=behind, sem="acquire", scope="sys")
+            values = acquire_flags(flag_ptrs, behind, USE_TIMER)
             behind = behind & (values != seq) & (values != seq_next)
             spins += 1
             if USE_TIMER:

@@ -51,8 +51,29 @@ def now_ns(USE_TIMER: tl.constexpr):
 
 
 @triton.jit
+def now_cycles():
+    """This SM's cycle counter (GPU only: for probes that time the steps inside one program)."""
+    return tl.inline_asm_elementwise("mov.u64 $0, %clock64;", "=l", [], dtype=tl.int64, is_pure=False, pack=1)
+
+
+@triton.jit
 def load_acquire(ptr):
     return tl.atomic_add(ptr, 0, sem="acquire", scope="sys")
+
+
+@triton.jit
+def acquire_flags(ptrs, mask, USE_TIMER: tl.constexpr):
+    """int64 flags read with acquire semantics at system scope (masked-off lanes give 0). On the GPU these are
+    acquire loads, which many programs can issue at the same flags at once; acquire RMWs on one address
+    queue up in L2 (128 programs x 128 flags took ~2 us). The interpreter has no inline asm: an acquire RMW."""
+    if USE_TIMER:
+        values = tl.inline_asm_elementwise(
+            "{ .reg .pred p; setp.ne.b32 p, $2, 0; mov.b64 $0, 0; @p ld.acquire.sys.global.b64 $0, [$1]; }",
+            "=l,l,r", [ptrs, mask.to(tl.int32)], dtype=tl.int64, is_pure=False, pack=1)
+    else:
+        values = tl.atomic_add(ptrs, 0, mask=mask, sem="acquire", scope="sys")
+        values = tl.where(mask, values, 0)
+    return values
 
 
 @triton.jit
