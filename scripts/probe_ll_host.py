@@ -26,7 +26,8 @@ from flashep import validate  # noqa: E402
 def worker(rank, num_ranks, args):
     experts, hidden, topk, tokens = 256, 7168, 8, args.tokens
     hint = flashep.Buffer.get_low_latency_rdma_size_hint(tokens, hidden, num_ranks, experts)
-    buffer = flashep.Buffer(dist.group.WORLD, 0, hint, low_latency_mode=True, num_qps_per_rank=experts // num_ranks)
+    buffer = flashep.Buffer(dist.group.WORLD, 0, hint, low_latency_mode=True, num_qps_per_rank=experts // num_ranks,
+                            explicitly_destroy=True)
     x = torch.randn(tokens, hidden, device="cuda").to(torch.bfloat16)
     idx = torch.rand(tokens, experts, device="cuda").topk(topk, dim=1).indices
     weights = torch.rand(tokens, topk, device="cuda")
