@@ -63,13 +63,19 @@ def load_acquire(ptr):
 
 @triton.jit
 def acquire_flags(ptrs, mask, USE_TIMER: tl.constexpr):
-    """int64 flags read with acquire semantics at system scope (masked-off lanes give 0). On the GPU these are
-    acquire loads, which many programs can issue at the same flags at once; acquire RMWs on one address
-    queue up in L2 (128 programs x 128 flags took ~2 us). The interpreter has no inline asm: an acquire RMW."""
+    """int64 or int32 flags read with acquire semantics at system scope (masked-off lanes give 0). On the GPU
+    these are acquire loads, which many programs can issue at the same flags at once; acquire RMWs on one
+    address queue up in L2 (128 programs x 128 flags took ~2 us). The interpreter has no inline asm: an
+    acquire RMW."""
     if USE_TIMER:
-        values = tl.inline_asm_elementwise(
-            "{ .reg .pred p; setp.ne.b32 p, $2, 0; mov.b64 $0, 0; @p ld.acquire.sys.global.b64 $0, [$1]; }",
-            "=l,l,r", [ptrs, mask.to(tl.int32)], dtype=tl.int64, is_pure=False, pack=1)
+        if ptrs.dtype.element_ty.primitive_bitwidth == 64:
+            values = tl.inline_asm_elementwise(
+                "{ .reg .pred p; setp.ne.b32 p, $2, 0; mov.b64 $0, 0; @p ld.acquire.sys.global.b64 $0, [$1]; }",
+                "=l,l,r", [ptrs, mask.to(tl.int32)], dtype=tl.int64, is_pure=False, pack=1)
+        else:
+            values = tl.inline_asm_elementwise(
+                "{ .reg .pred p; setp.ne.b32 p, $2, 0; mov.b32 $0, 0; @p ld.acquire.sys.global.b32 $0, [$1]; }",
+                "=r,l,r", [ptrs, mask.to(tl.int32)], dtype=tl.int32, is_pure=False, pack=1)
     else:
         values = tl.atomic_add(ptrs, 0, mask=mask, sem="acquire", scope="sys")
         values = tl.where(mask, values, 0)
