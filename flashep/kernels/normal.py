@@ -20,10 +20,10 @@ pushers load all its links at once). At a segment's end a pusher publishes `(tag
 finished` to every peer: one CTA barrier and one release atomic per peer, rarely, so its stores stream.
 Receivers take an equal contiguous part of the segment's rows (dispatch: of every peer; combine: of this
 rank's tokens) and wait until every pusher of the peers they need has passed the segment: one vector of
-acquire atomics over (source, pusher) flags. On a GPU the loops over (tile, row chunk) are
-software-pipelined (`STAGES`), also across tiles. At the end every receiver sees every peer's final flag
-of the epoch, which keeps peers at most one operation apart (docs/design.md, "Symmetric heap and
-signalling"); data lives in half `epoch % 2` of the data heap.
+acquire loads over (source, pusher) flags (`sync.acquire_flags`). On a GPU the loops over (tile, row
+chunk) are software-pipelined (`STAGES`), also across tiles. At the end every receiver sees every peer's
+final flag of the epoch, which keeps peers at most one operation apart (docs/design.md, "Symmetric heap
+and signalling"); data lives in half `epoch % 2` of the data heap.
 
 Heap regions (byte offsets from the backend):
 - signal heap: notify flags int64[R] (one per source), dispatch flags int64[R, MAX_PUSHERS] (source
