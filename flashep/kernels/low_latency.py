@@ -556,6 +556,13 @@ def _combine_receive(pid_t, pid_h, e, out_ptr, topk_ptr, weights_ptr, num_tokens
                      HIDDEN_PARTS: tl.constexpr, PHASE_CODE: tl.constexpr, stamps, STAMPS: tl.constexpr):
     _stamp(stamps, 0, STAMPS)
     half = e % 2
+    # this rank's own routing is here before the launch: read it while the rows are still on their way
+    tokens = pid_t * TILE_T + tl.arange(0, TILE_T)
+    tmask = tokens < num_tokens
+    ks = tl.arange(0, K_PAD)
+    kmask = tmask[:, None] & (ks[None, :] < K)
+    all_ids = tl.load(topk_ptr + tokens[:, None] * K + ks[None, :], mask=kmask, other=-1)
+    all_weights = tl.load(weights_ptr + tokens[:, None] * K + ks[None, :], mask=kmask, other=0.0)
     flags = _heap_ptr(heap_bases, rank, off_flags, tl.int64) + half * R * G_STRIDE
     ok, waited, _, _ = _wait_flags(flags, R, num_groups, tag(e), tag(e), budget, error_address, PHASE_CODE, rank,
                                    0, R_PAD, G_PAD, G_STRIDE, USE_TIMER)
@@ -566,14 +573,9 @@ def _combine_receive(pid_t, pid_h, e, out_ptr, topk_ptr, weights_ptr, num_tokens
                 owners = tl.arange(0, R_PAD)
                 tl.atomic_add(wait_stats + owners, waited, mask=owners < R, sem="relaxed")
         region = _heap_ptr(heap_bases, rank, off_combine + half * T_CAP * K_CAP * ROW_BYTES, tl.bfloat16)
-        tokens = pid_t * TILE_T + tl.arange(0, TILE_T)
-        tmask = tokens < num_tokens
-        ks = tl.arange(0, K_PAD)
-        kmask = tmask[:, None] & (ks[None, :] < K)
-        all_ids = tl.load(topk_ptr + tokens[:, None] * K + ks[None, :], mask=kmask, other=-1)
-        all_weights = tl.load(weights_ptr + tokens[:, None] * K + ks[None, :], mask=kmask, other=0.0)
         # chunk c of this program is hidden chunk pid_h + c * HIDDEN_PARTS; loops unrolled so that every
-        # load is in flight at once
+        # load is in flight at once. The row loads do not wait for the top-k entries: a slot whose entry is -1
+        # holds stale bits, which the select below drops.
         for c in tl.static_range(0, ((H + BLOCK_H - 1) // BLOCK_H + HIDDEN_PARTS - 1) // HIDDEN_PARTS):
             cols = (pid_h + c * HIDDEN_PARTS) * BLOCK_H + tl.arange(0, BLOCK_H)
             cmask = cols < H
@@ -584,7 +586,7 @@ def _combine_receive(pid_t, pid_h, e, out_ptr, topk_ptr, weights_ptr, num_tokens
                 valid = ids >= 0
                 slot = (tokens * K_CAP + k).to(tl.int64)
                 y = tl.load(region + slot[:, None] * (ROW_BYTES // 2) + cols[None, :],
-                            mask=valid[:, None] & cmask[None, :], other=0.0, cache_modifier=".cg").to(tl.float32)
+                            mask=tmask[:, None] & cmask[None, :], other=0.0, cache_modifier=".cg").to(tl.float32)
                 acc = tl.where(valid[:, None], acc + w[:, None] * y, acc)
             tl.store(out_ptr + tokens[:, None].to(tl.int64) * H + cols[None, :], _to_bf16_bits(acc, EXACT_CASTS),
                      mask=tmask[:, None] & cmask[None, :])
