@@ -4,8 +4,9 @@
 
 Runs with FLASHEP_LL_STAMPS=1 (GPU only): every program of the low-latency kernels records %globaltimer and
 %clock64 at its steps (flashep/kernels/low_latency.py, `_stamp`). Each rank makes dispatch + combine calls
-(hidden 7168, top-8 of 256 experts, FP8 dispatch), in one launch per call and with hooks (send, a device
-sync and a barrier, then the hook's receive). Rank 0 prints, per kernel and role, the time of each step
+(hidden 7168, top-8 of 256 experts, FP8 dispatch), in one launch per call and with hooks (send, then the
+hook's receive), each launch after the benchmark's line-up (an idle kernel, then an all_reduce), so that
+the ranks' kernels start together. Rank 0 prints, per kernel and role, the time of each step
 from the first program's start (globaltimer; median and max over the programs, median over the calls),
 and the median step durations inside a program from its cycle counter.
 """
@@ -22,6 +23,7 @@ import local_ranks  # noqa: E402
 os.environ["FLASHEP_LL_STAMPS"] = "1"
 import flashep  # noqa: E402
 from flashep import validate  # noqa: E402
+from flashep.bench.timing import line_up_ranks  # noqa: E402
 from flashep.kernels.low_latency import STAMP_POINTS  # noqa: E402
 
 POINTS = STAMP_POINTS.value
@@ -73,10 +75,12 @@ def worker(rank, num_ranks, args):
     weights = torch.rand(tokens, topk, device="cuda")
     y = torch.randn(experts // num_ranks, num_ranks * tokens, hidden, device="cuda").to(torch.bfloat16)
 
+    token = torch.zeros(1, device="cuda")
+
     def line_up():
+        """Every rank's next kernels start together (as the benchmark lines ranks up)."""
         torch.cuda.synchronize()
-        dist.barrier()
-        torch.cuda.synchronize()
+        line_up_ranks(dist.group.WORLD, token)
 
     def calls(hook: bool):
         """(dispatch stamps, combine stamps) of one dispatch + combine."""
@@ -97,7 +101,7 @@ def worker(rank, num_ranks, args):
         return found
 
     with validate.values_unchecked():
-        for label, hook in (("one launch per call", False), ("hooks (send, sync + barrier, receive)", True)):
+        for label, hook in (("one launch per call", False), ("hooks (send, line-up, receive)", True)):
             for _ in range(5):
                 calls(hook)
             results = {k: [] for k in STEPS}

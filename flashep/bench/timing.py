@@ -47,6 +47,14 @@ def _idle_kernel(duration_ns):
         pass
 
 
+def line_up_ranks(group: dist.ProcessGroup, token: torch.Tensor) -> None:
+    """Make the kernels queued next start at the same moment on every rank (GPU): idle first, then an
+    all_reduce of `token`. The host queues the call while the GPU idles, and every rank's kernels start when
+    the all_reduce ends, which is the same moment on every rank whenever each host got there."""
+    _idle_kernel[(1,)](_IDLE_NS)
+    dist.all_reduce(token, group=group)
+
+
 @contextlib.contextmanager
 def _gc_paused():
     """Python's garbage collector off inside the block: a collection pause on one rank's host would delay
@@ -220,7 +228,7 @@ class Timer:
         with torch.profiler.profile(activities=activities, schedule=steps) as prof, values_unchecked(), _gc_paused():
             for _ in range(_PROFILER_WARMUP + self.profile_iters):
                 self._flush_l2()
-                self._line_up()
+                line_up_ranks(self.group, self._token)
                 with phase(OP_PHASE):
                     fn()
                 torch.cuda.synchronize(self.device)
@@ -235,9 +243,3 @@ class Timer:
     def _flush_l2(self) -> None:
         self._flush_buffer.zero_()
 
-    def _line_up(self) -> None:
-        # idle first, then the all_reduce: the host queues the call while the GPU idles, and every rank's
-        # kernels then start when the all_reduce ends, which is the same moment on every rank whenever
-        # each host got there
-        _idle_kernel[(1,)](_IDLE_NS)
-        dist.all_reduce(self._token, group=self.group)
