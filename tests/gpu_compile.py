@@ -114,13 +114,15 @@ def compile_recorded(paths: list[str]) -> list[str]:
         kwargs = {k: _value(s) for k, s in record["kwargs"].items()}
         kwargs.update({k: v for k, v in GPU_OVERRIDES.items() if k in kwargs})
         variants = [kwargs]
-        if "STAMPS" in kwargs and record["kernel"] not in stamped:  # the probe variant (FLASHEP_LL_STAMPS=1), once
+        if "STAMPS" in kwargs and record["kernel"] not in stamped:
+            # once per kernel, the GPU-only options the interpreter never records: FLASHEP_LL_STAMPS=1 and
+            # FLASHEP_LL_POLL_NS
             stamped.add(record["kernel"])
-            variants.append(dict(kwargs, STAMPS=True))
+            variants.append(dict(kwargs, STAMPS=True, POLL_NS=200))
         for variant in variants:
             kernel = fn.warmup(*args, grid=(1,), **variant)
             done.append(f"{record['kernel']}: warps={kernel.metadata.num_warps} shared={kernel.metadata.shared}"
-                        + (" (stamps)" if variant.get("STAMPS") else ""))
+                        + (" (stamps, poll pause)" if variant.get("STAMPS") else ""))
     return done
 
 

@@ -94,5 +94,5 @@ def test_kernels_compile_for_sm90(tmp_path):
     for kernel in ("ep_layout_kernel", "ep_notify_kernel", "ep_dispatch_kernel", "ep_combine_kernel",
                    "ep_combine_reduce_kernel", "ep_ll_dispatch_kernel", "ep_ll_combine_kernel"):
         assert any(line.startswith(kernel + ":") for line in compiled), f"{kernel} was not compiled:\n{proc.stdout}"
-    for kernel in ("ep_ll_dispatch_kernel", "ep_ll_combine_kernel"):  # the probe variant (FLASHEP_LL_STAMPS=1)
-        assert any(line.startswith(kernel + ":") and "(stamps)" in line for line in compiled), proc.stdout
+    for kernel in ("ep_ll_dispatch_kernel", "ep_ll_combine_kernel"):  # FLASHEP_LL_STAMPS=1, FLASHEP_LL_POLL_NS
+        assert any(line.startswith(kernel + ":") and "(stamps, poll pause)" in line for line in compiled), proc.stdout
