@@ -1,4 +1,5 @@
 """Local GPU ranks for the probe scripts: one process per GPU, NCCL over a free localhost port."""
+import argparse
 import socket
 
 import torch
@@ -22,3 +23,28 @@ def _start(rank: int, num_ranks: int, port: int, worker, args) -> None:
         worker(rank, num_ranks, args)
     finally:
         dist.destroy_process_group()
+
+
+def main(worker, doc: str, calls: int) -> None:
+    """Command line of the low-latency probes (--ranks, --tokens, --calls), then `worker` on every rank."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ranks", type=int, default=2)
+    p.add_argument("--tokens", type=int, default=128)
+    p.add_argument("--calls", type=int, default=calls)
+    args = p.parse_args()
+    spawn(worker, args.ranks, args)
+
+
+def decode_inputs(num_ranks: int, tokens: int, experts: int = 256, hidden: int = 7168, topk: int = 8):
+    """A low-latency Buffer for DeepSeek-V3 decode and random inputs on this rank's GPU:
+    (buffer, x [tokens, hidden] bf16, topk_idx, topk_weights, expert outputs [experts / R, R * tokens, hidden])."""
+    import flashep
+
+    hint = flashep.Buffer.get_low_latency_rdma_size_hint(tokens, hidden, num_ranks, experts)
+    buffer = flashep.Buffer(dist.group.WORLD, 0, hint, low_latency_mode=True, num_qps_per_rank=experts // num_ranks,
+                            explicitly_destroy=True)
+    x = torch.randn(tokens, hidden, device="cuda").to(torch.bfloat16)
+    idx = torch.rand(tokens, experts, device="cuda").topk(topk, dim=1).indices
+    weights = torch.rand(tokens, topk, device="cuda")
+    y = torch.randn(experts // num_ranks, num_ranks * tokens, hidden, device="cuda").to(torch.bfloat16)
+    return buffer, x, idx, weights, y

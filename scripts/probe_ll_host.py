@@ -6,7 +6,6 @@ Each rank makes `calls` dispatch + combine pairs back to back (no hook, 128 toke
 256 experts); rank 0 prints the host time per call with the value checks on and off, then a cProfile of
 the calls (checks on) by own time.
 """
-import argparse
 import cProfile
 import os
 import pstats
@@ -19,19 +18,12 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import local_ranks  # noqa: E402
 
-import flashep  # noqa: E402
 from flashep import validate  # noqa: E402
 
 
 def worker(rank, num_ranks, args):
-    experts, hidden, topk, tokens = 256, 7168, 8, args.tokens
-    hint = flashep.Buffer.get_low_latency_rdma_size_hint(tokens, hidden, num_ranks, experts)
-    buffer = flashep.Buffer(dist.group.WORLD, 0, hint, low_latency_mode=True, num_qps_per_rank=experts // num_ranks,
-                            explicitly_destroy=True)
-    x = torch.randn(tokens, hidden, device="cuda").to(torch.bfloat16)
-    idx = torch.rand(tokens, experts, device="cuda").topk(topk, dim=1).indices
-    weights = torch.rand(tokens, topk, device="cuda")
-    y = torch.randn(experts // num_ranks, num_ranks * tokens, hidden, device="cuda").to(torch.bfloat16)
+    experts, tokens = 256, args.tokens
+    buffer, x, idx, weights, y = local_ranks.decode_inputs(num_ranks, tokens, experts)
 
     def pair():
         _, _, handle, _, _ = buffer.low_latency_dispatch(x, idx, tokens, experts)
@@ -68,14 +60,5 @@ def worker(rank, num_ranks, args):
     buffer.destroy()
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ranks", type=int, default=2)
-    p.add_argument("--tokens", type=int, default=128)
-    p.add_argument("--calls", type=int, default=200)
-    args = p.parse_args()
-    local_ranks.spawn(worker, args.ranks, args)
-
-
 if __name__ == "__main__":
-    main()
+    local_ranks.main(worker, __doc__, calls=200)

@@ -10,7 +10,6 @@ the ranks' kernels start together. Rank 0 prints, per kernel and role, the time 
 from the first program's start (globaltimer; median and max over the programs, median over the calls),
 and the median step durations inside a program from its cycle counter.
 """
-import argparse
 import os
 import sys
 
@@ -21,7 +20,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import local_ranks  # noqa: E402
 
 os.environ["FLASHEP_LL_STAMPS"] = "1"
-import flashep  # noqa: E402
 from flashep import validate  # noqa: E402
 from flashep.bench.timing import line_up_ranks  # noqa: E402
 from flashep.kernels.low_latency import STAMP_POINTS  # noqa: E402
@@ -66,14 +64,8 @@ def report(label: str, kernel: str, per_call: list) -> None:
 
 
 def worker(rank, num_ranks, args):
-    experts, hidden, topk, tokens = 256, 7168, 8, args.tokens
-    hint = flashep.Buffer.get_low_latency_rdma_size_hint(tokens, hidden, num_ranks, experts)
-    buffer = flashep.Buffer(dist.group.WORLD, 0, hint, low_latency_mode=True, num_qps_per_rank=experts // num_ranks,
-                            explicitly_destroy=True)
-    x = torch.randn(tokens, hidden, device="cuda").to(torch.bfloat16)
-    idx = torch.rand(tokens, experts, device="cuda").topk(topk, dim=1).indices
-    weights = torch.rand(tokens, topk, device="cuda")
-    y = torch.randn(experts // num_ranks, num_ranks * tokens, hidden, device="cuda").to(torch.bfloat16)
+    experts, tokens = 256, args.tokens
+    buffer, x, idx, weights, y = local_ranks.decode_inputs(num_ranks, tokens, experts)
 
     token = torch.zeros(1, device="cuda")
 
@@ -125,14 +117,5 @@ def senders_of(kernel: str, tokens: int, backend) -> int:
     return backend.num_ranks * groups
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ranks", type=int, default=2)
-    p.add_argument("--tokens", type=int, default=128)
-    p.add_argument("--calls", type=int, default=20)
-    args = p.parse_args()
-    local_ranks.spawn(worker, args.ranks, args)
-
-
 if __name__ == "__main__":
-    main()
+    local_ranks.main(worker, __doc__, calls=20)
