@@ -196,6 +196,21 @@ def _out_of_step_body(rank, world, group, seed, t_max, num_experts, topk):
     return True
 
 
+def _late_peers_body(rank, world, group, seed, t_max, num_experts, topk):
+    """Dispatches in one launch while the peers start late (rank r waits 0.4 r s): the receive finds only its
+    own rank's data at first, copies those rows, then the rest once every peer's data came."""
+    backend = _backend(rank, world, group)
+    for step, mode in enumerate(("bf16", "fp8")):
+        xs, idxs, _ = _inputs(seed, world, t_max, num_experts, topk, step)
+        if step == 0:  # the first call maps the heap (a collective): the late starts come after it
+            _dispatch(backend, xs, idxs, rank, t_max, num_experts, mode)
+        dist.barrier(group)
+        time.sleep(0.4 * rank)
+        result = _dispatch(backend, xs, idxs, rank, t_max, num_experts, mode)
+        _check_dispatch(result, xs, idxs, rank, world, t_max, num_experts, mode)
+    return True
+
+
 def _fallback_body(rank, world, group, seed, t_max, num_experts, topk):
     """Handles whose src_info lost the per-row top-k slot (here: cloned), and tokens that select one
     expert twice: the owners then read the home rank's published top-k rows."""
@@ -324,6 +339,10 @@ def test_round_trip_other_launch_shapes(seed):
 @pytest.mark.parametrize("world", [2, 3])
 def test_double_buffer_with_ranks_out_of_step(seed, world):
     assert all(run_ranks(world, _out_of_step_body, seed, 4, 2 * world, 2, backend="triton", env=MANY_PROGRAMS))
+
+
+def test_dispatch_with_late_peers(seed):
+    assert all(run_ranks(3, _late_peers_body, seed, 6, 6, 3, backend="triton", env=MANY_PROGRAMS))
 
 
 def test_combine_fallback_and_duplicate_experts(seed):
