@@ -17,6 +17,9 @@
 # tool's `carry: [".devcache"]`) is unpacked first, and SAVE_TRITON_CACHE=1 writes the cache back as
 # $OUT/triton-cache.tar.xz (one of the 8 files that come back) for the next call. Entries are keyed by kernel
 # source, so a cache stays valid until the kernels change.
+# RECORD_LAUNCHES=1 records every distinct kernel launch of the test ranks (FLASHEP_RECORD_LAUNCHES) and returns
+# them as $OUT/launches.tar.xz: commit them under tests/gpu_launches/, and a later session compiles them on a
+# machine without a GPU (scripts/warm_triton_cache.py) into the cache tarball above, before its first device call.
 # Keep FLASHEP_TIMEOUT_S at its default (100 s) for the tests on a cold cache: a rank that compiles a new
 # kernel variant late keeps its peers' kernels waiting (session 11: two LL cases failed with 20 s and passed
 # with the default; the messages were lost, so this is the likely cause, not a proven one).
@@ -33,6 +36,8 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 export TRITON_CACHE_DIR="${TRITON_CACHE_DIR:-$PWD/.triton_cache}"
 [ -f .devcache/triton-cache.tar.xz ] && tar xf .devcache/triton-cache.tar.xz -C "$(dirname "$TRITON_CACHE_DIR")"
+launches_dir=/tmp/flashep-launches
+[ "${RECORD_LAUNCHES:-0}" = 1 ] && export FLASHEP_RECORD_LAUNCHES="$launches_dir"
 # never NVLink multicast: it can take a shared host's GPUs out of service
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 PYTHON="${PYTHON:-python3}"
@@ -116,6 +121,10 @@ for phase in "${phases[@]}"; do
   esac
 done
 
+if [ "${RECORD_LAUNCHES:-0}" = 1 ] && [ -d "$launches_dir" ]; then
+  cat "$launches_dir"/*.jsonl | sort -u > /tmp/launches.jsonl
+  XZ_OPT=-T0 tar cJf "$OUT/launches.tar.xz" -C /tmp launches.jsonl
+fi
 if [ "${SAVE_TRITON_CACHE:-0}" = 1 ]; then
   XZ_OPT=-T0 tar cJf "$OUT/triton-cache.tar.xz" -C "$(dirname "$TRITON_CACHE_DIR")" "$(basename "$TRITON_CACHE_DIR")"
 fi

@@ -39,21 +39,25 @@ def _spec(value):
 
 
 def install_recorder(path: str) -> None:
-    """Record every kernel launch of this process into `path` (JSON lines)."""
+    """Record every distinct kernel launch of this process into `path` (JSON lines)."""
+    seen = set()
     for name in KERNEL_MODULES:
         module = importlib.import_module(name)
         for attr in dir(module):
             fn = getattr(module, attr)
             if attr.startswith("ep_") and hasattr(fn, "add_pre_run_hook"):
-                fn.add_pre_run_hook(_make_hook(path, name, attr))
+                fn.add_pre_run_hook(_make_hook(path, name, attr, seen))
 
 
-def _make_hook(path, module, kernel):
+def _make_hook(path, module, kernel, seen):
     def hook(*args, **kwargs):
         record = {"module": module, "kernel": kernel, "args": [_spec(a) for a in args],
                   "kwargs": {k: _spec(v) for k, v in kwargs.items()}}
-        with open(path, "a") as f:
-            f.write(json.dumps(record, sort_keys=True) + "\n")
+        line = json.dumps(record, sort_keys=True)
+        if line not in seen:
+            seen.add(line)
+            with open(path, "a") as f:
+                f.write(line + "\n")
     return hook
 
 
@@ -97,8 +101,10 @@ def use_hopper_target() -> None:
     driver.set_active(FakeHopper())
 
 
-def compile_recorded(paths: list[str]) -> list[str]:
-    """Compile every distinct recorded launch for sm_90 -> list of 'kernel: summary' lines."""
+def compile_recorded(paths: list[str], keep_going: bool = False) -> list[str]:
+    """Compile every distinct recorded launch for sm_90 (into Triton's cache, TRITON_CACHE_DIR) -> list of
+    'kernel: summary' lines. keep_going: a record that no longer compiles (the kernel's arguments changed since
+    it was recorded) is reported as skipped instead of raising."""
     assert os.environ.get("TRITON_INTERPRET", "0") in ("", "0"), "compile outside the interpreter"
     use_hopper_target()  # this process compiles only; it never launches
     records = set()
@@ -120,12 +126,19 @@ def compile_recorded(paths: list[str]) -> list[str]:
             stamped.add(record["kernel"])
             variants.append(dict(kwargs, STAMPS=True, POLL_NS=200))
         for variant in variants:
-            kernel = fn.warmup(*args, grid=(1,), **variant)
+            try:
+                kernel = fn.warmup(*args, grid=(1,), **variant)
+            except Exception as error:  # noqa: BLE001 - reported, and raised unless keep_going
+                if not keep_going:
+                    raise
+                done.append(f"{record['kernel']}: skipped ({type(error).__name__}: {str(error)[:200]})")
+                continue
             done.append(f"{record['kernel']}: warps={kernel.metadata.num_warps} shared={kernel.metadata.shared}"
                         + (" (stamps, poll pause)" if variant.get("STAMPS") else ""))
     return done
 
 
 if __name__ == "__main__":
-    for line in compile_recorded(sys.argv[1:]):
+    keep = "--keep-going" in sys.argv[1:]
+    for line in compile_recorded([a for a in sys.argv[1:] if a != "--keep-going"], keep_going=keep):
         print(line)

@@ -85,6 +85,12 @@ def _rank_main(rank, world_size, port, device, timeout, fn, args, results):
             torch.set_num_threads(1)  # ranks share the CPU cores: intra-op thread pools would only contend
             dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
                                     timeout=timedelta(seconds=timeout))
+        record_dir = os.environ.get("FLASHEP_RECORD_LAUNCHES")
+        if record_dir:  # the kernel specialisations of this run, for scripts/warm_triton_cache.py
+            import gpu_compile
+
+            os.makedirs(record_dir, exist_ok=True)
+            gpu_compile.install_recorder(os.path.join(record_dir, f"launches-{os.getpid()}.jsonl"))
         out = fn(rank, world_size, dist.group.WORLD, *args)
         payload = pickle.dumps(out)  # by value: no shared-memory handles that die with this process
     except BaseException:

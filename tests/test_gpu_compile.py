@@ -6,6 +6,7 @@ representative calls under the interpreter and compiles each one for sm_90 in a 
 import os
 import subprocess
 import sys
+import tarfile
 
 import pytest
 import torch
@@ -96,3 +97,36 @@ def test_kernels_compile_for_sm90(tmp_path):
         assert any(line.startswith(kernel + ":") for line in compiled), f"{kernel} was not compiled:\n{proc.stdout}"
     for kernel in ("ep_ll_dispatch_kernel", "ep_ll_combine_kernel"):  # FLASHEP_LL_STAMPS=1, FLASHEP_LL_POLL_NS
         assert any(line.startswith(kernel + ":") and "(stamps, poll pause)" in line for line in compiled), proc.stdout
+
+
+def _one_low_latency_call(rank, world, group):
+    buffer = flashep.Buffer(group, 0, flashep.Buffer.get_low_latency_rdma_size_hint(2, 512, world, 4),
+                            low_latency_mode=True)
+    x = torch.randn(2, 512).to(torch.bfloat16)
+    topk_idx = torch.topk(torch.rand(2, 4), 2, dim=1).indices
+    buffer.low_latency_dispatch(x, topk_idx, 2, 4)
+    buffer.low_latency_dispatch(x, topk_idx, 2, 4)  # the same launch again: recorded once
+    return True
+
+
+def test_recorded_launches_warm_a_cache(tmp_path):
+    """FLASHEP_RECORD_LAUNCHES makes every test rank record its distinct launches; warm_triton_cache.py
+    compiles them for sm_90 into a tarball of a Triton cache (.triton_cache/...) holding their cubins."""
+    records = tmp_path / "launches"
+    run_ranks(2, _one_low_latency_call, backend="triton", env={"FLASHEP_RECORD_LAUNCHES": str(records)})
+    files = sorted(records.glob("*.jsonl"))
+    assert len(files) == 2, files
+    for path in files:
+        lines = path.read_text().splitlines()
+        assert len(lines) == len(set(lines)) == 1, lines  # one distinct launch per rank
+        assert '"kernel": "ep_ll_dispatch_kernel"' in lines[0]
+    out = tmp_path / "cache.tar.xz"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, os.path.join(HERE, "..", "scripts", "warm_triton_cache.py"), "--jobs", "2",
+                           "--out", str(out), str(records)], env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert "0 skipped" in proc.stdout, proc.stdout
+    with tarfile.open(out) as tar:
+        names = tar.getnames()
+    assert all(n.startswith(".triton_cache") for n in names), names[:5]
+    assert any(n.endswith("ep_ll_dispatch_kernel.cubin") for n in names), names
