@@ -18,6 +18,9 @@ import sys
 KERNEL_MODULES = ("flashep.kernels.normal", "flashep.kernels.low_latency")
 # constexprs that select interpreter-only code paths, and their values on a GPU
 GPU_OVERRIDES = {"USE_TIMER": True, "EXACT_CASTS": False}
+# probe options the interpreter never records (FLASHEP_LL_STAMPS, FLASHEP_LL_POLL_NS, FLASHEP_PROBE_PUSH_ONLY):
+# each kernel that takes them is also compiled once with them on
+PROBE_OPTIONS = {"STAMPS": True, "POLL_NS": 200, "PUSH_ONLY": True}
 
 
 def _spec(value):
@@ -112,7 +115,7 @@ def compile_recorded(paths: list[str], keep_going: bool = False) -> list[str]:
         with open(path) as f:
             records.update(line.strip() for line in f if line.strip())
     done = []
-    stamped = set()
+    probed = set()
     for line in sorted(records):
         record = json.loads(line)
         fn = getattr(importlib.import_module(record["module"]), record["kernel"])
@@ -120,11 +123,10 @@ def compile_recorded(paths: list[str], keep_going: bool = False) -> list[str]:
         kwargs = {k: _value(s) for k, s in record["kwargs"].items()}
         kwargs.update({k: v for k, v in GPU_OVERRIDES.items() if k in kwargs})
         variants = [kwargs]
-        if "STAMPS" in kwargs and record["kernel"] not in stamped:
-            # once per kernel, the GPU-only options the interpreter never records: FLASHEP_LL_STAMPS=1 and
-            # FLASHEP_LL_POLL_NS
-            stamped.add(record["kernel"])
-            variants.append(dict(kwargs, STAMPS=True, POLL_NS=200))
+        probe = {k: v for k, v in PROBE_OPTIONS.items() if k in kwargs}
+        if probe and record["kernel"] not in probed:
+            probed.add(record["kernel"])
+            variants.append(dict(kwargs, **probe))
         for variant in variants:
             try:
                 kernel = fn.warmup(*args, grid=(1,), **variant)
@@ -134,7 +136,7 @@ def compile_recorded(paths: list[str], keep_going: bool = False) -> list[str]:
                 done.append(f"{record['kernel']}: skipped ({type(error).__name__}: {str(error)[:200]})")
                 continue
             done.append(f"{record['kernel']}: warps={kernel.metadata.num_warps} shared={kernel.metadata.shared}"
-                        + (" (stamps, poll pause)" if variant.get("STAMPS") else ""))
+                        + (" (probe options)" if variant is not kwargs else ""))
     return done
 
 

@@ -137,6 +137,40 @@ def _run_cases(rank: int, num_ranks: int, group, seed: int, cases: tuple, repeat
             assert_same(combined, expect_plain, f"{what}: combine with the worst-token handle")
 
 
+def _push_only_body(rank: int, num_ranks: int, group, seed: int) -> bool:
+    """FLASHEP_PROBE_PUSH_ONLY: a dispatch whose receivers do not copy still ends (they wait for every flag),
+    with this rank's own rows (written by its pushers) in place; the next dispatch, with copies, is exact,
+    so the probe leaves flags and epochs intact."""
+    case = CASES[2]  # FP8 with scales
+    buffer = flashep.Buffer(group, 0)
+    assert buffer._normal.push_only
+    everyone = [_inputs(case, seed, 0, r, num_ranks) for r in range(num_ranks)]
+    x, topk_idx, topk_weights, _ = everyone[rank]
+    num_experts = case.experts_per_rank * num_ranks
+    expect = reference.dispatch([e[0] for e in everyone], [e[1] for e in everyone], [e[2] for e in everyone],
+                                num_experts)[rank]
+    per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(topk_idx, num_experts)
+    args = dict(topk_idx=topk_idx, topk_weights=topk_weights, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank,
+                num_tokens_per_expert=per_expert, config=flashep.Config(case.num_sms, 8, 256))
+    probe = buffer.dispatch(x, **args)
+    prefix = expect.rank_prefix.tolist()  # rows from sources <= s
+    own = slice(prefix[rank - 1] if rank else 0, prefix[rank])
+    data = _as_pair(probe[0])[0]
+    assert_same(data[own], expect.recv_x[own], "push-only: own rows")
+    peers = torch.ones(data.size(0), dtype=torch.bool)
+    peers[own] = False
+    if peers.any():  # the peers' rows were not copied (the outputs are fresh, uninitialised memory)
+        assert not torch.equal(data[peers].view(torch.uint8), expect.recv_x[peers].view(torch.uint8)), \
+            "push-only: the receivers copied the peers' rows"
+    buffer._normal.push_only = False
+    _check_dispatch(buffer.dispatch(x, **args), expect, True, "after a push-only dispatch")
+    return True
+
+
+def test_push_only_probe_ends_and_leaves_the_protocol_intact(seed):
+    assert all(run_ranks(3, _push_only_body, seed, backend="triton", env={"FLASHEP_PROBE_PUSH_ONLY": "1"}))
+
+
 @pytest.mark.parametrize("world_size", [2, 3, 4])
 def test_dispatch_and_combine_match_the_oracle(world_size, seed):
     run_ranks(world_size, _run_cases, seed, CASES, 1, backend="triton")

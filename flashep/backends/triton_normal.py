@@ -46,6 +46,9 @@ Tuning knobs (environment at construction; they must be equal on every rank):
   host synchronisation can (the copies' sizes come from the host), and none while a CUDA graph is being
   captured; the others use the pushers. FLASHEP_COPY_PARTS: parts of such a combine, each followed by
   a flag the reduction waits for (default 4, at most 16 and the number of channels).
+- FLASHEP_PROBE_PUSH_ONLY: 1 makes a dispatch's receivers skip their copies (they still wait for every
+  flag): the outputs are WRONG, the kernel time is that of the pushers alone. A probe for the design that
+  has every program push (docs/design.md), never for real use.
 """
 from __future__ import annotations
 
@@ -91,6 +94,7 @@ class TritonNormalBackend(Backend):
         # off by default: on H200 (docs/perf.md) a combine by copy engine was no faster than the SM pushers at
         # 2 ranks once the reduction was tuned, slower at 4 (host work per copy and flag), and noisier
         self.use_copy_engine = _env.integer("FLASHEP_COPY_ENGINE", 0, minimum=0) != 0
+        self.push_only = _env.integer("FLASHEP_PROBE_PUSH_ONLY", 0, minimum=0) != 0
         self.copy_parts = min(_env.integer("FLASHEP_COPY_PARTS", 4, minimum=1), kernels.MAX_COPY_PARTS)
         self.signal_layout = _SignalLayout(self.num_ranks)
         self.signal_heap = SymmetricHeap(self.group, self.signal_layout.nbytes, self.device, self.meeting,
@@ -286,7 +290,8 @@ class TritonNormalBackend(Backend):
             RECORD_WORDS=record_bytes // 4, S_PAD=_pow2(num_scales), K_PAD=_pow2(num_topk),
             BLOCK_T=self.tile_tokens, BLOCK_W=min(max(self.tile_hidden // 2, 16), _pow2(row_words)),
             HAS_SCALES=x_scales is not None, HAS_TOPK=topk_idx is not None, WRITE_SEND_HEAD=write_send_head,
-            WORST=worst, USE_TIMER=use_timer(), STAGES=self.stages, num_warps=self.num_warps)
+            WORST=worst, USE_TIMER=use_timer(), STAGES=self.stages, PUSH_ONLY=self.push_only,
+            num_warps=self.num_warps)
 
     # ---- combine ----------------------------------------------------------------------------------------
     def combine(self, x, routing, topk_weights, bias0, bias1):

@@ -484,12 +484,12 @@ def ep_dispatch_kernel(x_ptr, scales_ptr, scale_stride_t, scale_stride_s, topk_p
                        RECORD_WORDS: tl.constexpr, S_PAD: tl.constexpr, K_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
                        BLOCK_W: tl.constexpr, HAS_SCALES: tl.constexpr, HAS_TOPK: tl.constexpr,
                        WRITE_SEND_HEAD: tl.constexpr, WORST: tl.constexpr, USE_TIMER: tl.constexpr,
-                       STAGES: tl.constexpr):
+                       STAGES: tl.constexpr, PUSH_ONLY: tl.constexpr):
     """Rows are 4-byte words (`x_ptr`/`recv_x_ptr` are int32 views). Row i of the receive order sits at the
     same index in the receive region and in `recv_x`. Work goes by segments of channels (a flag at each
     segment's end): a pusher takes an equal contiguous part of the segment's tokens, a receiver an equal
     contiguous part of every peer's rows of the segment. USE_TIMER: compiled for a GPU (timed waits,
-    software-pipelined loops)."""
+    software-pipelined loops). PUSH_ONLY (a probe, FLASHEP_PROBE_PUSH_ONLY): receivers wait but do not copy."""
     CHUNKS: tl.constexpr = (ROW_WORDS + BLOCK_W - 1) // BLOCK_W
     pid = tl.program_id(0)
     e = tl.load(epoch_ptr) + 1
@@ -591,6 +591,8 @@ def ep_dispatch_kernel(x_ptr, scales_ptr, scale_stride_t, scale_stride_s, topk_p
             ready, failed = _wait_channels(flags, flag_ok, tiles > 0, segment_end - 1, ready, e, num_channels, failed,
                                            err_ptr, _phase_dispatch, rank, budget, R_PAD, USE_TIMER)
             num_tiles = tl.where(failed == 0, tl.sum(tiles, axis=0), 0)
+            if PUSH_ONLY:
+                num_tiles = num_tiles * 0
             if USE_TIMER:  # software-pipelined loops (the interpreter needs constant bounds for tl.range)
                 for step in tl.range(0, num_tiles * CHUNKS, num_stages=STAGES):
                     _dispatch_copy_chunk(step, begins, ends, tiles, tiles_before, region, recv_x_ptr, capacity,
