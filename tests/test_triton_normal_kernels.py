@@ -382,7 +382,8 @@ def check_hopper_vectorisation() -> None:
             t(), t(), 1, 56, t(i64), t(f32), t(u8), t(), t(), t(), t(), t(), t(i64), t(f32), t(), t(),
             t(i64), 1 << 30, t(i64), 4096, t(i64), t(i64), 1, 4096, 12, 342, 16, 2, 64, scales, 8, 10**5, 10**5,
             10**9, ROW_WORDS=row_words, RECORD_WORDS=row_words + 48 + (16 if fp8 else 0), S_PAD=64 if fp8 else 2,
-            BLOCK_W=512, HAS_SCALES=fp8, HAS_TOPK=True, WRITE_SEND_HEAD=not fp8, WORST=fp8, **common)
+            BLOCK_W=512, HAS_SCALES=fp8, HAS_TOPK=True, WRITE_SEND_HEAD=not fp8, WORST=fp8, PUSH_ONLY=False,
+            **common)
         check(dispatch, f"dispatch (fp8={fp8})")
     combine = kernels.ep_combine_kernel.warmup(
         t(bf16), t(f32), t(bf16), t(bf16), t(u8), t(), t(), t(), t(bf16), t(f32), t(i64), 1 << 30, t(i64),
