@@ -74,21 +74,25 @@ def worker(rank, num_ranks, args):
         torch.cuda.synchronize()
         line_up_ranks(dist.group.WORLD, token)
 
+    def stamps_of(kernel: str):
+        stamps, senders = buffer._low_latency.stamps[kernel]
+        return stamps.clone(), senders
+
     def calls(hook: bool):
-        """(dispatch stamps, combine stamps) of one dispatch + combine."""
+        """{kernel: (stamps, send programs)} of one dispatch + combine."""
         found = {}
         line_up()
         _, _, handle, _, receive = buffer.low_latency_dispatch(x, idx, tokens, experts, return_recv_hook=hook)
         if hook:
             line_up()
             receive()
-        found["ep_ll_dispatch_kernel"] = buffer._low_latency.stamps["ep_ll_dispatch_kernel"].clone()
+        found["ep_ll_dispatch_kernel"] = stamps_of("ep_ll_dispatch_kernel")
         line_up()
         _, _, receive = buffer.low_latency_combine(y, idx, weights, handle, return_recv_hook=hook)
         if hook:
             line_up()
             receive()
-        found["ep_ll_combine_kernel"] = buffer._low_latency.stamps["ep_ll_combine_kernel"].clone()
+        found["ep_ll_combine_kernel"] = stamps_of("ep_ll_combine_kernel")
         torch.cuda.synchronize()
         return found
 
@@ -99,22 +103,13 @@ def worker(rank, num_ranks, args):
             results = {k: [] for k in STEPS}
             for _ in range(args.calls):
                 found = calls(hook)
-                for kernel, stamps in found.items():
-                    results[kernel].append(summarize(stamps, senders_of(kernel, tokens, buffer._low_latency), kernel))
+                for kernel, (stamps, senders) in found.items():
+                    results[kernel].append(summarize(stamps, senders, kernel))
             if rank == 0:
                 for kernel, per_call in results.items():
                     report(f"{num_ranks} ranks, {tokens} tokens, {label}", kernel, per_call)
     dist.barrier()
     buffer.destroy()
-
-
-def senders_of(kernel: str, tokens: int, backend) -> int:
-    """Send programs of a launch: destination ranks x token groups, as the backend launches them."""
-    if kernel == "ep_ll_dispatch_kernel":
-        groups, _ = backend._dispatch_groups(tokens, backend.regions)
-    else:
-        groups = max(1, min(backend.regions.groups, -(-backend.tuning.send_programs // backend.num_ranks)))
-    return backend.num_ranks * groups
 
 
 if __name__ == "__main__":

@@ -150,9 +150,10 @@ class TritonLowLatencyBackend(Backend):
         self._no_i64 = torch.zeros(1, dtype=torch.int64, device=self.device)
         self._no_i8 = torch.zeros(1, dtype=torch.int8, device=self.device)
         # FLASHEP_LL_STAMPS=1 (GPU): every launch records per program %globaltimer and %clock64 at a few points
-        # (kernels._stamp); `stamps` keeps the last launch's [programs, 2 * STAMP_POINTS] per kernel, senders first
+        # (kernels._stamp); `stamps` keeps per kernel the last launch's (stamps [programs, 2 * STAMP_POINTS],
+        # send programs), senders first
         self.stamps_on = bool(_env.integer("FLASHEP_LL_STAMPS", 0, minimum=0)) and use_timer()
-        self.stamps: dict[str, torch.Tensor] = {}
+        self.stamps: dict[str, tuple[torch.Tensor, int]] = {}
 
     # ---- heap --------------------------------------------------------------------------------------------------
     @property
@@ -312,7 +313,7 @@ class TritonLowLatencyBackend(Backend):
         if self.stamps_on:
             stamps = torch.zeros((senders + receivers, 2 * kernels.STAMP_POINTS.value), dtype=torch.int64,
                                  device=self.device)
-            self.stamps[kernel.fn.__name__] = stamps
+            self.stamps[kernel.fn.__name__] = (stamps, senders)
         args = dict(args, stamps_ptr=stamps, STAMPS=self.stamps_on)
         if fused:
             kernel[(senders + receivers,)](PHASE=kernels.BOTH.value, num_senders=senders, **args)
