@@ -18,9 +18,11 @@ import sys
 KERNEL_MODULES = ("flashep.kernels.normal", "flashep.kernels.low_latency")
 # constexprs that select interpreter-only code paths, and their values on a GPU
 GPU_OVERRIDES = {"USE_TIMER": True, "EXACT_CASTS": False}
-# probe options the interpreter never records (FLASHEP_LL_STAMPS, FLASHEP_LL_POLL_NS, FLASHEP_PROBE_PUSH_ONLY):
+# probe options the interpreter never records (FLASHEP_LL_STAMPS, FLASHEP_PROBE_PUSH_ONLY):
 # each kernel that takes them is also compiled once with them on
-PROBE_OPTIONS = {"STAMPS": True, "POLL_NS": 200, "PUSH_ONLY": True}
+PROBE_OPTIONS = {"STAMPS": True, "PUSH_ONLY": True}
+# launch options a record may carry besides the kernel's own arguments
+LAUNCH_OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg", "debug")
 
 
 def _spec(value):
@@ -120,7 +122,9 @@ def compile_recorded(paths: list[str], keep_going: bool = False) -> list[str]:
         record = json.loads(line)
         fn = getattr(importlib.import_module(record["module"]), record["kernel"])
         args = [_value(s) for s in record["args"]]
-        kwargs = {k: _value(s) for k, s in record["kwargs"].items()}
+        # a GPU launch also hands its hooks launcher-only options (e.g. instrumentation_mode); a constexpr removed
+        # since the recording is dropped too
+        kwargs = {k: _value(s) for k, s in record["kwargs"].items() if k in fn.arg_names or k in LAUNCH_OPTIONS}
         kwargs.update({k: v for k, v in GPU_OVERRIDES.items() if k in kwargs})
         variants = [kwargs]
         probe = {k: v for k, v in PROBE_OPTIONS.items() if k in kwargs}

@@ -33,7 +33,7 @@ SLOT_ATTR = "_flashep_topk_slot"  # int8 [L, R * T_max] attached to src_info: k 
 class Tuning:
     """Launch shapes. Env: FLASHEP_LL_SEND_PROGRAMS, FLASHEP_LL_RECV_PROGRAMS, FLASHEP_LL_COMBINE_RECV_PROGRAMS,
     FLASHEP_LL_BLOCK_H, FLASHEP_LL_TILE_TOKENS, FLASHEP_LL_TILE_ROWS, FLASHEP_LL_COMBINE_TILE_ROWS,
-    FLASHEP_LL_SCAN_ROWS, FLASHEP_LL_POLL_NS, FLASHEP_LL_NUM_WARPS, FLASHEP_LL_FUSED.
+    FLASHEP_LL_SCAN_ROWS, FLASHEP_LL_NUM_WARPS, FLASHEP_LL_FUSED.
     Every rank must use the same FLASHEP_LL_SEND_PROGRAMS (it fixes how many flags a receiver waits for)."""
 
     send_programs: int  # programs of each send kernel, spread over the destination ranks
@@ -44,23 +44,20 @@ class Tuning:
     tile_rows: int  # rows per tile in the dispatch receive
     combine_tile_rows: int  # rows per tile in the combine send
     scan_rows: int  # received top-k rows the dispatch receive reads per step when it packs the rows
-    poll_ns: int  # GPU: pause between flag polls that found a flag missing (0: poll back to back)
     num_warps: int
     fused: int  # 1: a call without a hook launches both phases at once; 0: two launches, as with a hook
 
     # GPU: spread the stores over many SMs. Interpreter: programs run one after another, so few programs
     # with large tiles are fastest.
     GPU_DEFAULTS = dict(send_programs=128, recv_programs=128, combine_recv_programs=128, block_h=1024,
-                        tile_tokens=4, tile_rows=16, combine_tile_rows=4, scan_rows=256, poll_ns=0, num_warps=8,
-                        fused=1)
+                        tile_tokens=4, tile_rows=16, combine_tile_rows=4, scan_rows=256, num_warps=8, fused=1)
     INTERPRETER_DEFAULTS = dict(send_programs=1, recv_programs=1, combine_recv_programs=1, block_h=1024,
-                                tile_tokens=16, tile_rows=16, combine_tile_rows=16, scan_rows=128, poll_ns=0,
-                                num_warps=4, fused=1)
+                                tile_tokens=16, tile_rows=16, combine_tile_rows=16, scan_rows=128, num_warps=4,
+                                fused=1)
     ENV = dict(send_programs="FLASHEP_LL_SEND_PROGRAMS", recv_programs="FLASHEP_LL_RECV_PROGRAMS",
                combine_recv_programs="FLASHEP_LL_COMBINE_RECV_PROGRAMS",
                block_h="FLASHEP_LL_BLOCK_H", tile_tokens="FLASHEP_LL_TILE_TOKENS", tile_rows="FLASHEP_LL_TILE_ROWS",
                combine_tile_rows="FLASHEP_LL_COMBINE_TILE_ROWS", scan_rows="FLASHEP_LL_SCAN_ROWS",
-               poll_ns="FLASHEP_LL_POLL_NS",
                num_warps="FLASHEP_LL_NUM_WARPS", fused="FLASHEP_LL_FUSED")
 
     POWERS_OF_TWO = ("block_h", "tile_tokens", "tile_rows", "combine_tile_rows", "scan_rows", "num_warps")
@@ -194,7 +191,6 @@ class TritonLowLatencyBackend(Backend):
                     rank=self.rank, budget=wait_budget(), R=self.num_ranks, R_PAD=_pow2(self.num_ranks),
                     T_CAP=regions.capacity.num_max_tokens, G_STRIDE=regions.groups,
                     ROW_BYTES=regions.row_bytes, USE_TIMER=use_timer(), EXACT_CASTS=_env.interpret_mode(),
-                    POLL_NS=self.tuning.poll_ns if use_timer() else 0,
                     num_warps=self.tuning.num_warps)
 
     # ---- dispatch ----------------------------------------------------------------------------------------------

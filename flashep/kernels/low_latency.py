@@ -34,7 +34,7 @@ the interpreter's own conversions do not round to nearest even; on the GPU the h
 import triton
 import triton.language as tl
 
-from .sync import acquire_flags, now_cycles, now_ns, pause_ns, record_timeout, signal, tag
+from .sync import acquire_flags, now_cycles, now_ns, record_timeout, signal, tag
 SEND = tl.constexpr(0)
 RECEIVE = tl.constexpr(1)
 BOTH = tl.constexpr(2)  # one launch: programs [0, num_senders) send, the rest receive
@@ -78,14 +78,11 @@ def _error_ptr(error_address):
 
 @triton.jit
 def _wait_flags(flags, num_rows, num_cols, wanted, other, budget, error_address, phase, rank, first_peer,
-                ROWS: tl.constexpr, COLS: tl.constexpr, ROW_STRIDE: tl.constexpr, USE_TIMER: tl.constexpr,
-                POLL_NS: tl.constexpr):
+                ROWS: tl.constexpr, COLS: tl.constexpr, ROW_STRIDE: tl.constexpr, USE_TIMER: tl.constexpr):
     """Spin until the tag (high 32 bits) of flags[r * ROW_STRIDE + c] is `wanted` or `other` for every
     r < num_rows, c < num_cols; row r is the flags of peer first_peer + r. -> (ok, per-row wait in ns,
     per-row sum of the flags' low 32 bits, per row: every flag already held `other` when acquired). On
-    timeout records (phase, rank, first missing peer) in the error word. POLL_NS > 0 (GPU): a pause of about
-    that many ns between polls that found a flag missing (fewer loads on the flags' memory and fewer issue
-    slots taken from the programs that share the SM)."""
+    timeout records (phase, rank, first missing peer) in the error word."""
     rows = tl.arange(0, ROWS)
     cols = tl.arange(0, COLS)
     mask = (rows[:, None] < num_rows) & (cols[None, :] < num_cols)
@@ -111,9 +108,6 @@ def _wait_flags(flags, num_rows, num_cols, wanted, other, budget, error_address,
         spins += 1
         if USE_TIMER:
             alive = elapsed < budget
-            if POLL_NS > 0:
-                if tl.min(done.to(tl.int32), axis=0) == 0:
-                    pause_ns(POLL_NS)
         else:
             alive = spins < budget
     tl.debug_barrier()  # threads that did not acquire a flag read the data only after those that did
@@ -328,7 +322,7 @@ def _dispatch_receive(pid, e, recv_x, recv_scales, recv_count, src_info, topk_sl
                       SCALES_PAD: tl.constexpr, USE_FP8: tl.constexpr, HAS_EXPERT_STATS: tl.constexpr,
                       HAS_WAIT_STATS: tl.constexpr, USE_TIMER: tl.constexpr, TILE_R: tl.constexpr,
                       BLOCK_H: tl.constexpr, SCAN: tl.constexpr, PHASE_CODE: tl.constexpr, stamps,
-                      STAMPS: tl.constexpr, POLL_NS: tl.constexpr):
+                      STAMPS: tl.constexpr):
     _stamp(stamps, 0, STAMPS)
     local_expert = pid // num_parts
     part = pid % num_parts
@@ -342,7 +336,7 @@ def _dispatch_receive(pid, e, recv_x, recv_scales, recv_count, src_info, topk_sl
     start = now_ns(USE_TIMER)
     # the top-k rows of every source (a source whose data already came counts too)
     ok, _, num_msgs, data_came = _wait_flags(flags, R, num_groups, meta_tag, data_tag, budget, error_address,
-                                             PHASE_CODE, rank, 0, R_PAD, G_PAD, G_STRIDE, USE_TIMER, POLL_NS)
+                                             PHASE_CODE, rank, 0, R_PAD, G_PAD, G_STRIDE, USE_TIMER)
     _stamp(stamps, 1, STAMPS)
     if ok:
         sources = tl.arange(0, R_PAD)
@@ -402,7 +396,7 @@ def _dispatch_receive(pid, e, recv_x, recv_scales, recv_count, src_info, topk_sl
         if came == 0:
             ok, _own_wait, _own_count, _own_done = _wait_flags(flags + rank * G_STRIDE, 1, num_groups, data_tag,
                                                                data_tag, budget, error_address, PHASE_CODE, rank,
-                                                               rank, 1, G_PAD, G_STRIDE, USE_TIMER, POLL_NS)
+                                                               rank, 1, G_PAD, G_STRIDE, USE_TIMER)
             if ok:
                 _copy_rows(recv_x, recv_scales, row_msg, data_src, local_expert, own_begin, own_end, 0, 0, part,
                            num_parts, rows_per_expert, H, ROW_BYTES, NUM_SCALES, SCALES_PAD, USE_FP8, TILE_R,
@@ -410,7 +404,7 @@ def _dispatch_receive(pid, e, recv_x, recv_scales, recv_count, src_info, topk_sl
                 since = now_ns(USE_TIMER) - start
                 ok, arrival, _all_counts, _all_done = _wait_flags(flags, R, num_groups, data_tag, data_tag, budget,
                                                                   error_address, PHASE_CODE, rank, 0, R_PAD, G_PAD,
-                                                                  G_STRIDE, USE_TIMER, POLL_NS)
+                                                                  G_STRIDE, USE_TIMER)
                 waited = tl.where(data_came, waited, since + arrival)
         _stamp(stamps, 3, STAMPS)
         if ok:
@@ -434,7 +428,7 @@ def ep_ll_dispatch_kernel(x_ptr, topk_ptr, num_tokens, recv_x, recv_scales, recv
                           ROUND_SCALE: tl.constexpr, UE8M0: tl.constexpr, EXACT_CASTS: tl.constexpr,
                           HAS_EXPERT_STATS: tl.constexpr, HAS_WAIT_STATS: tl.constexpr, USE_TIMER: tl.constexpr,
                           TILE_T: tl.constexpr, TILE_R: tl.constexpr, BLOCK_H: tl.constexpr, SCAN: tl.constexpr,
-                          PHASE_CODE: tl.constexpr, STAMPS: tl.constexpr, POLL_NS: tl.constexpr):
+                          PHASE_CODE: tl.constexpr, STAMPS: tl.constexpr):
     pid, e, sending = _role(epoch_ptr, num_senders, PHASE)
     stamps = _stamp_row(stamps_ptr, num_senders, PHASE)
     if sending:
@@ -447,7 +441,7 @@ def ep_ll_dispatch_kernel(x_ptr, topk_ptr, num_tokens, recv_x, recv_scales, recv
                           rank, num_local, rows_per_expert, num_parts, num_groups, budget, off_data, off_meta,
                           off_flags, H, K, K_PAD, R, R_PAD, T_CAP, META, G_STRIDE, G_PAD, ROW_BYTES,
                           NUM_SCALES, SCALES_PAD, USE_FP8, HAS_EXPERT_STATS, HAS_WAIT_STATS, USE_TIMER, TILE_R,
-                          BLOCK_H, SCAN, PHASE_CODE, stamps, STAMPS, POLL_NS)
+                          BLOCK_H, SCAN, PHASE_CODE, stamps, STAMPS)
 
 
 # ---- combine -------------------------------------------------------------------------------------------------
@@ -495,7 +489,7 @@ def _combine_send(pid, e, x_ptr, x_expert_stride, x_row_stride, topk_ptr, num_to
                   K_CAP: tl.constexpr, G_STRIDE: tl.constexpr, ROW_BYTES: tl.constexpr, L_PAD: tl.constexpr,
                   HAS_SLOTS: tl.constexpr,
                   USE_TIMER: tl.constexpr, TILE_R: tl.constexpr, BLOCK_H: tl.constexpr, PHASE_CODE: tl.constexpr,
-                  stamps, STAMPS: tl.constexpr, POLL_NS: tl.constexpr):
+                  stamps, STAMPS: tl.constexpr):
     _stamp(stamps, 0, STAMPS)
     home = pid // num_groups
     group = pid % num_groups
@@ -519,7 +513,7 @@ def _combine_send(pid, e, x_ptr, x_expert_stride, x_row_stride, topk_ptr, num_to
     if not HAS_SLOTS:
         publish_flag = _heap_ptr(heap_bases, home, off_publish_flags, tl.int64) + half
         ok, _, _, _ = _wait_flags(publish_flag, 1, 1, tag(e), tag(e), budget, error_address, PHASE_CODE, rank,
-                                  home, 1, 1, 1, USE_TIMER, POLL_NS)
+                                  home, 1, 1, 1, USE_TIMER)
         home_topk = _heap_ptr(heap_bases, home, off_publish + half * T_CAP * K_CAP * 4, tl.int32)
     if ok:
         dst = _heap_ptr(heap_bases, home, off_combine + half * T_CAP * K_CAP * ROW_BYTES, tl.bfloat16)
@@ -559,20 +553,12 @@ def _combine_receive(pid_t, pid_h, e, out_ptr, topk_ptr, weights_ptr, num_tokens
                      G_STRIDE: tl.constexpr, G_PAD: tl.constexpr, T_CAP: tl.constexpr, K_CAP: tl.constexpr,
                      ROW_BYTES: tl.constexpr, HAS_WAIT_STATS: tl.constexpr, EXACT_CASTS: tl.constexpr,
                      USE_TIMER: tl.constexpr, TILE_T: tl.constexpr, BLOCK_H: tl.constexpr,
-                     HIDDEN_PARTS: tl.constexpr, PHASE_CODE: tl.constexpr, stamps, STAMPS: tl.constexpr,
-                     POLL_NS: tl.constexpr):
+                     HIDDEN_PARTS: tl.constexpr, PHASE_CODE: tl.constexpr, stamps, STAMPS: tl.constexpr):
     _stamp(stamps, 0, STAMPS)
     half = e % 2
-    # this rank's own routing is here before the launch: read it while the rows are still on their way
-    tokens = pid_t * TILE_T + tl.arange(0, TILE_T)
-    tmask = tokens < num_tokens
-    ks = tl.arange(0, K_PAD)
-    kmask = tmask[:, None] & (ks[None, :] < K)
-    all_ids = tl.load(topk_ptr + tokens[:, None] * K + ks[None, :], mask=kmask, other=-1)
-    all_weights = tl.load(weights_ptr + tokens[:, None] * K + ks[None, :], mask=kmask, other=0.0)
     flags = _heap_ptr(heap_bases, rank, off_flags, tl.int64) + half * R * G_STRIDE
     ok, waited, _, _ = _wait_flags(flags, R, num_groups, tag(e), tag(e), budget, error_address, PHASE_CODE, rank,
-                                   0, R_PAD, G_PAD, G_STRIDE, USE_TIMER, POLL_NS)
+                                   0, R_PAD, G_PAD, G_STRIDE, USE_TIMER)
     _stamp(stamps, 1, STAMPS)
     if ok:
         if HAS_WAIT_STATS:
@@ -580,9 +566,14 @@ def _combine_receive(pid_t, pid_h, e, out_ptr, topk_ptr, weights_ptr, num_tokens
                 owners = tl.arange(0, R_PAD)
                 tl.atomic_add(wait_stats + owners, waited, mask=owners < R, sem="relaxed")
         region = _heap_ptr(heap_bases, rank, off_combine + half * T_CAP * K_CAP * ROW_BYTES, tl.bfloat16)
+        tokens = pid_t * TILE_T + tl.arange(0, TILE_T)
+        tmask = tokens < num_tokens
+        ks = tl.arange(0, K_PAD)
+        kmask = tmask[:, None] & (ks[None, :] < K)
+        all_ids = tl.load(topk_ptr + tokens[:, None] * K + ks[None, :], mask=kmask, other=-1)
+        all_weights = tl.load(weights_ptr + tokens[:, None] * K + ks[None, :], mask=kmask, other=0.0)
         # chunk c of this program is hidden chunk pid_h + c * HIDDEN_PARTS; loops unrolled so that every
-        # load is in flight at once. The row loads do not wait for the top-k entries: a slot whose entry is -1
-        # holds stale bits, which the select below drops.
+        # load is in flight at once
         for c in tl.static_range(0, ((H + BLOCK_H - 1) // BLOCK_H + HIDDEN_PARTS - 1) // HIDDEN_PARTS):
             cols = (pid_h + c * HIDDEN_PARTS) * BLOCK_H + tl.arange(0, BLOCK_H)
             cmask = cols < H
@@ -593,7 +584,7 @@ def _combine_receive(pid_t, pid_h, e, out_ptr, topk_ptr, weights_ptr, num_tokens
                 valid = ids >= 0
                 slot = (tokens * K_CAP + k).to(tl.int64)
                 y = tl.load(region + slot[:, None] * (ROW_BYTES // 2) + cols[None, :],
-                            mask=tmask[:, None] & cmask[None, :], other=0.0, cache_modifier=".cg").to(tl.float32)
+                            mask=valid[:, None] & cmask[None, :], other=0.0, cache_modifier=".cg").to(tl.float32)
                 acc = tl.where(valid[:, None], acc + w[:, None] * y, acc)
             tl.store(out_ptr + tokens[:, None].to(tl.int64) * H + cols[None, :], _to_bf16_bits(acc, EXACT_CASTS),
                      mask=tmask[:, None] & cmask[None, :])
@@ -611,7 +602,7 @@ def ep_ll_combine_kernel(x_ptr, x_expert_stride, x_row_stride, topk_ptr, weights
                          HAS_SLOTS: tl.constexpr, HAS_WAIT_STATS: tl.constexpr, EXACT_CASTS: tl.constexpr,
                          USE_TIMER: tl.constexpr, TILE_T: tl.constexpr, TILE_R: tl.constexpr,
                          BLOCK_H: tl.constexpr, HIDDEN_PARTS: tl.constexpr, PHASE_CODE: tl.constexpr,
-                         STAMPS: tl.constexpr, POLL_NS: tl.constexpr):
+                         STAMPS: tl.constexpr):
     pid, e, sending = _role(epoch_ptr, num_senders, PHASE)
     stamps = _stamp_row(stamps_ptr, num_senders, PHASE)
     if sending:
@@ -619,11 +610,10 @@ def ep_ll_combine_kernel(x_ptr, x_expert_stride, x_row_stride, topk_ptr, weights
                       layout_range, heap_bases, error_address, rank, num_local, rows_per_expert, num_groups, budget,
                       off_combine, off_flags, off_publish, off_publish_flags,
                       H, K, K_PAD, R, T_CAP, K_CAP, G_STRIDE, ROW_BYTES, L_PAD, HAS_SLOTS, USE_TIMER, TILE_R,
-                      BLOCK_H, PHASE_CODE, stamps, STAMPS, POLL_NS)
+                      BLOCK_H, PHASE_CODE, stamps, STAMPS)
     else:
         # receive programs: (token tile, hidden part), part fastest
         _combine_receive(pid // HIDDEN_PARTS, pid % HIDDEN_PARTS, e, out_ptr, topk_ptr, weights_ptr, num_tokens,
                          wait_stats, heap_bases, error_address, rank, num_groups, budget, off_combine, off_flags,
                          H, K, K_PAD, R, R_PAD, G_STRIDE, G_PAD, T_CAP, K_CAP, ROW_BYTES, HAS_WAIT_STATS,
-                         EXACT_CASTS, USE_TIMER, TILE_T, BLOCK_H, HIDDEN_PARTS, PHASE_CODE, stamps, STAMPS,
-                         POLL_NS)
+                         EXACT_CASTS, USE_TIMER, TILE_T, BLOCK_H, HIDDEN_PARTS, PHASE_CODE, stamps, STAMPS)

@@ -57,13 +57,6 @@ def now_cycles():
 
 
 @triton.jit
-def pause_ns(ns: tl.constexpr):
-    """Sleep this thread for about `ns` nanoseconds (GPU only; `nanosleep` is a hint, up to ~2x)."""
-    tl.inline_asm_elementwise("{ nanosleep.u32 $1; mov.u32 $0, 0; }", "=r,r", [tl.full((), ns, tl.int32)],
-                              dtype=tl.int32, is_pure=False, pack=1)
-
-
-@triton.jit
 def load_acquire(ptr):
     return tl.atomic_add(ptr, 0, sem="acquire", scope="sys")
 
