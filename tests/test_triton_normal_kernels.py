@@ -6,6 +6,7 @@ and phase, and the bf16 rounding helper. Shapes stay tiny: the interpreter runs 
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Optional
 
@@ -385,8 +386,13 @@ def check_hopper_vectorisation() -> None:
             BLOCK_W=512, HAS_SCALES=fp8, HAS_TOPK=True, WRITE_SEND_HEAD=not fp8, WORST=fp8, PUSH_ONLY=False,
             **common)
         check(dispatch, f"dispatch (fp8={fp8})")
-    combine = kernels.ep_combine_kernel.warmup(
-        t(bf16), t(f32), t(bf16), t(bf16), t(u8), t(), t(), t(), t(bf16), t(f32), t(i64), 1 << 30, t(i64),
-        8192, t(i64), t(i64), 1, 4096, 12, 342, 16, 2, 8, 10**5, 10**9, HIDDEN=7168, RECORD_ELEMS=7184,
-        BLOCK_H=1024, REDUCE_BLOCK_H=256, HAS_WEIGHTS=True, HAS_BIAS0=True, HAS_BIAS1=True, **common)
-    check(combine, "combine")
+    for reduce_stages in (1, 3):  # the default (unpipelined reduction), and the pipelined one
+        combine = kernels.ep_combine_kernel.warmup(
+            t(bf16), t(f32), t(bf16), t(bf16), t(u8), t(), t(), t(), t(bf16), t(f32), t(i64), 1 << 30, t(i64),
+            8192, t(i64), t(i64), 1, 4096, 12, 342, 16, 2, 8, 10**5, 10**9, HIDDEN=7168, RECORD_ELEMS=7184,
+            BLOCK_H=1024, REDUCE_BLOCK_H=256, HAS_WEIGHTS=True, HAS_BIAS0=True, HAS_BIAS1=True,
+            REDUCE_STAGES=reduce_stages, **common)
+        check(combine, f"combine (reduce stages {reduce_stages})")
+        # a pipelined reduction reads send_head by inline asm, never through a pipeliner's shared buffer
+        assert ("ld.global.nc.b32" in combine.asm["ptx"]) == (reduce_stages > 1), reduce_stages
+        assert not re.search(r"memdesc<\d+x16x4xi32", combine.asm["ttgir"]), "send_head went through shared memory"

@@ -32,6 +32,13 @@ Tuning knobs (environment at construction; they must be equal on every rank):
   chunks' loads in flight through cp.async; default 3 on GPUs). The combine's reduction, which loads one
   tile per rank and bias per chunk, narrows its chunks so that its stages fit FLASHEP_REDUCE_SMEM bytes
   of shared memory (default 196608; the compiled kernel stays within an SM's 227 KiB at 2 to 8 ranks);
+- FLASHEP_COMBINE_REDUCE_STAGES: pipelining depth of the combine's reduction (default 1: none). Pipelined
+  (3), the 2-GPU CUDA-graph and twenty-rerun tests summed wrong rows for a few tokens (from the second
+  chunk of a tile on; 2x H200, session 12; also at the session-10 code, so not a regression), unpipelined
+  they pass. Suspected cause: Triton's pipeliner gave the send_head load that addresses the row loads two
+  shared-memory slots for three stages (a known class of pipeliner buffer races). Since then a pipelined
+  reduction reads send_head by inline asm (`_load_index`, no shared memory): NOT YET RUN ON A GPU, so the
+  default stays 1. The price of 1: the 4-GPU combine 708 -> 934 us;
 - FLASHEP_RECEIVER_SHARE: share of a dispatch's programs that receive (default 1/3; rounded, at least 1,
   at most num_sms - 1); FLASHEP_COMBINE_RECEIVER_SHARE: the same for a combine (default 0.55: a combine's
   receivers read every row and reduce, a dispatch's copy only the peers' rows; both measured on 2x H200,
@@ -85,6 +92,8 @@ class TritonNormalBackend(Backend):
         self.tile_hidden = _env.power_of_two("FLASHEP_TILE_HIDDEN", 1024)
         self.num_warps = _env.power_of_two("FLASHEP_NUM_WARPS", 8)
         self.stages = _env.integer("FLASHEP_STAGES", 3 if self.device.type == "cuda" else 1, minimum=1)
+        # the combine's reduction unpipelined by default: pipelined, it summed stale rows at 2 ranks (below)
+        self.reduce_stages = _env.integer("FLASHEP_COMBINE_REDUCE_STAGES", 1, minimum=1)
         self.reduce_smem = _env.integer("FLASHEP_REDUCE_SMEM", 192 * 1024, minimum=1)
         self.receivers = _env.integer("FLASHEP_RECEIVERS", None, minimum=1)
         self.combine_receivers = _env.integer("FLASHEP_COMBINE_RECEIVERS", self.receivers, minimum=1)
@@ -330,7 +339,8 @@ class TritonNormalBackend(Backend):
             NUM_RANKS=self.num_ranks, R_PAD=self._rank_pad, P_PAD=_pow2(pushers), HIDDEN=hidden,
             RECORD_ELEMS=record_bytes // 2, K_PAD=_pow2(num_topk), BLOCK_T=self.tile_tokens, BLOCK_H=block_h,
             REDUCE_BLOCK_H=reduce_block_h, HAS_WEIGHTS=topk_weights is not None, HAS_BIAS0=bias0 is not None,
-            HAS_BIAS1=bias1 is not None, USE_TIMER=use_timer(), STAGES=self.stages, num_warps=self.num_warps)
+            HAS_BIAS1=bias1 is not None, USE_TIMER=use_timer(), STAGES=self.stages,
+            REDUCE_STAGES=self.reduce_stages, num_warps=self.num_warps)
         self.epoch.add_(1)
         return combined, combined_weights
 
@@ -413,7 +423,7 @@ class TritonNormalBackend(Backend):
             NUM_RANKS=num_ranks, R_PAD=self._rank_pad, MAX_PARTS=kernels.MAX_COPY_PARTS, HIDDEN=hidden,
             K_PAD=_pow2(num_topk), BLOCK_T=self.tile_tokens, REDUCE_BLOCK_H=self._reduce_block_h(hidden, bias0, bias1),
             HAS_WEIGHTS=topk_weights is not None, HAS_BIAS0=bias0 is not None, HAS_BIAS1=bias1 is not None,
-            USE_TIMER=use_timer(), STAGES=self.stages, num_warps=self.num_warps)
+            USE_TIMER=use_timer(), STAGES=self.reduce_stages, num_warps=self.num_warps)
         self.copier.join()
         return combined, combined_weights
 
