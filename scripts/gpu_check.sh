@@ -19,7 +19,8 @@
 # source, so a cache stays valid until the kernels change.
 # RECORD_LAUNCHES=1 records every distinct kernel launch of the test ranks (FLASHEP_RECORD_LAUNCHES) and returns
 # them as $OUT/launches.tar.xz: commit them under tests/gpu_launches/, and a later session compiles them on a
-# machine without a GPU (scripts/warm_triton_cache.py) into the cache tarball above, before its first device call.
+# machine without a GPU (scripts/warm_triton_cache.py) into the cache tarball above, before its first device call
+# (only where Triton is installed at the device's path: the cache key holds it; see that script).
 # Keep FLASHEP_TIMEOUT_S at its default (100 s) for the tests on a cold cache: a rank that compiles a new
 # kernel variant late keeps its peers' kernels waiting (session 11: two LL cases failed with 20 s and passed
 # with the default; the messages were lost, so this is the likely cause, not a proven one).

@@ -9,6 +9,10 @@ compiled once through Triton's JIT with a stand-in Hopper driver (tests/gpu_comp
 launch whose kernel changed its arguments since it was recorded is skipped. The cache goes into a tarball whose
 top folder is `.triton_cache`, which `scripts/gpu_check.sh` unpacks (carry `.devcache` with the device tool).
 Cache entries are keyed by kernel source and specialisation, so only launches of unchanged kernels hit.
+Known limit (session 12): the key also holds the compile options, among them the path of Triton's libdevice,
+i.e. where Python and Triton are installed. The lent GPU machines use /opt/torch/.venv (Python 3.12); a cache
+built elsewhere had no key in common with theirs (0 of 86 entries), so it only helps from a machine whose
+Triton sits at the same path.
 """
 import argparse
 import glob
