@@ -5,7 +5,8 @@
 #
 # Phases (default: tests bench):
 #   tests   pytest -m gpu -v -rfE (each case named as it ends, failures listed at the end); TESTS_ARGS selects (e.g.
-#           TESTS_ARGS="-k gpu4 tests/test_gpu_low_latency.py")
+#           TESTS_ARGS="-k gpu4 tests/test_gpu_low_latency.py"); with 4 GPUs and no TESTS_ARGS the 2-GPU cases of
+#           both suites run at once on GPUs 0-1 and 2-3, then the rest (run_tests_on_pairs)
 #   bench   python -m flashep.bench on 2 GPUs, then on 4 GPUs (where there are 4)
 #   quick   the same with --quick (few iterations)
 #   sweep   normal mode over 256..16384 tokens per rank on 4 GPUs (or all there are), with a plot
@@ -29,7 +30,8 @@
 # SWEEP_TIMEOUT. Exit status: 0 when every phase passed.
 # Durations on 2x H200 (2026-11-28): tests ~580 s (most of it compiling kernel variants), bench ~130 s,
 # bench with --ll-tokens 1,32,128,256,512 ~190 s; a device call lasts at most 600 s, so run `tests` and
-# `bench` in separate calls there.
+# `bench` in separate calls there. On 4x H200 (session 12) a cold case took ~55 s (LL) and a warm one ~15-35 s;
+# the two GPU pairs at once (tests, 4 GPUs) ran 2 + 2 cold normal cases in 74 s.
 set -uo pipefail
 
 cd "$(dirname "$0")/.."
@@ -105,11 +107,37 @@ bench_on() {  # bench_on NAME NUM_GPUS LIMIT EXTRA_ARGS...
     "$PYTHON" -m flashep.bench "$@" "${bench_args[@]}"
 }
 
+# With 4 GPUs and no TESTS_ARGS: the 2-GPU cases of the two suites at once on GPUs 0-1 and 2-3 (most of a cold
+# suite is compiling, so two pairs halve it), then every other case on all GPUs. TESTS_TIMEOUT bounds each step.
+run_tests_on_pairs() {
+  local suite rc i=0 pids=() names=()
+  for suite in low_latency normal; do
+    local devices="$((2 * i)),$((2 * i + 1))"
+    echo "=== tests-gpu2-$suite: GPUs $devices (limit ${TESTS_TIMEOUT}s)"
+    CUDA_VISIBLE_DEVICES="$devices" timeout --kill-after=10 "$TESTS_TIMEOUT" "$PYTHON" -m pytest -m gpu -v -rfE \
+      -k gpu2 "tests/test_gpu_$suite.py" > "$OUT/tests-gpu2-$suite.log" 2>&1 &
+    pids+=($!); names+=("tests-gpu2-$suite"); i=$((i + 1))
+  done
+  for i in 0 1; do
+    wait "${pids[$i]}"; rc=$?
+    verdict="PASS"
+    if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then verdict="TIMEOUT after ${TESTS_TIMEOUT}s"; failed=1
+    elif [ "$rc" -ne 0 ]; then verdict="FAIL (exit $rc)"; failed=1; fi
+    note "${names[$i]}: $verdict; log $OUT/${names[$i]}.log"
+    grep -E "PASSED|FAILED|ERROR" "$OUT/${names[$i]}.log"
+  done
+  run_phase tests-rest "$TESTS_TIMEOUT" "$OUT/tests-rest.log" "$PYTHON" -m pytest -m gpu -v -rfE -k "not gpu2"
+}
+
 for phase in "${phases[@]}"; do
   case "$phase" in
     tests)
-      # shellcheck disable=SC2086  # TESTS_ARGS is a list of pytest arguments
-      run_phase tests "$TESTS_TIMEOUT" "$OUT/tests.log" "$PYTHON" -m pytest -m gpu -v -rfE ${TESTS_ARGS:-} ;;
+      if [ "$num_gpus" -ge 4 ] && [ -z "${TESTS_ARGS:-}" ]; then
+        run_tests_on_pairs
+      else
+        # shellcheck disable=SC2086  # TESTS_ARGS is a list of pytest arguments
+        run_phase tests "$TESTS_TIMEOUT" "$OUT/tests.log" "$PYTHON" -m pytest -m gpu -v -rfE ${TESTS_ARGS:-}
+      fi ;;
     bench|quick)
       quick=()
       [ "$phase" = quick ] && quick=(--quick)
@@ -137,7 +165,7 @@ for line in "${summary[@]}"; do
   log="${line##*; log }"
   [ -f "$log" ] || continue
   case "$line" in
-    tests:*) grep -E "passed|failed|error" "$log" | tail -n 1 | sed 's/^/    /' ;;
+    tests*) grep -E "passed|failed|error" "$log" | tail -n 1 | sed "s/^/    /" ;;
     *) grep -E "^flashep\.bench: " "$log" | sed 's/^/    /' ;;
   esac
 done
