@@ -34,7 +34,7 @@ Tuning knobs (environment at construction; they must be equal on every rank):
   of shared memory (default 196608; the compiled kernel stays within an SM's 227 KiB at 2 to 8 ranks);
 - FLASHEP_COMBINE_REDUCE_STAGES: pipelining depth of the combine's reduction (default 1: none). Pipelined
   (3), the 2-GPU CUDA-graph and twenty-rerun tests summed wrong rows for a few tokens (from the second
-  chunk of a tile on; 2x H200, session 12; also at the session-10 code, so not a regression), unpipelined
+  chunk of a tile on; two GPUs of a 4x H200 box, session 12; also at the session-10 code), unpipelined
   they pass. Suspected cause: Triton's pipeliner gave the send_head load that addresses the row loads two
   shared-memory slots for three stages (a known class of pipeliner buffer races). Since then a pipelined
   reduction reads send_head by inline asm (`_load_index`, no shared memory): NOT YET RUN ON A GPU, so the
@@ -92,7 +92,7 @@ class TritonNormalBackend(Backend):
         self.tile_hidden = _env.power_of_two("FLASHEP_TILE_HIDDEN", 1024)
         self.num_warps = _env.power_of_two("FLASHEP_NUM_WARPS", 8)
         self.stages = _env.integer("FLASHEP_STAGES", 3 if self.device.type == "cuda" else 1, minimum=1)
-        # the combine's reduction unpipelined by default: pipelined, it summed stale rows at 2 ranks (below)
+        # the combine's reduction unpipelined by default: pipelined, it summed wrong rows at 2 ranks (docstring)
         self.reduce_stages = _env.integer("FLASHEP_COMBINE_REDUCE_STAGES", 1, minimum=1)
         self.reduce_smem = _env.integer("FLASHEP_REDUCE_SMEM", 192 * 1024, minimum=1)
         self.receivers = _env.integer("FLASHEP_RECEIVERS", None, minimum=1)
