@@ -67,16 +67,20 @@ failed=0
 
 note() { summary+=("$1"); }
 
-# runs "$@" under `timeout LIMIT`, output teed into LOG; records PASS / FAIL / TIMEOUT for NAME
+# records PASS / FAIL / TIMEOUT for NAME from the exit status RC of a command run under `timeout LIMIT`
+record_verdict() {
+  local name="$1" limit="$2" log="$3" rc="$4" verdict="PASS"
+  if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then verdict="TIMEOUT after ${limit}s"; failed=1
+  elif [ "$rc" -ne 0 ]; then verdict="FAIL (exit $rc)"; failed=1; fi
+  note "$name: $verdict; log $log"
+}
+
+# runs "$@" under `timeout LIMIT`, output teed into LOG; records its verdict for NAME
 run_phase() {
   local name="$1" limit="$2" log="$3"; shift 3
   echo "=== $name: $* (limit ${limit}s)"
   timeout --kill-after=10 "$limit" "$@" 2>&1 | tee "$log"
-  local rc=${PIPESTATUS[0]}
-  local verdict="PASS"
-  if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then verdict="TIMEOUT after ${limit}s"; failed=1
-  elif [ "$rc" -ne 0 ]; then verdict="FAIL (exit $rc)"; failed=1; fi
-  note "$name: $verdict; log $log"
+  record_verdict "$name" "$limit" "$log" "${PIPESTATUS[0]}"
   return 0
 }
 
@@ -120,10 +124,7 @@ run_tests_on_pairs() {
   done
   for i in 0 1; do
     wait "${pids[$i]}"; rc=$?
-    verdict="PASS"
-    if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then verdict="TIMEOUT after ${TESTS_TIMEOUT}s"; failed=1
-    elif [ "$rc" -ne 0 ]; then verdict="FAIL (exit $rc)"; failed=1; fi
-    note "${names[$i]}: $verdict; log $OUT/${names[$i]}.log"
+    record_verdict "${names[$i]}" "$TESTS_TIMEOUT" "$OUT/${names[$i]}.log" "$rc"
     grep -E "PASSED|FAILED|ERROR" "$OUT/${names[$i]}.log"
   done
   run_phase tests-rest "$TESTS_TIMEOUT" "$OUT/tests-rest.log" "$PYTHON" -m pytest -m gpu -v -rfE -k "not gpu2"
