@@ -18,9 +18,9 @@ import sys
 KERNEL_MODULES = ("flashep.kernels.normal", "flashep.kernels.low_latency")
 # constexprs that select interpreter-only code paths, and their values on a GPU
 GPU_OVERRIDES = {"USE_TIMER": True, "EXACT_CASTS": False}
-# probe options the interpreter never records (FLASHEP_LL_STAMPS, FLASHEP_PROBE_PUSH_ONLY):
-# each kernel that takes them is also compiled once with them on
-PROBE_OPTIONS = {"STAMPS": True, "PUSH_ONLY": True}
+# probe options the interpreter never records (FLASHEP_LL_STAMPS): each kernel that takes them is also
+# compiled once with them on
+PROBE_OPTIONS = {"STAMPS": True}
 # launch options a record may carry besides the kernel's own arguments
 LAUNCH_OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg", "debug")
 

@@ -47,6 +47,10 @@ def _normal_calls(rank, world, group, hidden, num_tokens, record_path):
     worst_x, _, worst_w, _, worst_handle, _ = buffer.dispatch(x, topk_idx=topk_idx, topk_weights=weights,
                                                               num_worst_tokens=worst, **layout)
     buffer.combine(worst_x, worst_handle, topk_weights=worst_w, bias=(x, x))  # no host counts: SM pushers
+    buffer._normal.direct = True  # direct-write dispatches, bf16 and fp8 (FLASHEP_DIRECT_DISPATCH)
+    buffer.dispatch(x, topk_idx=topk_idx, topk_weights=weights, **layout)
+    buffer.dispatch((data, scales), topk_idx=topk_idx, topk_weights=weights, **layout)
+    assert buffer._normal.direct_dispatches == 2
     return True
 
 
@@ -95,7 +99,7 @@ def test_kernels_compile_for_sm90(tmp_path):
     for kernel in ("ep_layout_kernel", "ep_notify_kernel", "ep_dispatch_kernel", "ep_combine_kernel",
                    "ep_combine_reduce_kernel", "ep_ll_dispatch_kernel", "ep_ll_combine_kernel"):
         assert any(line.startswith(kernel + ":") for line in compiled), f"{kernel} was not compiled:\n{proc.stdout}"
-    for kernel in ("ep_ll_dispatch_kernel", "ep_ll_combine_kernel", "ep_dispatch_kernel"):  # gpu_compile.PROBE_OPTIONS
+    for kernel in ("ep_ll_dispatch_kernel", "ep_ll_combine_kernel"):  # gpu_compile.PROBE_OPTIONS
         assert any(line.startswith(kernel + ":") and "(probe options)" in line for line in compiled), proc.stdout
 
 

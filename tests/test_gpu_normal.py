@@ -15,7 +15,7 @@ import torch.distributed as dist
 import flashep
 from flashep import reference
 from flashep.fp8 import per_token_cast_back, per_token_cast_to_fp8, to_column_major
-from harness import TRITON_NORMAL, assert_same, generator, gpu_world, run_ranks, triton_available
+from harness import TRITON_NORMAL, assert_same, generator, gpu_world, rank_device, run_ranks, triton_available
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not triton_available(TRITON_NORMAL), reason="Triton normal backend missing")]
@@ -44,12 +44,6 @@ SHAPES = (
     Shape("h7680_top6_uneven_empty_rank", (777, 0, 1500, 64), 7680, 6, 128, minus_one=0.2, fp8=True),
     Shape("h7168_top8_imbalanced", (4096, 2048), 7168, 8, 256, hot_rank=0.9),
 )
-
-
-def _device(group) -> torch.device:
-    if "nccl" in str(dist.get_backend(group)).lower():
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
 
 
 def _inputs(shape: Shape, seed: int, rank: int, num_ranks: int, fp8: bool, device: torch.device):
@@ -91,10 +85,11 @@ def _check_dispatch(out, expect, what: str, num_valid=None):
 
 # ---- shapes -----------------------------------------------------------------------------------------------
 def _shapes(rank: int, num_ranks: int, group, seed: int, shapes: tuple = SHAPES) -> list:
-    device = _device(group)
+    device = rank_device(group)
     buffer = flashep.Buffer(group, 0)
     assert buffer.backend_name.startswith("triton/"), buffer.backend_name
     report = []
+    dispatches = 0
     for index, shape in enumerate(shapes):
         for fp8 in ((False, True) if shape.fp8 else (False,)):
             for num_sms in ((24, 12) if shape is DEEPSEEK else (24,)):
@@ -117,10 +112,14 @@ def _shapes(rank: int, num_ranks: int, group, seed: int, shapes: tuple = SHAPES)
                                                          config=config)
                 assert_same(combined, expect_x, f"{what}: combined_x")
                 assert_same(combined_w, expect_w, f"{what}: combined weights")
+                del out  # direct-write outputs go back to the pool, so the next dispatch fits
+                dispatches += 1
         report.append((shape.name, buffer.get_local_buffer_tensor(torch.uint8).numel()))
         if shape is DEEPSEEK:
             nbytes = buffer.get_local_buffer_tensor(torch.uint8).numel()
             assert nbytes <= DEEPEP_NVL_BYTES, f"{nbytes} bytes per rank at the DeepSeek-V3 shape"
+    backend = buffer._normal
+    assert backend.direct_dispatches == (dispatches if backend.direct else 0), backend.direct_dispatches
     return report
 
 
@@ -128,6 +127,12 @@ def _shapes(rank: int, num_ranks: int, group, seed: int, shapes: tuple = SHAPES)
 def test_shapes_match_the_oracle(world_size, seed):
     report = run_ranks(world_size, _shapes, seed, backend="triton", device="cuda")[0]
     print("normal-mode buffer bytes per rank after each shape:", report)
+
+
+@pytest.mark.parametrize("world_size", WORLDS)
+def test_direct_write_dispatch_matches_the_oracle(world_size, seed):
+    """FLASHEP_DIRECT_DISPATCH=1: every non-cached dispatch writes its outputs directly (counted in _shapes)."""
+    run_ranks(world_size, _shapes, seed, backend="triton", device="cuda", env={"FLASHEP_DIRECT_DISPATCH": "1"})
 
 
 @pytest.mark.parametrize("world_size", WORLDS)
@@ -139,7 +144,7 @@ def test_combine_by_copy_engine_matches_the_oracle(world_size, seed):
 # ---- CUDA graphs ------------------------------------------------------------------------------------------
 def _graphs(rank: int, num_ranks: int, group, seed: int) -> None:
     shape = Shape("graph", (512, 384), 4096, 8, 64, minus_one=0.1)
-    device = _device(group)
+    device = rank_device(group)
     buffer = flashep.Buffer(group, 0)
     config = flashep.Config(24, 8, 256)
     worst = max(shape.tokens) * num_ranks
@@ -199,7 +204,7 @@ def test_cuda_graph_replays_with_new_data(world_size, seed):
 def _reruns(rank: int, num_ranks: int, group, seed: int, runs: int, shape: Shape = DEEPSEEK) -> None:
     buffer = flashep.Buffer(group, 0)
     config = flashep.Config(24, 8, 256)
-    everyone = [_inputs(shape, seed, r, num_ranks, False, _device(group)) for r in range(num_ranks)]
+    everyone = [_inputs(shape, seed, r, num_ranks, False, rank_device(group)) for r in range(num_ranks)]
     x, topk_idx, weights, bias = everyone[rank]
     first = None
     for run in range(runs):
@@ -218,5 +223,7 @@ def _reruns(rank: int, num_ranks: int, group, seed: int, runs: int, shape: Shape
 
 
 @pytest.mark.parametrize("world_size", WORLDS)
-def test_twenty_reruns_are_bit_identical(world_size, seed):
-    run_ranks(world_size, _reruns, seed, 20, backend="triton", device="cuda")
+@pytest.mark.parametrize("env", [{}, {"FLASHEP_DIRECT_DISPATCH": "1"}, {"FLASHEP_COMBINE_REDUCE_STAGES": "3"}],
+                         ids=["default", "direct_write", "pipelined_reduction"])
+def test_twenty_reruns_are_bit_identical(world_size, env, seed):
+    run_ranks(world_size, _reruns, seed, 20, backend="triton", device="cuda", env=env)

@@ -136,40 +136,9 @@ def _run_cases(rank: int, num_ranks: int, group, seed: int, cases: tuple, repeat
             combined, _, _ = buffer.combine(torch.cat([rows[rank], padding]), worst_out[4])
             expect_plain = reference.combine(rows, topks, num_experts)[rank][0]
             assert_same(combined, expect_plain, f"{what}: combine with the worst-token handle")
-
-
-def _push_only_body(rank: int, num_ranks: int, group, seed: int) -> bool:
-    """FLASHEP_PROBE_PUSH_ONLY: a dispatch whose receivers do not copy still ends (they wait for every flag),
-    with this rank's own rows (written by its pushers) in place; the next dispatch, with copies, is exact,
-    so the probe leaves flags and epochs intact."""
-    case = CASES[2]  # FP8 with scales
-    buffer = flashep.Buffer(group, 0)
-    assert buffer._normal.push_only
-    everyone = [_inputs(case, seed, 0, r, num_ranks) for r in range(num_ranks)]
-    x, topk_idx, topk_weights, _ = everyone[rank]
-    num_experts = case.experts_per_rank * num_ranks
-    expect = reference.dispatch([e[0] for e in everyone], [e[1] for e in everyone], [e[2] for e in everyone],
-                                num_experts)[rank]
-    per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(topk_idx, num_experts)
-    args = dict(topk_idx=topk_idx, topk_weights=topk_weights, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank,
-                num_tokens_per_expert=per_expert, config=flashep.Config(case.num_sms, 8, 256))
-    probe = buffer.dispatch(x, **args)
-    prefix = expect.rank_prefix.tolist()  # rows from sources <= s
-    own = slice(prefix[rank - 1] if rank else 0, prefix[rank])
-    data = _as_pair(probe[0])[0]
-    assert_same(data[own], expect.recv_x[own], "push-only: own rows")
-    peers = torch.ones(data.size(0), dtype=torch.bool)
-    peers[own] = False
-    if peers.any():  # the peers' rows were not copied (the outputs are fresh, uninitialised memory)
-        assert not torch.equal(data[peers].view(torch.uint8), expect.recv_x[peers].view(torch.uint8)), \
-            "push-only: the receivers copied the peers' rows"
-    buffer._normal.push_only = False
-    _check_dispatch(buffer.dispatch(x, **args), expect, True, "after a push-only dispatch")
-    return True
-
-
-def test_push_only_probe_ends_and_leaves_the_protocol_intact(seed):
-    assert all(run_ranks(3, _push_only_body, seed, backend="triton", env={"FLASHEP_PROBE_PUSH_ONLY": "1"}))
+            del out, handle  # a direct-write dispatch's outputs go back to the pool (so the next one fits)
+    # with FLASHEP_DIRECT_DISPATCH every non-cached dispatch without num_worst_tokens wrote directly
+    assert buffer._normal.direct_dispatches == (len(cases) * repeats if buffer._normal.direct else 0)
 
 
 @pytest.mark.parametrize("world_size", [2, 3, 4])
@@ -215,6 +184,62 @@ def test_program_roles_tiles_and_repeats(env, num_sms, seed):
     chunks (several per program), and three rounds so both data halves are reused."""
     cases = (Case("roles", (13, 6, 9), hidden=96, num_topk=2, experts_per_rank=2, num_sms=num_sms, minus_one=0.2),)
     run_ranks(3, _run_cases, seed, cases, 3, backend="triton", env=env)
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_direct_write_dispatch_matches_the_oracle(world_size, seed):
+    """FLASHEP_DIRECT_DISPATCH: the non-cached dispatches write the outputs directly (the worst-token and
+    cached dispatches and the combines keep the records); every output and the combines of their handles
+    match the oracle, two rounds of every case."""
+    run_ranks(world_size, _run_cases, seed, CASES, 2, backend="triton", env={"FLASHEP_DIRECT_DISPATCH": "1"})
+
+
+def _direct_pool(rank: int, num_ranks: int, group, seed: int) -> None:
+    """The output pool of direct-write dispatches: outputs kept alive stay intact while later dispatches write
+    the pool, a pool held full on some rank makes every rank fall back to records together (exact outputs,
+    no hang), freed outputs make room again, larger outputs map a larger pool while the old one stays mapped
+    for the outputs still in it and is unmapped after the last one dies."""
+    buffer = flashep.Buffer(group, 0)
+    backend = buffer._normal
+    config = flashep.Config(4, 8, 256)
+
+    def dispatch(num_tokens: int, tag: int):
+        case = Case("pool", (num_tokens, num_tokens + 3), hidden=64, num_topk=3, experts_per_rank=2, num_sms=4,
+                    minus_one=0.1, fp8_scales=2)
+        everyone = [_inputs(case, seed, tag, r, num_ranks) for r in range(num_ranks)]
+        expect = reference.dispatch(*([e[i] for e in everyone] for i in range(3)), 2 * num_ranks)[rank]
+        x, topk_idx, weights, _ = everyone[rank]
+        per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(topk_idx, 2 * num_ranks)
+        out = buffer.dispatch(x, topk_idx=topk_idx, topk_weights=weights, num_tokens_per_rank=per_rank,
+                              is_token_in_rank=in_rank, num_tokens_per_expert=per_expert, config=config)
+        _check_dispatch(out, expect, True, f"dispatch {tag}")
+        return out, expect
+
+    kept = [dispatch(9, 0)]
+    assert backend.direct_dispatches == 1
+    first_pool = backend.output_pool
+    for tag in (1, 2):  # the pool holds three of these outputs on the rank that receives most
+        kept.append(dispatch(9, tag))
+    assert backend.direct_dispatches == 3
+    full = dispatch(9, 3)  # full there: every rank uses records this time
+    assert backend.direct_dispatches == 3 and backend.output_pool is first_pool
+    for tag, kept_alive in enumerate(kept):
+        _check_dispatch(*kept_alive, True, f"dispatch {tag} kept alive")
+    del kept[1:], kept_alive, full
+    dispatch(9, 4)  # room again
+    assert backend.direct_dispatches == 4
+    dispatch(40, 5)  # larger outputs: a new, larger pool
+    assert backend.direct_dispatches == 5 and backend.output_pool is not first_pool
+    assert not first_pool._unmapped, "the old pool went while an output in it lived"
+    _check_dispatch(*kept[0], True, "dispatch 0 after the pool was replaced")
+    del kept
+    assert first_pool._unmapped, "the old pool stayed mapped after its last output died"
+    dispatch(40, 6)
+    assert backend.direct_dispatches == 6
+
+
+def test_direct_write_output_pool_lifetime_and_fallback(seed):
+    run_ranks(3, _direct_pool, seed, backend="triton", env={"FLASHEP_DIRECT_DISPATCH": "1"})
 
 
 def _synced_dispatch(buffer, case: Case, seed: int, rank: int, num_ranks: int, config=None):
@@ -377,15 +402,16 @@ def check_hopper_vectorisation() -> None:
     i64, f32, bf16, u8 = torch.int64, torch.float32, torch.bfloat16, torch.uint8
     common = dict(NUM_RANKS=3, R_PAD=4, P_PAD=16, K_PAD=8, BLOCK_T=16, USE_TIMER=True, STAGES=3, num_warps=8,
                   grid=(1,))
-    for fp8 in (False, True):  # hidden 7168: bf16 rows of 3584 words, fp8 rows of 1792 words + 56 scales
+    # hidden 7168: bf16 rows of 3584 words, fp8 rows of 1792 words + 56 scales; records or direct-write
+    for fp8, direct in ((False, False), (True, False), (False, True), (True, True)):
         row_words, scales = (1792, 56) if fp8 else (3584, 0)
         dispatch = kernels.ep_dispatch_kernel.warmup(
             t(), t(), 1, 56, t(i64), t(f32), t(u8), t(), t(), t(), t(), t(), t(i64), t(f32), t(), t(),
             t(i64), 1 << 30, t(i64), 4096, t(i64), t(i64), 1, 4096, 12, 342, 16, 2, 64, scales, 8, 10**5, 10**5,
-            10**9, ROW_WORDS=row_words, RECORD_WORDS=row_words + 48 + (16 if fp8 else 0), S_PAD=64 if fp8 else 2,
-            BLOCK_W=512, HAS_SCALES=fp8, HAS_TOPK=True, WRITE_SEND_HEAD=not fp8, WORST=fp8, PUSH_ONLY=False,
-            **common)
-        check(dispatch, f"dispatch (fp8={fp8})")
+            t(i64), 8192, 12345, 10**9, ROW_WORDS=row_words, RECORD_WORDS=row_words + 48 + (16 if fp8 else 0),
+            S_PAD=64 if fp8 else 2, BLOCK_W=512, HAS_SCALES=fp8, HAS_TOPK=True, TOPK_BYTES=8,
+            WRITE_SEND_HEAD=direct or not fp8, WORST=fp8 and not direct, DIRECT=direct, **common)
+        check(dispatch, f"dispatch (fp8={fp8}, direct={direct})")
     for reduce_stages in (1, 3):  # the default (unpipelined reduction), and the pipelined one
         combine = kernels.ep_combine_kernel.warmup(
             t(bf16), t(f32), t(bf16), t(bf16), t(u8), t(), t(), t(), t(bf16), t(f32), t(i64), 1 << 30, t(i64),

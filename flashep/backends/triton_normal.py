@@ -22,7 +22,7 @@ Symmetric heaps per backend:
 
 Kernel roles: each dispatch and combine launches `num_sms` programs; the first `num_sms - receivers` push
 rows over NVLink and never wait, the others wait for the peers' pushers and copy (dispatch) or reduce
-(combine). The split and the publish interval must be the same on every rank.
+(combine). A direct-write dispatch (FLASHEP_DIRECT_DISPATCH) has pushers only. The split and the publish interval must be the same on every rank.
 
 Tuning knobs (environment at construction; they must be equal on every rank):
 - FLASHEP_TILE_TOKENS: rows per tile, pushers and receivers (power of two, default 16);
@@ -53,9 +53,14 @@ Tuning knobs (environment at construction; they must be equal on every rank):
   host synchronisation can (the copies' sizes come from the host), and none while a CUDA graph is being
   captured; the others use the pushers. FLASHEP_COPY_PARTS: parts of such a combine, each followed by
   a flag the reduction waits for (default 4, at most 16 and the number of channels).
-- FLASHEP_PROBE_PUSH_ONLY: 1 makes a dispatch's receivers skip their copies (they still wait for every
-  flag): the outputs are WRONG, the kernel time is that of the pushers alone. A probe for the design that
-  has every program push (docs/design.md), never for real use.
+- FLASHEP_DIRECT_DISPATCH: 1 lets a non-cached dispatch without num_worst_tokens run direct-write: every
+  program pushes, straight into the destinations' output tensors, which each rank carves from a symmetric
+  output pool (`transport.pool`), instead of records its receivers copy (default 0 until verified on GPUs;
+  docs/design.md). The mode is agreed after the notify's host sync: each rank publishes its pool's largest
+  free range in notify, and all go direct when every rank's outputs fit; when the pool is smaller than
+  twice the largest outputs, every rank maps a new one of OUTPUT_POOL_BLOCKS times that size (the old one
+  stays mapped while its outputs live); when it is large enough but held by live outputs somewhere, that
+  dispatch uses the records.
 """
 from __future__ import annotations
 
@@ -72,10 +77,12 @@ from ..kernels import normal as kernels
 from ..kernels.sync import ErrorWord, use_timer, wait_budget
 from ..transport.copy_engine import PeerCopier
 from ..transport.heap import HostMeeting, Layout, SymmetricHeap
+from ..transport.pool import UNIT as OUTPUT_UNIT, OutputPool
 from .base import Backend, DispatchResult, Routing
 
 _LAYOUT_BLOCK_T = 128
 _NOTIFY_BLOCK_T = 256
+OUTPUT_POOL_BLOCKS = 3  # a new output pool holds this many of the largest outputs that made it grow
 
 
 class TritonNormalBackend(Backend):
@@ -103,7 +110,9 @@ class TritonNormalBackend(Backend):
         # off by default: on H200 (docs/perf.md) a combine by copy engine was no faster than the SM pushers at
         # 2 ranks once the reduction was tuned, slower at 4 (host work per copy and flag), and noisier
         self.use_copy_engine = _env.integer("FLASHEP_COPY_ENGINE", 0, minimum=0) != 0
-        self.push_only = _env.integer("FLASHEP_PROBE_PUSH_ONLY", 0, minimum=0) != 0
+        self.direct = _env.integer("FLASHEP_DIRECT_DISPATCH", 0, minimum=0) != 0
+        self.output_pool: Optional[OutputPool] = None  # where direct-write dispatches carve their outputs
+        self.direct_dispatches = 0  # dispatches that ran direct-write so far (tests and the benchmark read it)
         self.copy_parts = min(_env.integer("FLASHEP_COPY_PARTS", 4, minimum=1), kernels.MAX_COPY_PARTS)
         self.signal_layout = _SignalLayout(self.num_ranks)
         self.signal_heap = SymmetricHeap(self.group, self.signal_layout.nbytes, self.device, self.meeting,
@@ -204,6 +213,7 @@ class TritonNormalBackend(Backend):
                           agreed=False, what="dispatch with num_worst_tokens")
         rank_prefix, send_prefix, recv_prefix, summary = self._notify(is_token_in_rank, num_tokens_per_expert,
                                                                       num_channels)
+        direct = None  # the output block of a direct-write dispatch: (pool, offset, tensor)
         if num_worst_tokens > 0:
             num_rows, counts, per_expert_list = num_worst_tokens, None, []
         else:
@@ -218,17 +228,41 @@ class TritonNormalBackend(Backend):
                 self._reserve_copy(_copy_weights_at(rows, hidden) + rows * num_topk * 4)
             per_expert_list = [-(-int(c) // expert_alignment) * expert_alignment
                                for c in host[num_ranks * num_ranks:num_ranks * num_ranks + num_local].tolist()]
-        out = _DispatchOutputs(x, x_scales, topk_idx, num_rows, self.device)
+            if self.direct:
+                direct = self._carve_outputs(counts, x, x_scales, topk_idx)
+        if direct is not None:
+            out = _DispatchOutputs.in_block(direct[2], x, x_scales, topk_idx, num_rows)
+        else:
+            out = _DispatchOutputs(x, x_scales, topk_idx, num_rows, self.device)
         send_head = torch.empty(x.size(0), num_ranks, dtype=torch.int32, device=self.device)
         self._launch_dispatch(x, x_scales, topk_idx, topk_weights, is_token_in_rank, rank_prefix, send_prefix,
                               recv_prefix, out, send_head, num_local, num_channels, record,
-                              write_send_head=True, worst=num_worst_tokens > 0)
+                              write_send_head=True, worst=num_worst_tokens > 0, direct=direct)
         self.epoch.add_(1)
+        self.direct_dispatches += direct is not None
         rank_prefix._flashep_full = True  # read back by handles.from_tuple
         rank_prefix._flashep_counts = counts  # the routing's counts on the host, when known (a combine uses them)
         routing = Routing(rank_prefix, send_prefix, recv_prefix, out.src_idx, is_token_in_rank, send_head,
                           full_matrix=True)
         return DispatchResult(out.x, out.scales, out.topk_idx, out.topk_weights, per_expert_list, routing)
+
+    def _carve_outputs(self, counts: "_HostCounts", x, x_scales, topk_idx):
+        """The direct-write decision, the same on every rank (its inputs came through notify): -> (pool, offset,
+        block) of this rank's outputs when every rank's outputs fit its pool, after mapping a larger pool on
+        every rank when the pool is smaller than twice the largest outputs; None: this dispatch uses records."""
+        needs = [_round_up(max(1, _output_block_bytes(counts.received_by(r), x, x_scales, topk_idx)), OUTPUT_UNIT)
+                 for r in range(self.num_ranks)]  # as OutputPool.carve rounds them
+        fits = all(need <= free * OUTPUT_UNIT for need, free in zip(needs, counts.pool_free))
+        if not fits:
+            pool_bytes = self.output_pool.nbytes if self.output_pool is not None else 0
+            if 2 * max(needs) <= pool_bytes:
+                return None  # large enough, but live outputs hold it somewhere
+            if self.output_pool is not None:
+                self.output_pool.retire()
+                self.output_pool = None
+            self.output_pool = OutputPool(self.group, OUTPUT_POOL_BLOCKS * max(needs), self.device, self.meeting)
+        offset, block = self.output_pool.carve(needs[self.rank])
+        return self.output_pool, offset, block
 
     def _cached_dispatch(self, x, x_scales, routing: Routing, num_channels: int) -> DispatchResult:
         _check_routing(routing)
@@ -245,24 +279,28 @@ class TritonNormalBackend(Backend):
 
     def _notify(self, is_token_in_rank, num_tokens_per_expert, num_channels):
         """-> rank_prefix_matrix, channel_prefix_matrix, recv_channel_prefix_matrix, and `summary`: the rank
-        prefix matrix, the received selections per local expert, every rank's token count and the receive
-        channel prefix matrix (the first and the last are views of it)."""
+        prefix matrix, the received selections per local expert, every rank's token count, every rank's free
+        output-pool units and the receive channel prefix matrix (the first and the last are views of it)."""
         num_ranks, pairs = self.num_ranks, self.num_ranks * self.num_ranks
         num_local = num_tokens_per_expert.size(0) // num_ranks
         num_tokens = is_token_in_rank.size(0)
-        summary = torch.empty(pairs + num_local + num_ranks + num_ranks * num_channels, dtype=torch.int32,
+        summary = torch.empty(pairs + num_local + 2 * num_ranks + num_ranks * num_channels, dtype=torch.int32,
                               device=self.device)
         rank_prefix = summary[:pairs].view(num_ranks, num_ranks)
         send_prefix = torch.empty(num_ranks, num_channels, dtype=torch.int32, device=self.device)
-        recv_prefix = summary[pairs + num_local + num_ranks:].view(num_ranks, num_channels)
+        recv_prefix = summary[pairs + num_local + 2 * num_ranks:].view(num_ranks, num_channels)
+        tokens_at = pairs + num_local
+        pool_units = 0  # what this rank's output pool can take, published for the direct-write decision
+        if self.direct and self.output_pool is not None:
+            pool_units = min(self.output_pool.largest_free() // OUTPUT_UNIT, 2**31 - 1)
         layout = self.signal_layout
         kernels.ep_notify_kernel[(1,)](
             is_token_in_rank.view(torch.uint8), num_tokens_per_expert, self.signal_heap.peer_bases,
             layout.notify_flags, layout.slots, self.epoch, self.errors.address,
             send_prefix, rank_prefix, recv_prefix, summary[pairs:pairs + num_local],
-            summary[pairs + num_local:pairs + num_local + num_ranks],
+            summary[tokens_at:tokens_at + num_ranks], summary[tokens_at + num_ranks:tokens_at + 2 * num_ranks],
             self.rank, num_tokens, num_channels, _tokens_per_channel(num_tokens, num_channels), num_local,
-            wait_budget(),
+            pool_units, wait_budget(),
             NUM_RANKS=num_ranks, R_PAD=self._rank_pad, L_BLOCK=min(1024, _pow2(num_local)),
             BLOCK_T=_NOTIFY_BLOCK_T, MAX_C=kernels.MAX_CHANNELS, MAX_L=kernels.MAX_LOCAL_EXPERTS,
             USE_TIMER=use_timer(), num_warps=4)
@@ -270,7 +308,7 @@ class TritonNormalBackend(Backend):
 
     def _launch_dispatch(self, x, x_scales, topk_idx, topk_weights, is_token_in_rank, rank_prefix, send_prefix,
                          recv_prefix, out: "_DispatchOutputs", send_head, num_local, num_channels, record_bytes,
-                         write_send_head: bool, worst: bool) -> None:
+                         write_send_head: bool, worst: bool, direct=None) -> None:
         num_tokens = x.size(0)
         words = x.view(torch.int32)
         row_words = words.size(1)
@@ -280,6 +318,10 @@ class TritonNormalBackend(Backend):
         int32, int64, f32 = (self._dummy[d] for d in (torch.int32, torch.int64, torch.float32))
         num_programs = 2 * num_channels
         pushers = num_programs - _receivers(self.receivers, self.receiver_share, num_programs)
+        out_bases, out_units = self.signal_heap.peer_bases, 0  # direct-write: every rank's output pool
+        if direct is not None:
+            pushers = num_programs
+            out_bases, out_units = direct[0].peer_bases, direct[1] // OUTPUT_UNIT
         tokens_per_channel = _tokens_per_channel(num_tokens, num_channels)
         # a pusher moves about tokens_per_channel / pushers tokens of every channel
         publish_every = _publish_every(self.publish_tokens, tokens_per_channel / pushers, num_channels)
@@ -294,12 +336,14 @@ class TritonNormalBackend(Backend):
             self.data_heap.peer_bases, self._half(), self.signal_heap.peer_bases, self.signal_layout.dispatch_flags,
             self.epoch, self.errors.address,
             self.rank, num_tokens, num_channels, tokens_per_channel, pushers, publish_every, num_local,
-            num_scales, num_topk, self._half() // record_bytes, out.x.size(0), wait_budget(),
+            num_scales, num_topk, self._half() // record_bytes, out.x.size(0), out_bases,
+            self.signal_layout.output_slots, out_units, wait_budget(),
             NUM_RANKS=self.num_ranks, R_PAD=self._rank_pad, P_PAD=_pow2(pushers), ROW_WORDS=row_words,
             RECORD_WORDS=record_bytes // 4, S_PAD=_pow2(num_scales), K_PAD=_pow2(num_topk),
             BLOCK_T=self.tile_tokens, BLOCK_W=min(max(self.tile_hidden // 2, 16), _pow2(row_words)),
-            HAS_SCALES=x_scales is not None, HAS_TOPK=topk_idx is not None, WRITE_SEND_HEAD=write_send_head,
-            WORST=worst, USE_TIMER=use_timer(), STAGES=self.stages, PUSH_ONLY=self.push_only,
+            HAS_SCALES=x_scales is not None, HAS_TOPK=topk_idx is not None,
+            TOPK_BYTES=topk_idx.element_size() if topk_idx is not None else 8, WRITE_SEND_HEAD=write_send_head,
+            WORST=worst, DIRECT=direct is not None, USE_TIMER=use_timer(), STAGES=self.stages,
             num_warps=self.num_warps)
 
     # ---- combine ----------------------------------------------------------------------------------------
@@ -464,6 +508,9 @@ class TritonNormalBackend(Backend):
 
     # ---- lifetime ---------------------------------------------------------------------------------------
     def destroy(self) -> None:
+        if self.output_pool is not None:  # unmapped once the last output carved from it is gone
+            self.output_pool.retire()
+            self.output_pool = None
         for heap in (self.data_heap, self.copy_heap, self.signal_heap):
             if heap is not None:
                 heap.close()
@@ -478,7 +525,7 @@ class _SignalLayout:
     """Byte offsets in the signal heap (identical on every rank)."""
 
     def __init__(self, num_ranks: int):
-        slot_ints = kernels.MAX_CHANNELS + kernels.MAX_LOCAL_EXPERTS + num_ranks + 1
+        slot_ints = kernels.MAX_CHANNELS + kernels.MAX_LOCAL_EXPERTS + num_ranks + 2
         flags_per_kind = num_ranks * kernels.MAX_PUSHERS * 8
         layout = Layout()
         self.notify_flags = layout.add("notify_flags", num_ranks * 8)
@@ -486,17 +533,19 @@ class _SignalLayout:
         self.combine_flags = layout.add("combine_flags", flags_per_kind)
         self.slots = layout.add("notify_slots", num_ranks * slot_ints * 4)
         self.copy_flags = layout.add("copy_flags", num_ranks * kernels.MAX_COPY_PARTS * 4)
+        self.output_slots = layout.add("output_slots", num_ranks * 8)  # direct-write output block per source
         self.nbytes = layout.size
 
 
 @dataclass
 class _HostCounts:
     """A routing's counts on the host, from the dispatch's one synchronisation: sends[s][j] = n(s -> j)
-    rows, every rank's token count, and this rank's receive channel prefix matrix (rows from source s
-    before channel c)."""
+    rows, every rank's token count, every rank's free output-pool units, and this rank's receive channel
+    prefix matrix (rows from source s before channel c)."""
     rank: int
     sends: list
     tokens: list
+    pool_free: list
     recv_prefix: list
     num_channels: int
     copy_plans: dict = field(default_factory=dict)  # see TritonNormalBackend._copy_plan
@@ -507,9 +556,11 @@ class _HostCounts:
         pairs = num_ranks * num_ranks
         prefix = host[:pairs].view(num_ranks, num_ranks).to(torch.int64)
         sends = prefix - torch.cat([prefix.new_zeros(1, num_ranks), prefix[:-1]])
-        tokens = host[pairs + num_local:pairs + num_local + num_ranks]
-        recv_prefix = host[pairs + num_local + num_ranks:].view(num_ranks, num_channels)
-        return cls(rank, sends.tolist(), tokens.tolist(), recv_prefix.tolist(), num_channels)
+        tokens_at = pairs + num_local
+        tokens = host[tokens_at:tokens_at + num_ranks]
+        pool_free = host[tokens_at + num_ranks:tokens_at + 2 * num_ranks]
+        recv_prefix = host[tokens_at + 2 * num_ranks:].view(num_ranks, num_channels)
+        return cls(rank, sends.tolist(), tokens.tolist(), pool_free.tolist(), recv_prefix.tolist(), num_channels)
 
     def received_by(self, rank: int) -> int:
         return sum(row[rank] for row in self.sends)
@@ -553,12 +604,46 @@ class _DispatchOutputs:
             self.topk_weights = torch.empty(num_rows, topk_idx.size(1), dtype=torch.float32, device=device)
         self.src_idx = torch.empty(num_rows, dtype=torch.int32, device=device)
 
+    @classmethod
+    def in_block(cls, block: torch.Tensor, x, x_scales, topk_idx, num_rows: int) -> "_DispatchOutputs":
+        """The outputs as views of one output-pool block (uint8), fields where `_output_block_bytes` and the
+        kernel's `_direct_outputs` put them."""
+        out = cls.__new__(cls)
+        padded = _round_up(num_rows, kernels.OUTPUT_ROWS_ALIGN)
+        at = 0
+
+        def field(columns: int, dtype: torch.dtype):
+            nonlocal at
+            view = block[at:at + num_rows * columns * dtype.itemsize].view(dtype).view(num_rows, columns)
+            at += padded * columns * dtype.itemsize
+            return view
+
+        out.x = field(x.size(1), x.dtype)
+        out.scales = field(x_scales.size(1), x_scales.dtype) if x_scales is not None else None
+        out.topk_idx = out.topk_weights = None
+        if topk_idx is not None:
+            out.topk_idx = field(topk_idx.size(1), topk_idx.dtype)
+            out.topk_weights = field(topk_idx.size(1), torch.float32)
+        out.src_idx = field(1, torch.int32).view(num_rows)
+        return out
+
 
 def _dispatch_record_bytes(x: torch.Tensor, x_scales: Optional[torch.Tensor], num_topk: int) -> int:
     """Row, scales, top-k ids, top-k weights, source index: all 4-byte words."""
     row_bytes = x.size(1) * x.element_size()
     num_scales = x_scales.size(1) if x_scales is not None else 0
     return _round_up(row_bytes + 4 * (num_scales + 2 * num_topk + 1), kernels.RECORD_ALIGN)
+
+
+def _output_block_bytes(num_rows: int, x: torch.Tensor, x_scales: Optional[torch.Tensor],
+                        topk_idx: Optional[torch.Tensor]) -> int:
+    """Bytes of a direct-write dispatch's output block for `num_rows` rows: recv_x, scales, top-k ids,
+    top-k weights, source index, each starting at a multiple of OUTPUT_ROWS_ALIGN rows."""
+    padded = _round_up(num_rows, kernels.OUTPUT_ROWS_ALIGN)
+    row = x.size(1) * x.element_size() + (4 * x_scales.size(1) if x_scales is not None else 0) + 4
+    if topk_idx is not None:
+        row += topk_idx.size(1) * (topk_idx.element_size() + 4)
+    return padded * row
 
 
 def _combine_record_bytes(hidden: int, num_topk: int) -> int:

@@ -28,8 +28,11 @@ and signalling"); data lives in half `epoch % 2` of the data heap.
 Heap regions (byte offsets from the backend):
 - signal heap: notify flags int64[R] (one per source), dispatch flags int64[R, MAX_PUSHERS] (source
   rank, pusher), combine flags int64[R, MAX_PUSHERS] (sender rank, pusher), notify slots
-  int32[R, MAX_CHANNELS + MAX_LOCAL_EXPERTS + R + 1] (one per source), copy-engine flags
-  int32[R, MAX_COPY_PARTS] (sender rank, part).
+  int32[R, MAX_CHANNELS + MAX_LOCAL_EXPERTS + R + 2] (one per source), copy-engine flags
+  int32[R, MAX_COPY_PARTS] (sender rank, part), output slots int64[R] (a direct-write dispatch's output
+  block offset, one per source).
+- output pool (direct-write dispatch, `DIRECT`): each rank's outputs in one block; pushers store there
+  instead of into records, and no program receives.
 - data heap, per half, one record per row. Dispatch record (4-byte words): the row, its scales, top-k
   ids, top-k weights (float bits), source token index. Combine record: the bf16 row, then the float32
   weights.
@@ -39,8 +42,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .sync import (PHASE_COMBINE, PHASE_DISPATCH, PHASE_NOTIFY, acquire_flags, now_ns, record_timeout, signal, tag,
-                   wait_tag)
+from .sync import (PHASE_COMBINE, PHASE_DISPATCH, PHASE_DISPATCH_OUTPUTS, PHASE_NOTIFY, acquire_flags, now_ns,
+                   record_timeout, signal, tag, wait_tag)
 
 MAX_CHANNELS = 128  # num_sms <= 256
 MAX_PUSHERS = 2 * MAX_CHANNELS  # at most num_sms - 1 programs push
@@ -48,12 +51,17 @@ MAX_LOCAL_EXPERTS = 1024
 RECORD_ALIGN = 64  # bytes; keeps record strides divisible by 16 elements for vectorised access
 SCAN_TOKENS = 256  # tokens per step when a pusher counts the earlier tokens of its channel
 MAX_COPY_PARTS = 16  # parts of a copy-engine combine (one flag per source and part)
+OUTPUT_UNIT = 64  # bytes; a direct-write dispatch's output block offsets travel in these units
+OUTPUT_ROWS_ALIGN = 16  # rows; each field of an output block starts at a multiple of 16 rows (64-byte aligned)
 
 _max_pushers = tl.constexpr(MAX_PUSHERS)
 _scan_tokens = tl.constexpr(SCAN_TOKENS)
 _phase_dispatch = tl.constexpr(PHASE_DISPATCH)
+_output_unit = tl.constexpr(OUTPUT_UNIT)
+_output_rows_align = tl.constexpr(OUTPUT_ROWS_ALIGN)
 _phase_combine = tl.constexpr(PHASE_COMBINE)
 _phase_notify = tl.constexpr(PHASE_NOTIFY)
+_phase_dispatch_outputs = tl.constexpr(PHASE_DISPATCH_OUTPUTS)
 
 # Under the interpreter every call of a @triton.jit helper costs milliseconds, so the per-tile code below
 # inlines one-line lookups (a peer's heap pointer, column j of a [tokens, ranks] tile) instead of calling
@@ -166,17 +174,18 @@ def ep_layout_kernel(topk_ptr, per_rank_ptr, per_expert_ptr, in_rank_ptr, num_to
 
 # ---------------------------------------------------------------- notify
 @triton.jit(do_not_specialize=["notify_flags_offset", "slots_offset", "rank", "num_tokens", "num_channels",
-                               "tokens_per_channel", "num_local_experts", "budget"])
+                               "tokens_per_channel", "num_local_experts", "pool_units", "budget"])
 def ep_notify_kernel(in_rank_ptr, expert_counts_ptr, signal_bases_ptr, notify_flags_offset, slots_offset,
                      epoch_ptr, err_addr_ptr, send_prefix_ptr, rank_prefix_ptr, recv_prefix_ptr, recv_expert_ptr,
-                     tokens_ptr, rank, num_tokens, num_channels, tokens_per_channel, num_local_experts, budget,
-                     NUM_RANKS: tl.constexpr, R_PAD: tl.constexpr, L_BLOCK: tl.constexpr,
+                     tokens_ptr, pool_ptr, rank, num_tokens, num_channels, tokens_per_channel, num_local_experts,
+                     pool_units, budget, NUM_RANKS: tl.constexpr, R_PAD: tl.constexpr, L_BLOCK: tl.constexpr,
                      BLOCK_T: tl.constexpr, MAX_C: tl.constexpr, MAX_L: tl.constexpr, USE_TIMER: tl.constexpr):
     """Slot of source s on each rank (int32): [0, MAX_C) tokens per channel sent to that rank,
-    [MAX_C, MAX_C + MAX_L) selections of that rank's experts, then s's send totals to every rank, then
-    s's token count. Outputs: the routing prefix matrices, the received selections per local expert and
-    every rank's token count."""
-    SLOT_INTS: tl.constexpr = MAX_C + MAX_L + NUM_RANKS + 1
+    [MAX_C, MAX_C + MAX_L) selections of that rank's experts, then s's send totals to every rank, s's
+    token count and the free units of s's dispatch output pool (`pool_units`, for the direct-write
+    dispatch). Outputs: the routing prefix matrices, the received selections per local expert, every
+    rank's token count and every rank's free pool units."""
+    SLOT_INTS: tl.constexpr = MAX_C + MAX_L + NUM_RANKS + 2
     e = tl.load(epoch_ptr) + 1
     zero = tl.full((), 0, tl.int32)
     ranks = tl.arange(0, R_PAD)
@@ -214,6 +223,7 @@ def ep_notify_kernel(in_rank_ptr, expert_counts_ptr, signal_bases_ptr, notify_fl
             l0 += L_BLOCK
         tl.store(slot + MAX_C + MAX_L + ranks, totals, mask=rank_ok)
         tl.store(slot + MAX_C + MAX_L + NUM_RANKS, num_tokens)
+        tl.store(slot + MAX_C + MAX_L + NUM_RANKS + 1, pool_units)
         signal(_heap_ptr(signal_bases_ptr, peer, notify_flags_offset + rank * 8, tl.int64, 8), tag(e) << 32)
 
     err_ptr = tl.load(err_addr_ptr).to(tl.pointer_type(tl.int32))
@@ -244,6 +254,9 @@ def ep_notify_kernel(in_rank_ptr, expert_counts_ptr, signal_bases_ptr, notify_fl
         src_tokens = tl.load(slots + ranks * SLOT_INTS + MAX_C + MAX_L + NUM_RANKS, mask=rank_ok, other=0,
                              cache_modifier=".cg")
         tl.store(tokens_ptr + ranks, src_tokens, mask=rank_ok)
+        src_pools = tl.load(slots + ranks * SLOT_INTS + MAX_C + MAX_L + NUM_RANKS + 1, mask=rank_ok, other=0,
+                            cache_modifier=".cg")
+        tl.store(pool_ptr + ranks, src_pools, mask=rank_ok)
         l0 = zero
         while l0 < num_local_experts:
             experts = l0 + tl.arange(0, L_BLOCK)
@@ -308,17 +321,20 @@ def _parts(lo, hi, part, num_parts, peer_ok, first_peer, NUM_RANKS: tl.constexpr
 
 # ---------------------------------------------------------------- dispatch
 @triton.jit
-def _dispatch_push_fields(start, last, before, block_start, half_offset, scales_ptr, scale_stride_t,
-                          scale_stride_s, topk_ptr, weights_ptr, in_rank_ptr, recv_scales_ptr, recv_topk_ptr,
-                          recv_weights_ptr, recv_src_ptr, send_head_ptr, data_bases_ptr, rank, num_local_experts,
-                          num_scales, num_topk, capacity, num_out_rows, NUM_RANKS: tl.constexpr,
+def _dispatch_push_fields(start, last, before, block_start, bases, caps, out_scales, out_topk, out_weights, out_src,
+                          scales_ptr, scale_stride_t, scale_stride_s, topk_ptr, weights_ptr, in_rank_ptr,
+                          recv_scales_ptr, recv_topk_ptr, recv_weights_ptr, recv_src_ptr, send_head_ptr, rank,
+                          num_local_experts, num_scales, num_topk, num_out_rows, NUM_RANKS: tl.constexpr,
                           R_PAD: tl.constexpr, ROW_WORDS: tl.constexpr, RECORD_WORDS: tl.constexpr,
                           S_PAD: tl.constexpr, K_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
-                          HAS_SCALES: tl.constexpr, HAS_TOPK: tl.constexpr, WRITE_SEND_HEAD: tl.constexpr):
+                          HAS_SCALES: tl.constexpr, HAS_TOPK: tl.constexpr, WRITE_SEND_HEAD: tl.constexpr,
+                          DIRECT: tl.constexpr):
     """Tokens [start, min(start + BLOCK_T, last)): their positions among the tokens sent to each rank
     (written into send_head from `before`, the tokens before `start` sent to each rank, or read from it in a
     cached dispatch), and their per-row fields (scales, top-k ids and weights, source index) at their final
-    rows. -> `before` after these tokens."""
+    rows: this rank's into its outputs; a peer's into its record region (`bases`, rows < `caps`), or with
+    DIRECT into its outputs (`out_*`: every rank's field addresses), top-k ids made local to that peer.
+    -> `before` after these tokens."""
     ranks = tl.arange(0, R_PAD)
     rank_ok = ranks < NUM_RANKS
     ks = tl.arange(0, K_PAD)
@@ -363,9 +379,25 @@ def _dispatch_push_fields(start, last, before, block_start, half_offset, scales_
             if HAS_SCALES:
                 tl.store(recv_scales_ptr + dst_rows[:, None] * num_scales + ss[None, :], scales,
                          mask=row_ok[:, None] & s_ok)
+        elif DIRECT:
+            at_dst = ranks == dst
+            row_ok = row_ok & (dst_rows < tl.sum(tl.where(at_dst, caps, 0), axis=0))
+            if HAS_SCALES:
+                out = tl.sum(tl.where(at_dst, out_scales, 0), axis=0).to(tl.pointer_type(tl.int32))
+                tl.store(out + dst_rows[:, None] * num_scales + ss[None, :], scales, mask=row_ok[:, None] & s_ok)
+            if HAS_TOPK:
+                dst_ids, dst_weights = _localize(ids, weights, dst, num_local_experts)
+                out_ids = tl.sum(tl.where(at_dst, out_topk, 0), axis=0).to(tl.pointer_type(recv_topk_ptr.dtype.element_ty))
+                tl.store(out_ids + dst_rows[:, None] * num_topk + ks[None, :],
+                         dst_ids.to(recv_topk_ptr.dtype.element_ty), mask=row_ok[:, None] & k_ok)
+                out = tl.sum(tl.where(at_dst, out_weights, 0), axis=0).to(tl.pointer_type(tl.float32))
+                tl.store(out + dst_rows[:, None] * num_topk + ks[None, :], dst_weights, mask=row_ok[:, None] & k_ok)
+            out = tl.sum(tl.where(at_dst, out_src, 0), axis=0).to(tl.pointer_type(tl.int32))
+            tl.store(out + dst_rows, toks, mask=row_ok)
         else:
-            row_ok = row_ok & (dst_rows < capacity)
-            region = (tl.load(data_bases_ptr + dst) + half_offset).to(tl.pointer_type(tl.int32))
+            at_dst = ranks == dst
+            row_ok = row_ok & (dst_rows < tl.sum(tl.where(at_dst, caps, 0), axis=0))
+            region = tl.sum(tl.where(at_dst, bases, 0), axis=0).to(tl.pointer_type(tl.int32))
             record = region + dst_rows * RECORD_WORDS + ROW_WORDS
             if HAS_SCALES:
                 tl.store(record[:, None] + ss[None, :], scales, mask=row_ok[:, None] & s_ok)
@@ -379,13 +411,14 @@ def _dispatch_push_fields(start, last, before, block_start, half_offset, scales_
 
 
 @triton.jit
-def _dispatch_push_chunk(step, first, last, block_start, bases, x_ptr, recv_x_ptr, send_head_ptr, rank, capacity,
+def _dispatch_push_chunk(step, first, last, block_start, bases, caps, x_ptr, recv_x_ptr, send_head_ptr, rank,
                          num_out_rows, NUM_RANKS: tl.constexpr, R_PAD: tl.constexpr, ROW_WORDS: tl.constexpr,
-                         RECORD_WORDS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_W: tl.constexpr):
+                         STRIDE_WORDS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_W: tl.constexpr):
     """Step `step` of pushing the rows of tokens [first, last): tile step // CHUNKS, chunk step % CHUNKS, loaded
     once and stored to every destination at the row send_head gives (this rank's rows straight into recv_x;
-    `bases`: every rank's receive region). The steps run in one pipelined loop, so the loads of the next
-    chunks, also across tiles, are in flight."""
+    a peer's at `bases`, rows `STRIDE_WORDS` apart, rows < `caps`: its record region, or its recv_x in a
+    direct-write dispatch). The steps run in one pipelined loop, so the loads of the next chunks, also
+    across tiles, are in flight."""
     CHUNKS: tl.constexpr = (ROW_WORDS + BLOCK_W - 1) // BLOCK_W
     ranks = tl.arange(0, R_PAD)
     rank_ok = ranks < NUM_RANKS
@@ -408,8 +441,9 @@ def _dispatch_push_chunk(step, first, last, block_start, bases, x_ptr, recv_x_pt
                      mask=dst_ok & (dst_rows < num_out_rows)[:, None])
         else:
             region = tl.multiple_of(tl.sum(tl.where(ranks == dst, bases, 0), axis=0).to(tl.pointer_type(tl.int32)), 16)
-            tl.store(region + dst_rows[:, None] * RECORD_WORDS + cols[None, :], data,
-                     mask=dst_ok & (dst_rows < capacity)[:, None])
+            cap = tl.sum(tl.where(ranks == dst, caps, 0), axis=0)
+            tl.store(region + dst_rows[:, None] * STRIDE_WORDS + cols[None, :], data,
+                     mask=dst_ok & (dst_rows < cap)[:, None])
 
 
 @triton.jit
@@ -468,9 +502,49 @@ def _dispatch_copy_fields(tile, begins, ends, tiles, tiles_before, region, recv_
     tl.store(recv_src_ptr + rows64, src_idx, mask=row_ok)
 
 
+@triton.jit
+def _direct_outputs(slot_ptrs, out_bases_ptr, rank_prefix_ptr, e, num_scales, num_topk, failed, err_ptr, rank,
+                    budget, NUM_RANKS: tl.constexpr, R_PAD: tl.constexpr, ROW_WORDS: tl.constexpr,
+                    TOPK_BYTES: tl.constexpr, USE_TIMER: tl.constexpr):
+    """Every peer's output block of a direct-write dispatch: wait (bounded) until each peer published its
+    block's offset in its output pool (`slot_ptrs`: the peers' slots here, `(tag(e) << 32) | units`), then
+    lay out its fields as `_DispatchOutputs.in_block` (backends/triton_normal.py) does, from the rows it
+    receives.
+    -> (failed, x, rows, scales, top-k ids, top-k weights, source index): [R_PAD] vectors of addresses
+    (rows: the peer's row count)."""
+    ranks = tl.arange(0, R_PAD)
+    rank_ok = ranks < NUM_RANKS
+    peer_ok = rank_ok & (ranks != rank)
+    values = acquire_flags(slot_ptrs, peer_ok, USE_TIMER)
+    behind = peer_ok & ((values >> 32) != tag(e))
+    if (tl.max(behind.to(tl.int32), axis=0) > 0) & (failed == 0):
+        start = now_ns(USE_TIMER)
+        spins = 0
+        alive = True
+        while (tl.max(behind.to(tl.int32), axis=0) > 0) & alive:
+            values = tl.where(behind, acquire_flags(slot_ptrs, behind, USE_TIMER), values)
+            behind = peer_ok & ((values >> 32) != tag(e))
+            spins += 1
+            if USE_TIMER:
+                alive = (now_ns(USE_TIMER) - start) < budget
+            else:
+                alive = spins < budget
+        if tl.max(behind.to(tl.int32), axis=0) > 0:
+            record_timeout(err_ptr, _phase_dispatch_outputs, rank, tl.min(tl.where(behind, ranks, R_PAD), axis=0))
+            failed = 1
+    x = tl.load(out_bases_ptr + ranks, mask=rank_ok, other=0) + (values & 0xFFFFFFFF) * _output_unit
+    rows = tl.load(rank_prefix_ptr + (NUM_RANKS - 1) * NUM_RANKS + ranks, mask=rank_ok, other=0)
+    padded = (tl.cdiv(rows, _output_rows_align) * _output_rows_align).to(tl.int64)
+    scales = x + padded * (ROW_WORDS * 4)
+    ids = scales + padded * num_scales * 4
+    weights = ids + padded * num_topk * TOPK_BYTES
+    src = weights + padded * num_topk * 4
+    return failed, x, rows, scales, ids, weights, src
+
+
 DISPATCH_NO_SPECIALIZE = ["scale_stride_t", "scale_stride_s", "rank", "num_tokens", "num_channels",
                           "tokens_per_channel", "num_pushers", "publish_every", "num_local_experts", "num_scales",
-                          "num_topk", "capacity", "num_out_rows", "budget"]
+                          "num_topk", "capacity", "num_out_rows", "out_slots_offset", "out_units", "budget"]
 
 
 @triton.jit(do_not_specialize=DISPATCH_NO_SPECIALIZE)
@@ -479,17 +553,24 @@ def ep_dispatch_kernel(x_ptr, scales_ptr, scale_stride_t, scale_stride_s, topk_p
                        recv_x_ptr, recv_scales_ptr, recv_topk_ptr, recv_weights_ptr, recv_src_ptr, send_head_ptr,
                        data_bases_ptr, half_bytes, signal_bases_ptr, flags_offset, epoch_ptr, err_addr_ptr,
                        rank, num_tokens, num_channels, tokens_per_channel, num_pushers, publish_every,
-                       num_local_experts, num_scales, num_topk, capacity, num_out_rows, budget,
+                       num_local_experts, num_scales, num_topk, capacity, num_out_rows,
+                       out_bases_ptr, out_slots_offset, out_units, budget,
                        NUM_RANKS: tl.constexpr, R_PAD: tl.constexpr, P_PAD: tl.constexpr, ROW_WORDS: tl.constexpr,
                        RECORD_WORDS: tl.constexpr, S_PAD: tl.constexpr, K_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
                        BLOCK_W: tl.constexpr, HAS_SCALES: tl.constexpr, HAS_TOPK: tl.constexpr,
-                       WRITE_SEND_HEAD: tl.constexpr, WORST: tl.constexpr, USE_TIMER: tl.constexpr,
-                       STAGES: tl.constexpr, PUSH_ONLY: tl.constexpr):
+                       TOPK_BYTES: tl.constexpr, WRITE_SEND_HEAD: tl.constexpr, WORST: tl.constexpr,
+                       DIRECT: tl.constexpr, USE_TIMER: tl.constexpr, STAGES: tl.constexpr):
     """Rows are 4-byte words (`x_ptr`/`recv_x_ptr` are int32 views). Row i of the receive order sits at the
     same index in the receive region and in `recv_x`. Work goes by segments of channels (a flag at each
     segment's end): a pusher takes an equal contiguous part of the segment's tokens, a receiver an equal
     contiguous part of every peer's rows of the segment. USE_TIMER: compiled for a GPU (timed waits,
-    software-pipelined loops). PUSH_ONLY (a probe, FLASHEP_PROBE_PUSH_ONLY): receivers wait but do not copy."""
+    software-pipelined loops).
+
+    DIRECT (direct-write dispatch): every program pushes, straight into the destinations' outputs, which
+    each rank carved from its output pool (`out_bases_ptr`: every rank's pool base) at `out_units`: program
+    0 publishes that offset into every peer's slot (signal heap, int64[R] at `out_slots_offset`, one per
+    source) at the start, and each pusher waits for its peers' before its first store. The last program
+    then waits for every peer's final flags, so the kernel ends when every row has landed."""
     CHUNKS: tl.constexpr = (ROW_WORDS + BLOCK_W - 1) // BLOCK_W
     pid = tl.program_id(0)
     e = tl.load(epoch_ptr) + 1
@@ -499,12 +580,33 @@ def ep_dispatch_kernel(x_ptr, scales_ptr, scale_stride_t, scale_stride_s, topk_p
     peer_ok = rank_ok & (ranks != rank)
     zero = tl.full((), 0, tl.int32)
     segment = zero  # first channel of the current segment
+    signal_bases = tl.load(signal_bases_ptr + ranks, mask=rank_ok, other=0)
+    err_ptr = tl.load(err_addr_ptr).to(tl.pointer_type(tl.int32))
+    if DIRECT:
+        if pid == 0:
+            _publish((signal_bases + out_slots_offset + rank * 8).to(tl.pointer_type(tl.int64)),
+                     tl.zeros([R_PAD], tl.int64) + ((tag(e) << 32) | out_units), peer_ok)
     if pid < num_pushers:
         # this pusher's flag (source rank, pusher) on every peer
         my_flag = flags_offset + (rank * _max_pushers + pid) * 8
-        out_flags = (tl.load(signal_bases_ptr + ranks, mask=rank_ok, other=0) + my_flag).to(tl.pointer_type(tl.int64))
+        out_flags = (signal_bases + my_flag).to(tl.pointer_type(tl.int64))
         block_start = tl.load(rank_prefix_ptr + (rank - 1) * NUM_RANKS + ranks, mask=rank_ok & (rank > 0), other=0)
-        bases = tl.load(data_bases_ptr + ranks, mask=rank_ok, other=0) + half_offset  # every rank's region
+        if DIRECT:  # every peer's outputs
+            slots = (tl.sum(tl.where(ranks == rank, signal_bases, 0), axis=0) + out_slots_offset
+                     + ranks * 8).to(tl.pointer_type(tl.int64))
+            failed, bases, caps, out_scales, out_topk, out_weights, out_src = _direct_outputs(
+                slots, out_bases_ptr, rank_prefix_ptr, e, num_scales, num_topk, tl.load(err_ptr + 3, volatile=True),
+                err_ptr, rank, budget, NUM_RANKS, R_PAD, ROW_WORDS, TOPK_BYTES, USE_TIMER)
+            if failed != 0:  # no flag either: the peers time out too, naming this rank
+                segment = num_channels
+        else:  # every peer's record region
+            bases = tl.load(data_bases_ptr + ranks, mask=rank_ok, other=0) + half_offset
+            caps = tl.zeros([R_PAD], tl.int32) + capacity
+            out_scales = bases  # unused without DIRECT
+            out_topk = bases
+            out_weights = bases
+            out_src = bases
+        STRIDE_WORDS: tl.constexpr = ROW_WORDS if DIRECT else RECORD_WORDS
         while segment < num_channels:
             segment_end = _segment_end(segment, publish_every, num_channels)
             lo, hi = _channel_tokens(segment, segment_end, tokens_per_channel, num_tokens)
@@ -528,38 +630,46 @@ def ep_dispatch_kernel(x_ptr, scales_ptr, scale_stride_t, scale_stride_s, topk_p
             if USE_TIMER:
                 for tile in tl.range(0, num_tiles, num_stages=STAGES):
                     before = _dispatch_push_fields(
-                        first + tile * BLOCK_T, last, before, block_start, half_offset, scales_ptr, scale_stride_t,
-                        scale_stride_s, topk_ptr, weights_ptr, in_rank_ptr, recv_scales_ptr, recv_topk_ptr,
-                        recv_weights_ptr, recv_src_ptr, send_head_ptr, data_bases_ptr, rank, num_local_experts,
-                        num_scales, num_topk, capacity, num_out_rows, NUM_RANKS, R_PAD, ROW_WORDS, RECORD_WORDS,
-                        S_PAD, K_PAD, BLOCK_T, HAS_SCALES, HAS_TOPK, WRITE_SEND_HEAD)
+                        first + tile * BLOCK_T, last, before, block_start, bases, caps, out_scales, out_topk,
+                        out_weights, out_src, scales_ptr, scale_stride_t, scale_stride_s, topk_ptr, weights_ptr,
+                        in_rank_ptr, recv_scales_ptr, recv_topk_ptr, recv_weights_ptr, recv_src_ptr, send_head_ptr,
+                        rank, num_local_experts, num_scales, num_topk, num_out_rows, NUM_RANKS, R_PAD, ROW_WORDS,
+                        RECORD_WORDS, S_PAD, K_PAD, BLOCK_T, HAS_SCALES, HAS_TOPK, WRITE_SEND_HEAD, DIRECT)
                 tl.debug_barrier()  # the rows' loop reads the send_head this program just wrote
                 for step in tl.range(0, num_tiles * CHUNKS, num_stages=STAGES):
-                    _dispatch_push_chunk(step, first, last, block_start, bases, x_ptr, recv_x_ptr, send_head_ptr,
-                                         rank, capacity, num_out_rows, NUM_RANKS, R_PAD, ROW_WORDS, RECORD_WORDS,
-                                         BLOCK_T, BLOCK_W)
+                    _dispatch_push_chunk(step, first, last, block_start, bases, caps, x_ptr, recv_x_ptr,
+                                         send_head_ptr, rank, num_out_rows, NUM_RANKS, R_PAD, ROW_WORDS,
+                                         STRIDE_WORDS, BLOCK_T, BLOCK_W)
             else:
                 tile = zero
                 while tile < num_tiles:
                     before = _dispatch_push_fields(
-                        first + tile * BLOCK_T, last, before, block_start, half_offset, scales_ptr, scale_stride_t,
-                        scale_stride_s, topk_ptr, weights_ptr, in_rank_ptr, recv_scales_ptr, recv_topk_ptr,
-                        recv_weights_ptr, recv_src_ptr, send_head_ptr, data_bases_ptr, rank, num_local_experts,
-                        num_scales, num_topk, capacity, num_out_rows, NUM_RANKS, R_PAD, ROW_WORDS, RECORD_WORDS,
-                        S_PAD, K_PAD, BLOCK_T, HAS_SCALES, HAS_TOPK, WRITE_SEND_HEAD)
+                        first + tile * BLOCK_T, last, before, block_start, bases, caps, out_scales, out_topk,
+                        out_weights, out_src, scales_ptr, scale_stride_t, scale_stride_s, topk_ptr, weights_ptr,
+                        in_rank_ptr, recv_scales_ptr, recv_topk_ptr, recv_weights_ptr, recv_src_ptr, send_head_ptr,
+                        rank, num_local_experts, num_scales, num_topk, num_out_rows, NUM_RANKS, R_PAD, ROW_WORDS,
+                        RECORD_WORDS, S_PAD, K_PAD, BLOCK_T, HAS_SCALES, HAS_TOPK, WRITE_SEND_HEAD, DIRECT)
                     tile += 1
                 step = zero
                 while step < num_tiles * CHUNKS:
-                    _dispatch_push_chunk(step, first, last, block_start, bases, x_ptr, recv_x_ptr, send_head_ptr,
-                                         rank, capacity, num_out_rows, NUM_RANKS, R_PAD, ROW_WORDS, RECORD_WORDS,
-                                         BLOCK_T, BLOCK_W)
+                    _dispatch_push_chunk(step, first, last, block_start, bases, caps, x_ptr, recv_x_ptr,
+                                         send_head_ptr, rank, num_out_rows, NUM_RANKS, R_PAD, ROW_WORDS,
+                                         STRIDE_WORDS, BLOCK_T, BLOCK_W)
                     step += 1
             _publish(out_flags, tl.zeros([R_PAD], tl.int64) + ((tag(e) << 32) | segment_end.to(tl.int64)), peer_ok)
             segment = segment_end
+        if DIRECT:
+            if pid == num_pushers - 1:  # the last program: the kernel ends when every peer's rows have landed
+                pushers = tl.arange(0, P_PAD)
+                flags = (tl.sum(tl.where(ranks == rank, signal_bases, 0), axis=0) + flags_offset
+                         + (ranks[:, None] * _max_pushers + pushers[None, :]) * 8).to(tl.pointer_type(tl.int64))
+                flag_ok = peer_ok[:, None] & (pushers < num_pushers)[None, :]
+                _wait_channels(flags, flag_ok, peer_ok, num_channels - 1, tl.zeros([R_PAD], tl.int32), e,
+                               num_channels, tl.load(err_ptr + 3, volatile=True), err_ptr, _phase_dispatch, rank,
+                               budget, R_PAD, USE_TIMER)
     else:
         worker = pid - num_pushers
         num_workers = tl.num_programs(0) - num_pushers
-        err_ptr = tl.load(err_addr_ptr).to(tl.pointer_type(tl.int32))
         failed = tl.load(err_ptr + 3, volatile=True)
         region = _heap_ptr(data_bases_ptr, rank, half_offset, tl.int32, 16)
         pushers = tl.arange(0, P_PAD)
@@ -591,8 +701,6 @@ def ep_dispatch_kernel(x_ptr, scales_ptr, scale_stride_t, scale_stride_s, topk_p
             ready, failed = _wait_channels(flags, flag_ok, tiles > 0, segment_end - 1, ready, e, num_channels, failed,
                                            err_ptr, _phase_dispatch, rank, budget, R_PAD, USE_TIMER)
             num_tiles = tl.where(failed == 0, tl.sum(tiles, axis=0), 0)
-            if PUSH_ONLY:
-                num_tiles = num_tiles * 0
             if USE_TIMER:  # software-pipelined loops (the interpreter needs constant bounds for tl.range)
                 for step in tl.range(0, num_tiles * CHUNKS, num_stages=STAGES):
                     _dispatch_copy_chunk(step, begins, ends, tiles, tiles_before, region, recv_x_ptr, capacity,

@@ -28,9 +28,11 @@ PHASES = {
     5: "low-latency dispatch receive",
     6: "low-latency combine receive",
     7: "low-latency barrier",
+    8: "dispatch output address exchange",
 }
 PHASE_BARRIER, PHASE_NOTIFY, PHASE_DISPATCH, PHASE_COMBINE = 1, 2, 3, 4
 PHASE_LL_DISPATCH, PHASE_LL_COMBINE, PHASE_LL_BARRIER = 5, 6, 7
+PHASE_DISPATCH_OUTPUTS = 8
 
 # interpreter: one spin of a wait loop costs tens of microseconds, so a spin budget stands in for time
 _INTERPRET_SPINS_PER_SECOND = 2000
