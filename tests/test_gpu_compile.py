@@ -50,7 +50,8 @@ def _normal_calls(rank, world, group, hidden, num_tokens, record_path):
     buffer._normal.direct = True  # direct-write dispatches, bf16 and fp8 (FLASHEP_DIRECT_DISPATCH)
     buffer.dispatch(x, topk_idx=topk_idx, topk_weights=weights, **layout)
     buffer.dispatch((data, scales), topk_idx=topk_idx, topk_weights=weights, **layout)
-    assert buffer._normal.direct_dispatches == 2
+    buffer.dispatch(x, handle=handle)  # cached
+    assert buffer._normal.direct_dispatches == 3
     return True
 
 

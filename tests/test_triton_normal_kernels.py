@@ -136,9 +136,9 @@ def _run_cases(rank: int, num_ranks: int, group, seed: int, cases: tuple, repeat
             combined, _, _ = buffer.combine(torch.cat([rows[rank], padding]), worst_out[4])
             expect_plain = reference.combine(rows, topks, num_experts)[rank][0]
             assert_same(combined, expect_plain, f"{what}: combine with the worst-token handle")
-            del out, handle  # a direct-write dispatch's outputs go back to the pool (so the next one fits)
-    # with FLASHEP_DIRECT_DISPATCH every non-cached dispatch without num_worst_tokens wrote directly
-    assert buffer._normal.direct_dispatches == (len(cases) * repeats if buffer._normal.direct else 0)
+            del out, handle, cached  # direct-write outputs go back to the pool (so the next ones fit)
+    # with FLASHEP_DIRECT_DISPATCH every dispatch without num_worst_tokens (non-cached and cached) wrote directly
+    assert buffer._normal.direct_dispatches == (2 * len(cases) * repeats if buffer._normal.direct else 0)
 
 
 @pytest.mark.parametrize("world_size", [2, 3, 4])
@@ -188,54 +188,65 @@ def test_program_roles_tiles_and_repeats(env, num_sms, seed):
 
 @pytest.mark.parametrize("world_size", [2, 4])
 def test_direct_write_dispatch_matches_the_oracle(world_size, seed):
-    """FLASHEP_DIRECT_DISPATCH: the non-cached dispatches write the outputs directly (the worst-token and
-    cached dispatches and the combines keep the records); every output and the combines of their handles
-    match the oracle, two rounds of every case."""
+    """FLASHEP_DIRECT_DISPATCH: the non-cached and cached dispatches write the outputs directly (the
+    worst-token dispatches and the combines keep the records); every output and the combines of their
+    handles match the oracle, two rounds of every case."""
     run_ranks(world_size, _run_cases, seed, CASES, 2, backend="triton", env={"FLASHEP_DIRECT_DISPATCH": "1"})
 
 
 def _direct_pool(rank: int, num_ranks: int, group, seed: int) -> None:
-    """The output pool of direct-write dispatches: outputs kept alive stay intact while later dispatches write
-    the pool, a pool held full on some rank makes every rank fall back to records together (exact outputs,
-    no hang), freed outputs make room again, larger outputs map a larger pool while the old one stays mapped
-    for the outputs still in it and is unmapped after the last one dies."""
+    """The output pool of direct-write dispatches, each rank choosing alone: every token picks an expert of
+    rank 0 and one of another rank (round robin), so rank 0 receives every token and the others fewer. Kept
+    outputs stay intact while later dispatches write the pool; when only rank 0's pool is full, rank 0 takes
+    records and the others direct writes in the same dispatch (and cached dispatch), all exact; freed
+    outputs make room again; larger outputs map a larger pool while the old one stays mapped for the
+    outputs still in it, and unmapped after the last one dies."""
     buffer = flashep.Buffer(group, 0)
     backend = buffer._normal
     config = flashep.Config(4, 8, 256)
+    num_experts = 2 * num_ranks
+
+    def inputs(num_tokens: int, tag: int, r: int):
+        g = generator(seed, tag, r)
+        toks = torch.arange(num_tokens)
+        other = 1 + (toks + r) % (num_ranks - 1)  # the second expert's rank
+        topk_idx = torch.stack([torch.randint(0, 2, (num_tokens,), generator=g),
+                                2 * other + torch.randint(0, 2, (num_tokens,), generator=g)], dim=1)
+        weights = torch.randn(num_tokens, 2, generator=g)
+        data = (torch.randn(num_tokens, 64, generator=g) * 8).to(torch.float8_e4m3fn)
+        words = torch.randint(-2**31, 2**31 - 1, (num_tokens, 4), generator=g, dtype=torch.int32)
+        return (data, words[:, ::2]), topk_idx, weights
 
     def dispatch(num_tokens: int, tag: int):
-        case = Case("pool", (num_tokens, num_tokens + 3), hidden=64, num_topk=3, experts_per_rank=2, num_sms=4,
-                    minus_one=0.1, fp8_scales=2)
-        everyone = [_inputs(case, seed, tag, r, num_ranks) for r in range(num_ranks)]
-        expect = reference.dispatch(*([e[i] for e in everyone] for i in range(3)), 2 * num_ranks)[rank]
-        x, topk_idx, weights, _ = everyone[rank]
-        per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(topk_idx, 2 * num_ranks)
+        everyone = [inputs(num_tokens, tag, r) for r in range(num_ranks)]
+        expect = reference.dispatch(*([e[i] for e in everyone] for i in range(3)), num_experts)[rank]
+        x, topk_idx, weights = everyone[rank]
+        per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(topk_idx, num_experts)
         out = buffer.dispatch(x, topk_idx=topk_idx, topk_weights=weights, num_tokens_per_rank=per_rank,
                               is_token_in_rank=in_rank, num_tokens_per_expert=per_expert, config=config)
         _check_dispatch(out, expect, True, f"dispatch {tag}")
-        return out, expect
+        return out, expect, x
 
-    kept = [dispatch(9, 0)]
-    assert backend.direct_dispatches == 1
+    kept = [dispatch(8, 0)]  # maps a pool of three times rank 0's outputs on every rank
     first_pool = backend.output_pool
-    for tag in (1, 2):  # the pool holds three of these outputs on the rank that receives most
-        kept.append(dispatch(9, tag))
+    kept += [dispatch(8, 1), dispatch(8, 2)]
     assert backend.direct_dispatches == 3
-    full = dispatch(9, 3)  # full there: every rank uses records this time
-    assert backend.direct_dispatches == 3 and backend.output_pool is first_pool
-    for tag, kept_alive in enumerate(kept):
-        _check_dispatch(*kept_alive, True, f"dispatch {tag} kept alive")
-    del kept[1:], kept_alive, full
-    dispatch(9, 4)  # room again
-    assert backend.direct_dispatches == 4
+    mixed = dispatch(8, 3)  # rank 0's pool is full, the others' are not
+    assert backend.direct_dispatches == (3 if rank == 0 else 4), backend.direct_dispatches
+    cached = buffer.dispatch(mixed[2], handle=mixed[0][4], config=config)
+    _check_dispatch(cached, mixed[1], False, "cached dispatch with rank 0 in records")
+    assert backend.direct_dispatches == (3 if rank == 0 else 5), backend.direct_dispatches
+    for tag, (out, expect, _) in enumerate(kept):
+        _check_dispatch(out, expect, True, f"dispatch {tag} kept alive")
+    del kept[1:], out, expect, mixed, cached
+    dispatch(8, 4)  # room again on every rank
+    assert backend.direct_dispatches == (4 if rank == 0 else 6)
     dispatch(40, 5)  # larger outputs: a new, larger pool
-    assert backend.direct_dispatches == 5 and backend.output_pool is not first_pool
+    assert backend.direct_dispatches == (5 if rank == 0 else 7) and backend.output_pool is not first_pool
     assert not first_pool._unmapped, "the old pool went while an output in it lived"
-    _check_dispatch(*kept[0], True, "dispatch 0 after the pool was replaced")
+    _check_dispatch(kept[0][0], kept[0][1], True, "dispatch 0 after the pool was replaced")
     del kept
     assert first_pool._unmapped, "the old pool stayed mapped after its last output died"
-    dispatch(40, 6)
-    assert backend.direct_dispatches == 6
 
 
 def test_direct_write_output_pool_lifetime_and_fallback(seed):
@@ -326,12 +337,14 @@ def _skip_one_call(rank: int, num_ranks: int, group, skipped: str) -> Optional[s
     return "no error"
 
 
-@pytest.mark.parametrize("skipped, phase, copy_engine", [("dispatch", "notify", "0"),
-                                                         ("cached", "dispatch receive", "0"),
-                                                         ("combine", "combine receive", "0"),
-                                                         ("combine", "combine receive", "1")])
-def test_a_missing_peer_times_out_naming_rank_and_phase(skipped, phase, copy_engine):
-    env = {"FLASHEP_TIMEOUT_S": "2", "FLASHEP_COPY_ENGINE": copy_engine}
+@pytest.mark.parametrize("skipped, phase, copy_engine, direct", [
+    ("dispatch", "notify", "0", "0"),
+    ("cached", "dispatch receive", "0", "0"),
+    ("cached", "dispatch output address exchange", "0", "1"),  # pushers wait for the peer's output block
+    ("combine", "combine receive", "0", "0"),
+    ("combine", "combine receive", "1", "0")])
+def test_a_missing_peer_times_out_naming_rank_and_phase(skipped, phase, copy_engine, direct):
+    env = {"FLASHEP_TIMEOUT_S": "2", "FLASHEP_COPY_ENGINE": copy_engine, "FLASHEP_DIRECT_DISPATCH": direct}
     message = run_ranks(2, _skip_one_call, skipped, backend="triton", env=env)[0]
     assert "rank 0" in message and "rank 1" in message and f"'{phase}" in message, message
 

@@ -22,7 +22,9 @@ Symmetric heaps per backend:
 
 Kernel roles: each dispatch and combine launches `num_sms` programs; the first `num_sms - receivers` push
 rows over NVLink and never wait, the others wait for the peers' pushers and copy (dispatch) or reduce
-(combine). A direct-write dispatch (FLASHEP_DIRECT_DISPATCH) has pushers only. The split and the publish interval must be the same on every rank.
+(combine). A rank in the direct-write state of a dispatch (FLASHEP_DIRECT_DISPATCH) has pushers only. The
+split and the publish interval must be the same on every rank (a dispatch that may write directly: every
+rank's split may differ, and each publishes its choice).
 
 Tuning knobs (environment at construction; they must be equal on every rank):
 - FLASHEP_TILE_TOKENS: rows per tile, pushers and receivers (power of two, default 16);
@@ -53,14 +55,14 @@ Tuning knobs (environment at construction; they must be equal on every rank):
   host synchronisation can (the copies' sizes come from the host), and none while a CUDA graph is being
   captured; the others use the pushers. FLASHEP_COPY_PARTS: parts of such a combine, each followed by
   a flag the reduction waits for (default 4, at most 16 and the number of channels).
-- FLASHEP_DIRECT_DISPATCH: 1 lets a non-cached dispatch without num_worst_tokens run direct-write: every
-  program pushes, straight into the destinations' output tensors, which each rank carves from a symmetric
-  output pool (`transport.pool`), instead of records its receivers copy (default 0 until verified on GPUs;
-  docs/design.md). The mode is agreed after the notify's host sync: each rank publishes its pool's largest
-  free range in notify, and all go direct when every rank's outputs fit; when the pool is smaller than
-  twice the largest outputs, every rank maps a new one of OUTPUT_POOL_BLOCKS times that size (the old one
-  stays mapped while its outputs live); when it is large enough but held by live outputs somewhere, that
-  dispatch uses the records.
+- FLASHEP_DIRECT_DISPATCH: 1 lets dispatches without num_worst_tokens (non-cached and cached) write
+  directly: a rank whose symmetric output pool (`transport.pool`) has room carves its outputs there, and
+  every program of every rank stores straight into them; a rank without room takes records, which its
+  receivers copy, as with 0 (default 0 until verified on GPUs; docs/design.md). Each rank chooses alone;
+  the kernel learns every peer's choice at its start. The pools are mapped or replaced only where all
+  ranks decide alike, after a non-cached dispatch's host sync: when the pool is smaller than twice the
+  largest outputs of any rank, every rank maps a new one of OUTPUT_POOL_BLOCKS times that size (the old
+  one stays mapped while its outputs live).
 """
 from __future__ import annotations
 
@@ -112,7 +114,7 @@ class TritonNormalBackend(Backend):
         self.use_copy_engine = _env.integer("FLASHEP_COPY_ENGINE", 0, minimum=0) != 0
         self.direct = _env.integer("FLASHEP_DIRECT_DISPATCH", 0, minimum=0) != 0
         self.output_pool: Optional[OutputPool] = None  # where direct-write dispatches carve their outputs
-        self.direct_dispatches = 0  # dispatches that ran direct-write so far (tests and the benchmark read it)
+        self.direct_dispatches = 0  # dispatches whose outputs this rank took by direct writes (tests, benchmark)
         self.copy_parts = min(_env.integer("FLASHEP_COPY_PARTS", 4, minimum=1), kernels.MAX_COPY_PARTS)
         self.signal_layout = _SignalLayout(self.num_ranks)
         self.signal_heap = SymmetricHeap(self.group, self.signal_layout.nbytes, self.device, self.meeting,
@@ -142,8 +144,9 @@ class TritonNormalBackend(Backend):
 
     @property
     def nbytes(self) -> int:
-        """Symmetric memory this backend holds on each rank."""
-        return sum(h.nbytes for h in (self.signal_heap, self.data_heap, self.copy_heap) if h is not None)
+        """Symmetric memory this backend holds on each rank (of output pools, the current one)."""
+        pool = self.output_pool.heap if self.output_pool is not None else None
+        return sum(h.nbytes for h in (self.signal_heap, self.data_heap, self.copy_heap, pool) if h is not None)
 
     def _reserve(self, half_bytes: int, agreed: bool, what: str) -> None:
         """Make each half of the data heap hold `half_bytes`. `agreed`: every rank computed the same value
@@ -213,7 +216,7 @@ class TritonNormalBackend(Backend):
                           agreed=False, what="dispatch with num_worst_tokens")
         rank_prefix, send_prefix, recv_prefix, summary = self._notify(is_token_in_rank, num_tokens_per_expert,
                                                                       num_channels)
-        direct = None  # the output block of a direct-write dispatch: (pool, offset, tensor)
+        block = None  # this rank's outputs in its output pool: (pool, offset, tensor)
         if num_worst_tokens > 0:
             num_rows, counts, per_expert_list = num_worst_tokens, None, []
         else:
@@ -229,78 +232,87 @@ class TritonNormalBackend(Backend):
             per_expert_list = [-(-int(c) // expert_alignment) * expert_alignment
                                for c in host[num_ranks * num_ranks:num_ranks * num_ranks + num_local].tolist()]
             if self.direct:
-                direct = self._carve_outputs(counts, x, x_scales, topk_idx)
-        if direct is not None:
-            out = _DispatchOutputs.in_block(direct[2], x, x_scales, topk_idx, num_rows)
+                self._size_output_pool([_output_block_bytes(counts.received_by(r), x, x_scales, topk_idx)
+                                        for r in range(num_ranks)])
+                block = self._carve(_output_block_bytes(num_rows, x, x_scales, topk_idx))
+        if block is not None:
+            out = _DispatchOutputs.in_block(block[2], x, x_scales, topk_idx, num_rows)
         else:
             out = _DispatchOutputs(x, x_scales, topk_idx, num_rows, self.device)
         send_head = torch.empty(x.size(0), num_ranks, dtype=torch.int32, device=self.device)
         self._launch_dispatch(x, x_scales, topk_idx, topk_weights, is_token_in_rank, rank_prefix, send_prefix,
                               recv_prefix, out, send_head, num_local, num_channels, record,
-                              write_send_head=True, worst=num_worst_tokens > 0, direct=direct)
+                              write_send_head=True, worst=num_worst_tokens > 0,
+                              may_write_directly=self.direct and num_worst_tokens == 0, block=block)
         self.epoch.add_(1)
-        self.direct_dispatches += direct is not None
+        self.direct_dispatches += block is not None
         rank_prefix._flashep_full = True  # read back by handles.from_tuple
         rank_prefix._flashep_counts = counts  # the routing's counts on the host, when known (a combine uses them)
         routing = Routing(rank_prefix, send_prefix, recv_prefix, out.src_idx, is_token_in_rank, send_head,
                           full_matrix=True)
         return DispatchResult(out.x, out.scales, out.topk_idx, out.topk_weights, per_expert_list, routing)
 
-    def _carve_outputs(self, counts: "_HostCounts", x, x_scales, topk_idx):
-        """The direct-write decision, the same on every rank (its inputs came through notify): -> (pool, offset,
-        block) of this rank's outputs when every rank's outputs fit its pool, after mapping a larger pool on
-        every rank when the pool is smaller than twice the largest outputs; None: this dispatch uses records."""
-        needs = [_round_up(max(1, _output_block_bytes(counts.received_by(r), x, x_scales, topk_idx)), OUTPUT_UNIT)
-                 for r in range(self.num_ranks)]  # as OutputPool.carve rounds them
-        fits = all(need <= free * OUTPUT_UNIT for need, free in zip(needs, counts.pool_free))
-        if not fits:
-            pool_bytes = self.output_pool.nbytes if self.output_pool is not None else 0
-            if 2 * max(needs) <= pool_bytes:
-                return None  # large enough, but live outputs hold it somewhere
-            if self.output_pool is not None:
-                self.output_pool.retire()
-                self.output_pool = None
-            self.output_pool = OutputPool(self.group, OUTPUT_POOL_BLOCKS * max(needs), self.device, self.meeting)
-        offset, block = self.output_pool.carve(needs[self.rank])
-        return self.output_pool, offset, block
+    def _size_output_pool(self, needs: list) -> None:
+        """Map a larger output pool on every rank when the pool is smaller than twice the largest of `needs`
+        (every rank's output bytes, learned in notify: all ranks decide alike). The old pool stays mapped
+        while outputs carved from it live."""
+        pool_bytes = self.output_pool.nbytes if self.output_pool is not None else 0
+        biggest = max(needs)
+        if 2 * biggest <= pool_bytes:
+            return
+        if self.output_pool is not None:
+            self.output_pool.retire()
+            self.output_pool = None
+        self.output_pool = OutputPool(self.group, OUTPUT_POOL_BLOCKS * biggest, self.device, self.meeting)
+
+    def _carve(self, nbytes: int):
+        """This rank's choice for a dispatch that may write directly: -> (pool, offset, block) of its outputs
+        when its pool has room, else None (records)."""
+        pool = self.output_pool
+        if pool is None or pool.largest_free() < _round_up(max(nbytes, 1), OUTPUT_UNIT):  # as carve rounds it
+            return None
+        offset, block = pool.carve(nbytes)
+        return pool, offset, block
 
     def _cached_dispatch(self, x, x_scales, routing: Routing, num_channels: int) -> DispatchResult:
         _check_routing(routing)
         num_rows = routing.num_recv_rows
         record = _dispatch_record_bytes(x, x_scales, 0)
         self._reserve(num_rows * record, agreed=False, what="cached dispatch")
-        out = _DispatchOutputs(x, x_scales, None, num_rows, self.device)
+        block = self._carve(_output_block_bytes(num_rows, x, x_scales, None)) if self.direct else None
+        if block is not None:
+            out = _DispatchOutputs.in_block(block[2], x, x_scales, None, num_rows)
+        else:
+            out = _DispatchOutputs(x, x_scales, None, num_rows, self.device)
         num_local = 1  # no top-k to rewrite
         self._launch_dispatch(x, x_scales, None, None, routing.is_token_in_rank, routing.rank_prefix_matrix,
                               routing.channel_prefix_matrix, routing.recv_channel_prefix_matrix, out,
-                              routing.send_head, num_local, num_channels, record, write_send_head=False, worst=False)
+                              routing.send_head, num_local, num_channels, record, write_send_head=False, worst=False,
+                              may_write_directly=self.direct, block=block)
         self.epoch.add_(1)
+        self.direct_dispatches += block is not None
         return DispatchResult(out.x, out.scales, None, None, None, None)
 
     def _notify(self, is_token_in_rank, num_tokens_per_expert, num_channels):
         """-> rank_prefix_matrix, channel_prefix_matrix, recv_channel_prefix_matrix, and `summary`: the rank
-        prefix matrix, the received selections per local expert, every rank's token count, every rank's free
-        output-pool units and the receive channel prefix matrix (the first and the last are views of it)."""
+        prefix matrix, the received selections per local expert, every rank's token count and the receive
+        channel prefix matrix (the first and the last are views of it)."""
         num_ranks, pairs = self.num_ranks, self.num_ranks * self.num_ranks
         num_local = num_tokens_per_expert.size(0) // num_ranks
         num_tokens = is_token_in_rank.size(0)
-        summary = torch.empty(pairs + num_local + 2 * num_ranks + num_ranks * num_channels, dtype=torch.int32,
+        summary = torch.empty(pairs + num_local + num_ranks + num_ranks * num_channels, dtype=torch.int32,
                               device=self.device)
         rank_prefix = summary[:pairs].view(num_ranks, num_ranks)
         send_prefix = torch.empty(num_ranks, num_channels, dtype=torch.int32, device=self.device)
-        recv_prefix = summary[pairs + num_local + 2 * num_ranks:].view(num_ranks, num_channels)
-        tokens_at = pairs + num_local
-        pool_units = 0  # what this rank's output pool can take, published for the direct-write decision
-        if self.direct and self.output_pool is not None:
-            pool_units = min(self.output_pool.largest_free() // OUTPUT_UNIT, 2**31 - 1)
+        recv_prefix = summary[pairs + num_local + num_ranks:].view(num_ranks, num_channels)
         layout = self.signal_layout
         kernels.ep_notify_kernel[(1,)](
             is_token_in_rank.view(torch.uint8), num_tokens_per_expert, self.signal_heap.peer_bases,
             layout.notify_flags, layout.slots, self.epoch, self.errors.address,
             send_prefix, rank_prefix, recv_prefix, summary[pairs:pairs + num_local],
-            summary[tokens_at:tokens_at + num_ranks], summary[tokens_at + num_ranks:tokens_at + 2 * num_ranks],
+            summary[pairs + num_local:pairs + num_local + num_ranks],
             self.rank, num_tokens, num_channels, _tokens_per_channel(num_tokens, num_channels), num_local,
-            pool_units, wait_budget(),
+            wait_budget(),
             NUM_RANKS=num_ranks, R_PAD=self._rank_pad, L_BLOCK=min(1024, _pow2(num_local)),
             BLOCK_T=_NOTIFY_BLOCK_T, MAX_C=kernels.MAX_CHANNELS, MAX_L=kernels.MAX_LOCAL_EXPERTS,
             USE_TIMER=use_timer(), num_warps=4)
@@ -308,7 +320,10 @@ class TritonNormalBackend(Backend):
 
     def _launch_dispatch(self, x, x_scales, topk_idx, topk_weights, is_token_in_rank, rank_prefix, send_prefix,
                          recv_prefix, out: "_DispatchOutputs", send_head, num_local, num_channels, record_bytes,
-                         write_send_head: bool, worst: bool, direct=None) -> None:
+                         write_send_head: bool, worst: bool, may_write_directly: bool = False,
+                         block=None) -> None:
+        """`may_write_directly`: the kernel's DIRECT (the same on every rank); `block`: this rank's outputs in
+        its output pool (direct state), or None (records)."""
         num_tokens = x.size(0)
         words = x.view(torch.int32)
         row_words = words.size(1)
@@ -318,10 +333,12 @@ class TritonNormalBackend(Backend):
         int32, int64, f32 = (self._dummy[d] for d in (torch.int32, torch.int64, torch.float32))
         num_programs = 2 * num_channels
         pushers = num_programs - _receivers(self.receivers, self.receiver_share, num_programs)
-        out_bases, out_units = self.signal_heap.peer_bases, 0  # direct-write: every rank's output pool
-        if direct is not None:
+        # every rank's output pool (any symmetric heap when there is none: no peer is then in the direct state)
+        out_bases = self.output_pool.peer_bases if self.output_pool is not None else self.signal_heap.peer_bases
+        out_state = 0
+        if block is not None:
             pushers = num_programs
-            out_bases, out_units = direct[0].peer_bases, direct[1] // OUTPUT_UNIT
+            out_bases, out_state = block[0].peer_bases, 1 + block[1] // OUTPUT_UNIT
         tokens_per_channel = _tokens_per_channel(num_tokens, num_channels)
         # a pusher moves about tokens_per_channel / pushers tokens of every channel
         publish_every = _publish_every(self.publish_tokens, tokens_per_channel / pushers, num_channels)
@@ -337,13 +354,14 @@ class TritonNormalBackend(Backend):
             self.epoch, self.errors.address,
             self.rank, num_tokens, num_channels, tokens_per_channel, pushers, publish_every, num_local,
             num_scales, num_topk, self._half() // record_bytes, out.x.size(0), out_bases,
-            self.signal_layout.output_slots, out_units, wait_budget(),
-            NUM_RANKS=self.num_ranks, R_PAD=self._rank_pad, P_PAD=_pow2(pushers), ROW_WORDS=row_words,
+            self.signal_layout.output_slots, out_state, wait_budget(),
+            NUM_RANKS=self.num_ranks, R_PAD=self._rank_pad,
+            P_PAD=_pow2(num_programs if may_write_directly else pushers), ROW_WORDS=row_words,
             RECORD_WORDS=record_bytes // 4, S_PAD=_pow2(num_scales), K_PAD=_pow2(num_topk),
             BLOCK_T=self.tile_tokens, BLOCK_W=min(max(self.tile_hidden // 2, 16), _pow2(row_words)),
             HAS_SCALES=x_scales is not None, HAS_TOPK=topk_idx is not None,
             TOPK_BYTES=topk_idx.element_size() if topk_idx is not None else 8, WRITE_SEND_HEAD=write_send_head,
-            WORST=worst, DIRECT=direct is not None, USE_TIMER=use_timer(), STAGES=self.stages,
+            WORST=worst, DIRECT=may_write_directly, USE_TIMER=use_timer(), STAGES=self.stages,
             num_warps=self.num_warps)
 
     # ---- combine ----------------------------------------------------------------------------------------
@@ -525,7 +543,7 @@ class _SignalLayout:
     """Byte offsets in the signal heap (identical on every rank)."""
 
     def __init__(self, num_ranks: int):
-        slot_ints = kernels.MAX_CHANNELS + kernels.MAX_LOCAL_EXPERTS + num_ranks + 2
+        slot_ints = kernels.MAX_CHANNELS + kernels.MAX_LOCAL_EXPERTS + num_ranks + 1
         flags_per_kind = num_ranks * kernels.MAX_PUSHERS * 8
         layout = Layout()
         self.notify_flags = layout.add("notify_flags", num_ranks * 8)
@@ -540,12 +558,11 @@ class _SignalLayout:
 @dataclass
 class _HostCounts:
     """A routing's counts on the host, from the dispatch's one synchronisation: sends[s][j] = n(s -> j)
-    rows, every rank's token count, every rank's free output-pool units, and this rank's receive channel
-    prefix matrix (rows from source s before channel c)."""
+    rows, every rank's token count, and this rank's receive channel prefix matrix (rows from source s
+    before channel c)."""
     rank: int
     sends: list
     tokens: list
-    pool_free: list
     recv_prefix: list
     num_channels: int
     copy_plans: dict = field(default_factory=dict)  # see TritonNormalBackend._copy_plan
@@ -556,11 +573,9 @@ class _HostCounts:
         pairs = num_ranks * num_ranks
         prefix = host[:pairs].view(num_ranks, num_ranks).to(torch.int64)
         sends = prefix - torch.cat([prefix.new_zeros(1, num_ranks), prefix[:-1]])
-        tokens_at = pairs + num_local
-        tokens = host[tokens_at:tokens_at + num_ranks]
-        pool_free = host[tokens_at + num_ranks:tokens_at + 2 * num_ranks]
-        recv_prefix = host[tokens_at + 2 * num_ranks:].view(num_ranks, num_channels)
-        return cls(rank, sends.tolist(), tokens.tolist(), pool_free.tolist(), recv_prefix.tolist(), num_channels)
+        tokens = host[pairs + num_local:pairs + num_local + num_ranks]
+        recv_prefix = host[pairs + num_local + num_ranks:].view(num_ranks, num_channels)
+        return cls(rank, sends.tolist(), tokens.tolist(), recv_prefix.tolist(), num_channels)
 
     def received_by(self, rank: int) -> int:
         return sum(row[rank] for row in self.sends)

@@ -89,6 +89,8 @@ class RankContext:
     def note_buffer(self, kind: str, buffer, part: str) -> None:
         """Remember the backend that served `part` ("normal" or "low_latency") of a Buffer, and its bytes."""
         normal_name, low_latency_name = buffer.backend_name.split("/")
+        if part == "normal" and getattr(buffer.runtime, "direct_dispatches", 0):  # FLASHEP_DIRECT_DISPATCH
+            normal_name += f" ({buffer.runtime.direct_dispatches} direct-write dispatches)"
         self.backends[kind] = normal_name if part == "normal" else low_latency_name
         self.buffer_bytes[kind] = buffer.buffer_bytes()[part]
 

@@ -28,7 +28,7 @@ and signalling"); data lives in half `epoch % 2` of the data heap.
 Heap regions (byte offsets from the backend):
 - signal heap: notify flags int64[R] (one per source), dispatch flags int64[R, MAX_PUSHERS] (source
   rank, pusher), combine flags int64[R, MAX_PUSHERS] (sender rank, pusher), notify slots
-  int32[R, MAX_CHANNELS + MAX_LOCAL_EXPERTS + R + 2] (one per source), copy-engine flags
+  int32[R, MAX_CHANNELS + MAX_LOCAL_EXPERTS + R + 1] (one per source), copy-engine flags
   int32[R, MAX_COPY_PARTS] (sender rank, part), output slots int64[R] (a direct-write dispatch's output
   block offset, one per source).
 - output pool (direct-write dispatch, `DIRECT`): each rank's outputs in one block; pushers store there
@@ -43,7 +43,7 @@ import triton
 import triton.language as tl
 
 from .sync import (PHASE_COMBINE, PHASE_DISPATCH, PHASE_DISPATCH_OUTPUTS, PHASE_NOTIFY, acquire_flags, now_ns,
-                   record_timeout, signal, tag, wait_tag)
+                   record_timeout, signal, tag, wait_tag, within_budget)
 
 MAX_CHANNELS = 128  # num_sms <= 256
 MAX_PUSHERS = 2 * MAX_CHANNELS  # at most num_sms - 1 programs push
@@ -121,10 +121,7 @@ def _wait_channels(flag_ptrs, flag_ok, needed, channel, ready, e, num_channels, 
             ready = tl.where(behind, done, ready)
             behind = needed & (ready <= channel)
             spins += 1
-            if USE_TIMER:
-                alive = (now_ns(USE_TIMER) - start) < budget
-            else:
-                alive = spins < budget
+            alive = within_budget(start, spins, budget, USE_TIMER)
         tl.debug_barrier()  # threads that did not acquire read the rows only after those that did
         if tl.max(behind.to(tl.int32), axis=0) > 0:
             record_timeout(err_ptr, phase, rank, tl.min(tl.where(behind, ranks, R_PAD), axis=0))
@@ -174,18 +171,17 @@ def ep_layout_kernel(topk_ptr, per_rank_ptr, per_expert_ptr, in_rank_ptr, num_to
 
 # ---------------------------------------------------------------- notify
 @triton.jit(do_not_specialize=["notify_flags_offset", "slots_offset", "rank", "num_tokens", "num_channels",
-                               "tokens_per_channel", "num_local_experts", "pool_units", "budget"])
+                               "tokens_per_channel", "num_local_experts", "budget"])
 def ep_notify_kernel(in_rank_ptr, expert_counts_ptr, signal_bases_ptr, notify_flags_offset, slots_offset,
                      epoch_ptr, err_addr_ptr, send_prefix_ptr, rank_prefix_ptr, recv_prefix_ptr, recv_expert_ptr,
-                     tokens_ptr, pool_ptr, rank, num_tokens, num_channels, tokens_per_channel, num_local_experts,
-                     pool_units, budget, NUM_RANKS: tl.constexpr, R_PAD: tl.constexpr, L_BLOCK: tl.constexpr,
+                     tokens_ptr, rank, num_tokens, num_channels, tokens_per_channel, num_local_experts, budget,
+                     NUM_RANKS: tl.constexpr, R_PAD: tl.constexpr, L_BLOCK: tl.constexpr,
                      BLOCK_T: tl.constexpr, MAX_C: tl.constexpr, MAX_L: tl.constexpr, USE_TIMER: tl.constexpr):
     """Slot of source s on each rank (int32): [0, MAX_C) tokens per channel sent to that rank,
-    [MAX_C, MAX_C + MAX_L) selections of that rank's experts, then s's send totals to every rank, s's
-    token count and the free units of s's dispatch output pool (`pool_units`, for the direct-write
-    dispatch). Outputs: the routing prefix matrices, the received selections per local expert, every
-    rank's token count and every rank's free pool units."""
-    SLOT_INTS: tl.constexpr = MAX_C + MAX_L + NUM_RANKS + 2
+    [MAX_C, MAX_C + MAX_L) selections of that rank's experts, then s's send totals to every rank, then
+    s's token count. Outputs: the routing prefix matrices, the received selections per local expert and
+    every rank's token count."""
+    SLOT_INTS: tl.constexpr = MAX_C + MAX_L + NUM_RANKS + 1
     e = tl.load(epoch_ptr) + 1
     zero = tl.full((), 0, tl.int32)
     ranks = tl.arange(0, R_PAD)
@@ -223,7 +219,6 @@ def ep_notify_kernel(in_rank_ptr, expert_counts_ptr, signal_bases_ptr, notify_fl
             l0 += L_BLOCK
         tl.store(slot + MAX_C + MAX_L + ranks, totals, mask=rank_ok)
         tl.store(slot + MAX_C + MAX_L + NUM_RANKS, num_tokens)
-        tl.store(slot + MAX_C + MAX_L + NUM_RANKS + 1, pool_units)
         signal(_heap_ptr(signal_bases_ptr, peer, notify_flags_offset + rank * 8, tl.int64, 8), tag(e) << 32)
 
     err_ptr = tl.load(err_addr_ptr).to(tl.pointer_type(tl.int32))
@@ -254,9 +249,6 @@ def ep_notify_kernel(in_rank_ptr, expert_counts_ptr, signal_bases_ptr, notify_fl
         src_tokens = tl.load(slots + ranks * SLOT_INTS + MAX_C + MAX_L + NUM_RANKS, mask=rank_ok, other=0,
                              cache_modifier=".cg")
         tl.store(tokens_ptr + ranks, src_tokens, mask=rank_ok)
-        src_pools = tl.load(slots + ranks * SLOT_INTS + MAX_C + MAX_L + NUM_RANKS + 1, mask=rank_ok, other=0,
-                            cache_modifier=".cg")
-        tl.store(pool_ptr + ranks, src_pools, mask=rank_ok)
         l0 = zero
         while l0 < num_local_experts:
             experts = l0 + tl.arange(0, L_BLOCK)
@@ -321,7 +313,8 @@ def _parts(lo, hi, part, num_parts, peer_ok, first_peer, NUM_RANKS: tl.constexpr
 
 # ---------------------------------------------------------------- dispatch
 @triton.jit
-def _dispatch_push_fields(start, last, before, block_start, bases, caps, out_scales, out_topk, out_weights, out_src,
+def _dispatch_push_fields(start, last, before, block_start, bases, caps, direct, out_scales, out_topk, out_weights,
+                          out_src,
                           scales_ptr, scale_stride_t, scale_stride_s, topk_ptr, weights_ptr, in_rank_ptr,
                           recv_scales_ptr, recv_topk_ptr, recv_weights_ptr, recv_src_ptr, send_head_ptr, rank,
                           num_local_experts, num_scales, num_topk, num_out_rows, NUM_RANKS: tl.constexpr,
@@ -333,8 +326,8 @@ def _dispatch_push_fields(start, last, before, block_start, bases, caps, out_sca
     (written into send_head from `before`, the tokens before `start` sent to each rank, or read from it in a
     cached dispatch), and their per-row fields (scales, top-k ids and weights, source index) at their final
     rows: this rank's into its outputs; a peer's into its record region (`bases`, rows < `caps`), or with
-    DIRECT into its outputs (`out_*`: every rank's field addresses), top-k ids made local to that peer.
-    -> `before` after these tokens."""
+    DIRECT, where `direct` marks the peer, into its outputs (`out_*`: every rank's field addresses), top-k
+    ids made local to that peer. -> `before` after these tokens."""
     ranks = tl.arange(0, R_PAD)
     rank_ok = ranks < NUM_RANKS
     ks = tl.arange(0, K_PAD)
@@ -379,46 +372,51 @@ def _dispatch_push_fields(start, last, before, block_start, bases, caps, out_sca
             if HAS_SCALES:
                 tl.store(recv_scales_ptr + dst_rows[:, None] * num_scales + ss[None, :], scales,
                          mask=row_ok[:, None] & s_ok)
-        elif DIRECT:
-            at_dst = ranks == dst
-            row_ok = row_ok & (dst_rows < tl.sum(tl.where(at_dst, caps, 0), axis=0))
-            if HAS_SCALES:
-                out = tl.sum(tl.where(at_dst, out_scales, 0), axis=0).to(tl.pointer_type(tl.int32))
-                tl.store(out + dst_rows[:, None] * num_scales + ss[None, :], scales, mask=row_ok[:, None] & s_ok)
-            if HAS_TOPK:
-                dst_ids, dst_weights = _localize(ids, weights, dst, num_local_experts)
-                out_ids = tl.sum(tl.where(at_dst, out_topk, 0), axis=0).to(tl.pointer_type(recv_topk_ptr.dtype.element_ty))
-                tl.store(out_ids + dst_rows[:, None] * num_topk + ks[None, :],
-                         dst_ids.to(recv_topk_ptr.dtype.element_ty), mask=row_ok[:, None] & k_ok)
-                out = tl.sum(tl.where(at_dst, out_weights, 0), axis=0).to(tl.pointer_type(tl.float32))
-                tl.store(out + dst_rows[:, None] * num_topk + ks[None, :], dst_weights, mask=row_ok[:, None] & k_ok)
-            out = tl.sum(tl.where(at_dst, out_src, 0), axis=0).to(tl.pointer_type(tl.int32))
-            tl.store(out + dst_rows, toks, mask=row_ok)
         else:
             at_dst = ranks == dst
             row_ok = row_ok & (dst_rows < tl.sum(tl.where(at_dst, caps, 0), axis=0))
-            region = tl.sum(tl.where(at_dst, bases, 0), axis=0).to(tl.pointer_type(tl.int32))
-            record = region + dst_rows * RECORD_WORDS + ROW_WORDS
-            if HAS_SCALES:
-                tl.store(record[:, None] + ss[None, :], scales, mask=row_ok[:, None] & s_ok)
-            record += num_scales
-            if HAS_TOPK:
-                tl.store(record[:, None] + ks[None, :], ids, mask=row_ok[:, None] & k_ok)
-                tl.store(record[:, None] + num_topk + ks[None, :], weights.to(tl.int32, bitcast=True),
-                         mask=row_ok[:, None] & k_ok)
-            tl.store(record + 2 * num_topk, toks, mask=row_ok)
+            to_outputs = False
+            if DIRECT:
+                to_outputs = tl.sum(tl.where(at_dst, direct, 0), axis=0) != 0
+            if to_outputs:  # straight into the peer's outputs, top-k ids made local to it
+                if HAS_SCALES:
+                    out = tl.sum(tl.where(at_dst, out_scales, 0), axis=0).to(tl.pointer_type(tl.int32))
+                    tl.store(out + dst_rows[:, None] * num_scales + ss[None, :], scales, mask=row_ok[:, None] & s_ok)
+                if HAS_TOPK:
+                    dst_ids, dst_weights = _localize(ids, weights, dst, num_local_experts)
+                    out_ids = tl.sum(tl.where(at_dst, out_topk, 0), axis=0).to(
+                        tl.pointer_type(recv_topk_ptr.dtype.element_ty))
+                    tl.store(out_ids + dst_rows[:, None] * num_topk + ks[None, :],
+                             dst_ids.to(recv_topk_ptr.dtype.element_ty), mask=row_ok[:, None] & k_ok)
+                    out = tl.sum(tl.where(at_dst, out_weights, 0), axis=0).to(tl.pointer_type(tl.float32))
+                    tl.store(out + dst_rows[:, None] * num_topk + ks[None, :], dst_weights,
+                             mask=row_ok[:, None] & k_ok)
+                out = tl.sum(tl.where(at_dst, out_src, 0), axis=0).to(tl.pointer_type(tl.int32))
+                tl.store(out + dst_rows, toks, mask=row_ok)
+            else:  # into the peer's record region (its receivers copy them)
+                region = tl.sum(tl.where(at_dst, bases, 0), axis=0).to(tl.pointer_type(tl.int32))
+                record = region + dst_rows * RECORD_WORDS + ROW_WORDS
+                if HAS_SCALES:
+                    tl.store(record[:, None] + ss[None, :], scales, mask=row_ok[:, None] & s_ok)
+                record += num_scales
+                if HAS_TOPK:
+                    tl.store(record[:, None] + ks[None, :], ids, mask=row_ok[:, None] & k_ok)
+                    tl.store(record[:, None] + num_topk + ks[None, :], weights.to(tl.int32, bitcast=True),
+                             mask=row_ok[:, None] & k_ok)
+                tl.store(record + 2 * num_topk, toks, mask=row_ok)
     return before
 
 
 @triton.jit
-def _dispatch_push_chunk(step, first, last, block_start, bases, caps, x_ptr, recv_x_ptr, send_head_ptr, rank,
+def _dispatch_push_chunk(step, first, last, block_start, bases, caps, direct, x_ptr, recv_x_ptr, send_head_ptr, rank,
                          num_out_rows, NUM_RANKS: tl.constexpr, R_PAD: tl.constexpr, ROW_WORDS: tl.constexpr,
-                         STRIDE_WORDS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_W: tl.constexpr):
+                         RECORD_WORDS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_W: tl.constexpr,
+                         DIRECT: tl.constexpr):
     """Step `step` of pushing the rows of tokens [first, last): tile step // CHUNKS, chunk step % CHUNKS, loaded
     once and stored to every destination at the row send_head gives (this rank's rows straight into recv_x;
-    a peer's at `bases`, rows `STRIDE_WORDS` apart, rows < `caps`: its record region, or its recv_x in a
-    direct-write dispatch). The steps run in one pipelined loop, so the loads of the next chunks, also
-    across tiles, are in flight."""
+    a peer's at `bases`, rows < `caps`: its record region, or with DIRECT, where `direct` marks the peer,
+    its recv_x). The steps run in one pipelined loop, so the loads of the next chunks, also across tiles,
+    are in flight."""
     CHUNKS: tl.constexpr = (ROW_WORDS + BLOCK_W - 1) // BLOCK_W
     ranks = tl.arange(0, R_PAD)
     rank_ok = ranks < NUM_RANKS
@@ -440,10 +438,16 @@ def _dispatch_push_chunk(step, first, last, block_start, bases, caps, x_ptr, rec
             tl.store(recv_x_ptr + dst_rows[:, None] * ROW_WORDS + cols[None, :], data,
                      mask=dst_ok & (dst_rows < num_out_rows)[:, None])
         else:
-            region = tl.multiple_of(tl.sum(tl.where(ranks == dst, bases, 0), axis=0).to(tl.pointer_type(tl.int32)), 16)
-            cap = tl.sum(tl.where(ranks == dst, caps, 0), axis=0)
-            tl.store(region + dst_rows[:, None] * STRIDE_WORDS + cols[None, :], data,
-                     mask=dst_ok & (dst_rows < cap)[:, None])
+            at_dst = ranks == dst
+            region = tl.multiple_of(tl.sum(tl.where(at_dst, bases, 0), axis=0).to(tl.pointer_type(tl.int32)), 16)
+            mask = dst_ok & (dst_rows < tl.sum(tl.where(at_dst, caps, 0), axis=0))[:, None]
+            to_outputs = False
+            if DIRECT:
+                to_outputs = tl.sum(tl.where(at_dst, direct, 0), axis=0) != 0
+            if to_outputs:
+                tl.store(region + dst_rows[:, None] * ROW_WORDS + cols[None, :], data, mask=mask)
+            else:
+                tl.store(region + dst_rows[:, None] * RECORD_WORDS + cols[None, :], data, mask=mask)
 
 
 @triton.jit
@@ -506,12 +510,12 @@ def _dispatch_copy_fields(tile, begins, ends, tiles, tiles_before, region, recv_
 def _direct_outputs(slot_ptrs, out_bases_ptr, rank_prefix_ptr, e, num_scales, num_topk, failed, err_ptr, rank,
                     budget, NUM_RANKS: tl.constexpr, R_PAD: tl.constexpr, ROW_WORDS: tl.constexpr,
                     TOPK_BYTES: tl.constexpr, USE_TIMER: tl.constexpr):
-    """Every peer's output block of a direct-write dispatch: wait (bounded) until each peer published its
-    block's offset in its output pool (`slot_ptrs`: the peers' slots here, `(tag(e) << 32) | units`), then
-    lay out its fields as `_DispatchOutputs.in_block` (backends/triton_normal.py) does, from the rows it
-    receives.
-    -> (failed, x, rows, scales, top-k ids, top-k weights, source index): [R_PAD] vectors of addresses
-    (rows: the peer's row count)."""
+    """Every peer's state in a dispatch that may write directly: wait (bounded) until each peer published its
+    slot (`slot_ptrs`: the peers' slots here, `(tag(e) << 32) | v`, v = 1 + its output block's offset in its
+    output pool, in units, or 0: records), then lay out the fields of every direct peer's block as
+    `_DispatchOutputs.in_block` (backends/triton_normal.py) does, from the rows it receives.
+    -> (failed, direct, x, rows, scales, top-k ids, top-k weights, source index): [R_PAD] vectors (direct:
+    1 where the peer takes direct writes; rows: the peer's row count; the others: addresses)."""
     ranks = tl.arange(0, R_PAD)
     rank_ok = ranks < NUM_RANKS
     peer_ok = rank_ok & (ranks != rank)
@@ -525,26 +529,25 @@ def _direct_outputs(slot_ptrs, out_bases_ptr, rank_prefix_ptr, e, num_scales, nu
             values = tl.where(behind, acquire_flags(slot_ptrs, behind, USE_TIMER), values)
             behind = peer_ok & ((values >> 32) != tag(e))
             spins += 1
-            if USE_TIMER:
-                alive = (now_ns(USE_TIMER) - start) < budget
-            else:
-                alive = spins < budget
+            alive = within_budget(start, spins, budget, USE_TIMER)
         if tl.max(behind.to(tl.int32), axis=0) > 0:
             record_timeout(err_ptr, _phase_dispatch_outputs, rank, tl.min(tl.where(behind, ranks, R_PAD), axis=0))
             failed = 1
-    x = tl.load(out_bases_ptr + ranks, mask=rank_ok, other=0) + (values & 0xFFFFFFFF) * _output_unit
+    state = values & 0xFFFFFFFF
+    direct = (peer_ok & (state != 0)).to(tl.int32)
+    x = tl.load(out_bases_ptr + ranks, mask=rank_ok, other=0) + tl.maximum(state - 1, 0) * _output_unit
     rows = tl.load(rank_prefix_ptr + (NUM_RANKS - 1) * NUM_RANKS + ranks, mask=rank_ok, other=0)
     padded = (tl.cdiv(rows, _output_rows_align) * _output_rows_align).to(tl.int64)
     scales = x + padded * (ROW_WORDS * 4)
     ids = scales + padded * num_scales * 4
     weights = ids + padded * num_topk * TOPK_BYTES
     src = weights + padded * num_topk * 4
-    return failed, x, rows, scales, ids, weights, src
+    return failed, direct, x, rows, scales, ids, weights, src
 
 
 DISPATCH_NO_SPECIALIZE = ["scale_stride_t", "scale_stride_s", "rank", "num_tokens", "num_channels",
                           "tokens_per_channel", "num_pushers", "publish_every", "num_local_experts", "num_scales",
-                          "num_topk", "capacity", "num_out_rows", "out_slots_offset", "out_units", "budget"]
+                          "num_topk", "capacity", "num_out_rows", "out_slots_offset", "out_state", "budget"]
 
 
 @triton.jit(do_not_specialize=DISPATCH_NO_SPECIALIZE)
@@ -554,7 +557,7 @@ def ep_dispatch_kernel(x_ptr, scales_ptr, scale_stride_t, scale_stride_s, topk_p
                        data_bases_ptr, half_bytes, signal_bases_ptr, flags_offset, epoch_ptr, err_addr_ptr,
                        rank, num_tokens, num_channels, tokens_per_channel, num_pushers, publish_every,
                        num_local_experts, num_scales, num_topk, capacity, num_out_rows,
-                       out_bases_ptr, out_slots_offset, out_units, budget,
+                       out_bases_ptr, out_slots_offset, out_state, budget,
                        NUM_RANKS: tl.constexpr, R_PAD: tl.constexpr, P_PAD: tl.constexpr, ROW_WORDS: tl.constexpr,
                        RECORD_WORDS: tl.constexpr, S_PAD: tl.constexpr, K_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
                        BLOCK_W: tl.constexpr, HAS_SCALES: tl.constexpr, HAS_TOPK: tl.constexpr,
@@ -566,11 +569,15 @@ def ep_dispatch_kernel(x_ptr, scales_ptr, scale_stride_t, scale_stride_s, topk_p
     contiguous part of every peer's rows of the segment. USE_TIMER: compiled for a GPU (timed waits,
     software-pipelined loops).
 
-    DIRECT (direct-write dispatch): every program pushes, straight into the destinations' outputs, which
-    each rank carved from its output pool (`out_bases_ptr`: every rank's pool base) at `out_units`: program
-    0 publishes that offset into every peer's slot (signal heap, int64[R] at `out_slots_offset`, one per
-    source) at the start, and each pusher waits for its peers' before its first store. The last program
-    then waits for every peer's final flags, so the kernel ends when every row has landed."""
+    DIRECT (a dispatch that may write directly; every rank launches the same kind): each rank is in one of
+    two states, its own choice. `out_state` = 1 + the offset (units) of the output block it carved from its
+    output pool (`out_bases_ptr`: every rank's pool base): every program pushes (num_pushers = the grid) and
+    peers store straight into its outputs; 0: records, as without DIRECT. Program 0 publishes the state into
+    every peer's slot (signal heap, int64[R] at `out_slots_offset`, one per source) and, for a rank with
+    receivers, the receivers' flags as finished (every source then has a flag per program, whatever its
+    split); each pusher waits for its peers' slots before its first store and writes each peer as its state
+    says. Receivers wait for every program's flag of each source; in the direct state the last program
+    waits for every peer's final flags, so the kernel ends when every row has landed."""
     CHUNKS: tl.constexpr = (ROW_WORDS + BLOCK_W - 1) // BLOCK_W
     pid = tl.program_id(0)
     e = tl.load(epoch_ptr) + 1
@@ -582,10 +589,15 @@ def ep_dispatch_kernel(x_ptr, scales_ptr, scale_stride_t, scale_stride_s, topk_p
     segment = zero  # first channel of the current segment
     signal_bases = tl.load(signal_bases_ptr + ranks, mask=rank_ok, other=0)
     err_ptr = tl.load(err_addr_ptr).to(tl.pointer_type(tl.int32))
+    num_programs = tl.num_programs(0)
     if DIRECT:
         if pid == 0:
             _publish((signal_bases + out_slots_offset + rank * 8).to(tl.pointer_type(tl.int64)),
-                     tl.zeros([R_PAD], tl.int64) + ((tag(e) << 32) | out_units), peer_ok)
+                     tl.zeros([R_PAD], tl.int64) + ((tag(e) << 32) | out_state), peer_ok)
+            receivers = tl.arange(0, P_PAD) + num_pushers  # they push nothing: finished from the start
+            idle = (signal_bases[:, None] + flags_offset + (rank * _max_pushers + receivers[None, :]) * 8)
+            _publish(idle.to(tl.pointer_type(tl.int64)), tl.zeros([R_PAD, P_PAD], tl.int64) + ((tag(e) << 32) | num_channels),
+                     peer_ok[:, None] & (receivers < num_programs)[None, :])
     if pid < num_pushers:
         # this pusher's flag (source rank, pusher) on every peer
         my_flag = flags_offset + (rank * _max_pushers + pid) * 8
@@ -594,19 +606,24 @@ def ep_dispatch_kernel(x_ptr, scales_ptr, scale_stride_t, scale_stride_s, topk_p
         if DIRECT:  # every peer's outputs
             slots = (tl.sum(tl.where(ranks == rank, signal_bases, 0), axis=0) + out_slots_offset
                      + ranks * 8).to(tl.pointer_type(tl.int64))
-            failed, bases, caps, out_scales, out_topk, out_weights, out_src = _direct_outputs(
+        # every peer's record region, or with DIRECT its outputs where it takes direct writes
+        bases = tl.load(data_bases_ptr + ranks, mask=rank_ok, other=0) + half_offset
+        caps = tl.zeros([R_PAD], tl.int32) + capacity
+        direct = tl.zeros([R_PAD], tl.int32)
+        out_scales = bases  # unused without DIRECT
+        out_topk = bases
+        out_weights = bases
+        out_src = bases
+        if DIRECT:
+            slots = (tl.sum(tl.where(ranks == rank, signal_bases, 0), axis=0) + out_slots_offset
+                     + ranks * 8).to(tl.pointer_type(tl.int64))
+            failed, direct, out_x, out_rows, out_scales, out_topk, out_weights, out_src = _direct_outputs(
                 slots, out_bases_ptr, rank_prefix_ptr, e, num_scales, num_topk, tl.load(err_ptr + 3, volatile=True),
                 err_ptr, rank, budget, NUM_RANKS, R_PAD, ROW_WORDS, TOPK_BYTES, USE_TIMER)
+            bases = tl.where(direct != 0, out_x, bases)
+            caps = tl.where(direct != 0, out_rows, caps)
             if failed != 0:  # no flag either: the peers time out too, naming this rank
                 segment = num_channels
-        else:  # every peer's record region
-            bases = tl.load(data_bases_ptr + ranks, mask=rank_ok, other=0) + half_offset
-            caps = tl.zeros([R_PAD], tl.int32) + capacity
-            out_scales = bases  # unused without DIRECT
-            out_topk = bases
-            out_weights = bases
-            out_src = bases
-        STRIDE_WORDS: tl.constexpr = ROW_WORDS if DIRECT else RECORD_WORDS
         while segment < num_channels:
             segment_end = _segment_end(segment, publish_every, num_channels)
             lo, hi = _channel_tokens(segment, segment_end, tokens_per_channel, num_tokens)
@@ -630,21 +647,21 @@ def ep_dispatch_kernel(x_ptr, scales_ptr, scale_stride_t, scale_stride_s, topk_p
             if USE_TIMER:
                 for tile in tl.range(0, num_tiles, num_stages=STAGES):
                     before = _dispatch_push_fields(
-                        first + tile * BLOCK_T, last, before, block_start, bases, caps, out_scales, out_topk,
+                        first + tile * BLOCK_T, last, before, block_start, bases, caps, direct, out_scales, out_topk,
                         out_weights, out_src, scales_ptr, scale_stride_t, scale_stride_s, topk_ptr, weights_ptr,
                         in_rank_ptr, recv_scales_ptr, recv_topk_ptr, recv_weights_ptr, recv_src_ptr, send_head_ptr,
                         rank, num_local_experts, num_scales, num_topk, num_out_rows, NUM_RANKS, R_PAD, ROW_WORDS,
                         RECORD_WORDS, S_PAD, K_PAD, BLOCK_T, HAS_SCALES, HAS_TOPK, WRITE_SEND_HEAD, DIRECT)
                 tl.debug_barrier()  # the rows' loop reads the send_head this program just wrote
                 for step in tl.range(0, num_tiles * CHUNKS, num_stages=STAGES):
-                    _dispatch_push_chunk(step, first, last, block_start, bases, caps, x_ptr, recv_x_ptr,
+                    _dispatch_push_chunk(step, first, last, block_start, bases, caps, direct, x_ptr, recv_x_ptr,
                                          send_head_ptr, rank, num_out_rows, NUM_RANKS, R_PAD, ROW_WORDS,
-                                         STRIDE_WORDS, BLOCK_T, BLOCK_W)
+                                         RECORD_WORDS, BLOCK_T, BLOCK_W, DIRECT)
             else:
                 tile = zero
                 while tile < num_tiles:
                     before = _dispatch_push_fields(
-                        first + tile * BLOCK_T, last, before, block_start, bases, caps, out_scales, out_topk,
+                        first + tile * BLOCK_T, last, before, block_start, bases, caps, direct, out_scales, out_topk,
                         out_weights, out_src, scales_ptr, scale_stride_t, scale_stride_s, topk_ptr, weights_ptr,
                         in_rank_ptr, recv_scales_ptr, recv_topk_ptr, recv_weights_ptr, recv_src_ptr, send_head_ptr,
                         rank, num_local_experts, num_scales, num_topk, num_out_rows, NUM_RANKS, R_PAD, ROW_WORDS,
@@ -652,18 +669,19 @@ def ep_dispatch_kernel(x_ptr, scales_ptr, scale_stride_t, scale_stride_s, topk_p
                     tile += 1
                 step = zero
                 while step < num_tiles * CHUNKS:
-                    _dispatch_push_chunk(step, first, last, block_start, bases, caps, x_ptr, recv_x_ptr,
+                    _dispatch_push_chunk(step, first, last, block_start, bases, caps, direct, x_ptr, recv_x_ptr,
                                          send_head_ptr, rank, num_out_rows, NUM_RANKS, R_PAD, ROW_WORDS,
-                                         STRIDE_WORDS, BLOCK_T, BLOCK_W)
+                                         RECORD_WORDS, BLOCK_T, BLOCK_W, DIRECT)
                     step += 1
             _publish(out_flags, tl.zeros([R_PAD], tl.int64) + ((tag(e) << 32) | segment_end.to(tl.int64)), peer_ok)
             segment = segment_end
         if DIRECT:
-            if pid == num_pushers - 1:  # the last program: the kernel ends when every peer's rows have landed
-                pushers = tl.arange(0, P_PAD)
+            if (num_pushers == num_programs) & (pid == num_programs - 1):
+                # direct state, the last program: the kernel ends when every peer's rows have landed
+                programs = tl.arange(0, P_PAD)
                 flags = (tl.sum(tl.where(ranks == rank, signal_bases, 0), axis=0) + flags_offset
-                         + (ranks[:, None] * _max_pushers + pushers[None, :]) * 8).to(tl.pointer_type(tl.int64))
-                flag_ok = peer_ok[:, None] & (pushers < num_pushers)[None, :]
+                         + (ranks[:, None] * _max_pushers + programs[None, :]) * 8).to(tl.pointer_type(tl.int64))
+                flag_ok = peer_ok[:, None] & (programs < num_programs)[None, :]
                 _wait_channels(flags, flag_ok, peer_ok, num_channels - 1, tl.zeros([R_PAD], tl.int32), e,
                                num_channels, tl.load(err_ptr + 3, volatile=True), err_ptr, _phase_dispatch, rank,
                                budget, R_PAD, USE_TIMER)
@@ -675,7 +693,10 @@ def ep_dispatch_kernel(x_ptr, scales_ptr, scale_stride_t, scale_stride_s, topk_p
         pushers = tl.arange(0, P_PAD)
         flags = (tl.load(signal_bases_ptr + rank) + flags_offset
                  + (ranks[:, None] * _max_pushers + pushers[None, :]) * 8).to(tl.pointer_type(tl.int64))
-        flag_ok = peer_ok[:, None] & (pushers < num_pushers)[None, :]
+        flag_count = num_pushers  # a source's flags: one per pusher, or with DIRECT one per program
+        if DIRECT:
+            flag_count = num_programs
+        flag_ok = peer_ok[:, None] & (pushers < flag_count)[None, :]
         if WORST:  # rows past the valid prefix: top-k -1 and source index -1
             num_valid = tl.load(rank_prefix_ptr + (NUM_RANKS - 1) * NUM_RANKS + rank)
             ks = tl.arange(0, K_PAD)
@@ -1024,10 +1045,7 @@ def _wait_parts(flag_ptrs, needed, seq, seq_next, failed, err_ptr, phase, rank, 
             values = acquire_flags(flag_ptrs, behind, USE_TIMER)
             behind = behind & (values != seq) & (values != seq_next)
             spins += 1
-            if USE_TIMER:
-                alive = (now_ns(USE_TIMER) - start) < budget
-            else:
-                alive = spins < budget
+            alive = within_budget(start, spins, budget, USE_TIMER)
         if tl.max(behind.to(tl.int32), axis=0) > 0:
             record_timeout(err_ptr, phase, rank, tl.min(tl.where(behind, ranks, R_PAD), axis=0))
             failed = 1

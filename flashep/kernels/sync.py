@@ -101,6 +101,17 @@ def tag(n):
 
 
 @triton.jit
+def within_budget(start, spins, budget, USE_TIMER: tl.constexpr):
+    """Whether a wait that began at `start` (now_ns) and spun `spins` times may go on: `budget` is nanoseconds
+    on the GPU, spins under the interpreter (see wait_budget)."""
+    if USE_TIMER:
+        alive = (now_ns(USE_TIMER) - start) < budget
+    else:
+        alive = spins < budget
+    return alive
+
+
+@triton.jit
 def wait_tag(ptr, wanted, other, budget, USE_TIMER: tl.constexpr):
     """Spin until the tag (high 32 bits) of *ptr is `wanted` or `other`. `budget` is nanoseconds (GPU) or
     spins (interpreter). -> True when it came, False on timeout."""
@@ -111,10 +122,7 @@ def wait_tag(ptr, wanted, other, budget, USE_TIMER: tl.constexpr):
     while (v != wanted) & (v != other) & alive:
         v = load_acquire(ptr) >> 32
         spins += 1
-        if USE_TIMER:
-            alive = (now_ns(USE_TIMER) - start) < budget
-        else:
-            alive = spins < budget
+        alive = within_budget(start, spins, budget, USE_TIMER)
     return (v == wanted) | (v == other)
 
 
