@@ -423,7 +423,7 @@ def check_hopper_vectorisation() -> None:
             t(i64), 1 << 30, t(i64), 4096, t(i64), t(i64), 1, 4096, 12, 342, 16, 2, 64, scales, 8, 10**5, 10**5,
             t(i64), 8192, 12345, 10**9, ROW_WORDS=row_words, RECORD_WORDS=row_words + 48 + (16 if fp8 else 0),
             S_PAD=64 if fp8 else 2, BLOCK_W=512, HAS_SCALES=fp8, HAS_TOPK=True, TOPK_BYTES=8,
-            WRITE_SEND_HEAD=direct or not fp8, WORST=fp8 and not direct, DIRECT=direct, STRIDE_ALIGN=16, **common)
+            WRITE_SEND_HEAD=direct or not fp8, WORST=fp8 and not direct, DIRECT=direct, **common)
         check(dispatch, f"dispatch (fp8={fp8}, direct={direct})")
     for reduce_stages in (1, 3):  # the default (unpipelined reduction), and the pipelined one
         combine = kernels.ep_combine_kernel.warmup(

@@ -361,8 +361,7 @@ class TritonNormalBackend(Backend):
             BLOCK_T=self.tile_tokens, BLOCK_W=min(max(self.tile_hidden // 2, 16), _pow2(row_words)),
             HAS_SCALES=x_scales is not None, HAS_TOPK=topk_idx is not None,
             TOPK_BYTES=topk_idx.element_size() if topk_idx is not None else 8, WRITE_SEND_HEAD=write_send_head,
-            WORST=worst, DIRECT=may_write_directly, STRIDE_ALIGN=math.gcd(row_words, record_bytes // 4, 16),
-            USE_TIMER=use_timer(), STAGES=self.stages,
+            WORST=worst, DIRECT=may_write_directly, USE_TIMER=use_timer(), STAGES=self.stages,
             num_warps=self.num_warps)
 
     # ---- combine ----------------------------------------------------------------------------------------

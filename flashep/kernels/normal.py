@@ -408,16 +408,15 @@ def _dispatch_push_fields(start, last, before, block_start, bases, caps, direct,
 
 
 @triton.jit
-def _dispatch_push_chunk(step, first, last, block_start, bases, caps, strides, x_ptr, recv_x_ptr, send_head_ptr,
-                         rank, num_out_rows, NUM_RANKS: tl.constexpr, R_PAD: tl.constexpr, ROW_WORDS: tl.constexpr,
+def _dispatch_push_chunk(step, first, last, block_start, bases, caps, direct, x_ptr, recv_x_ptr, send_head_ptr, rank,
+                         num_out_rows, NUM_RANKS: tl.constexpr, R_PAD: tl.constexpr, ROW_WORDS: tl.constexpr,
                          RECORD_WORDS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_W: tl.constexpr,
-                         DIRECT: tl.constexpr, STRIDE_ALIGN: tl.constexpr):
+                         DIRECT: tl.constexpr):
     """Step `step` of pushing the rows of tokens [first, last): tile step // CHUNKS, chunk step % CHUNKS, loaded
     once and stored to every destination at the row send_head gives (this rank's rows straight into recv_x;
-    a peer's at `bases`, rows < `caps`: its record region, or with DIRECT its recv_x where the peer takes
-    direct writes; `strides`: each peer's row stride in words, all multiples of STRIDE_ALIGN, so the stores
-    stay vectorised without a branch in the loop). The steps run in one pipelined loop, so the loads of the
-    next chunks, also across tiles, are in flight."""
+    a peer's at `bases`, rows < `caps`: its record region, or with DIRECT, where `direct` marks the peer,
+    its recv_x). The steps run in one pipelined loop, so the loads of the next chunks, also across tiles,
+    are in flight."""
     CHUNKS: tl.constexpr = (ROW_WORDS + BLOCK_W - 1) // BLOCK_W
     ranks = tl.arange(0, R_PAD)
     rank_ok = ranks < NUM_RANKS
@@ -442,9 +441,11 @@ def _dispatch_push_chunk(step, first, last, block_start, bases, caps, strides, x
             at_dst = ranks == dst
             region = tl.multiple_of(tl.sum(tl.where(at_dst, bases, 0), axis=0).to(tl.pointer_type(tl.int32)), 16)
             mask = dst_ok & (dst_rows < tl.sum(tl.where(at_dst, caps, 0), axis=0))[:, None]
+            to_outputs = False
             if DIRECT:
-                stride = tl.multiple_of(tl.sum(tl.where(at_dst, strides, 0), axis=0), STRIDE_ALIGN)
-                tl.store(region + dst_rows[:, None] * stride + cols[None, :], data, mask=mask)
+                to_outputs = tl.sum(tl.where(at_dst, direct, 0), axis=0) != 0
+            if to_outputs:
+                tl.store(region + dst_rows[:, None] * ROW_WORDS + cols[None, :], data, mask=mask)
             else:
                 tl.store(region + dst_rows[:, None] * RECORD_WORDS + cols[None, :], data, mask=mask)
 
@@ -561,14 +562,12 @@ def ep_dispatch_kernel(x_ptr, scales_ptr, scale_stride_t, scale_stride_s, topk_p
                        RECORD_WORDS: tl.constexpr, S_PAD: tl.constexpr, K_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
                        BLOCK_W: tl.constexpr, HAS_SCALES: tl.constexpr, HAS_TOPK: tl.constexpr,
                        TOPK_BYTES: tl.constexpr, WRITE_SEND_HEAD: tl.constexpr, WORST: tl.constexpr,
-                       DIRECT: tl.constexpr, STRIDE_ALIGN: tl.constexpr, USE_TIMER: tl.constexpr,
-                       STAGES: tl.constexpr):
+                       DIRECT: tl.constexpr, USE_TIMER: tl.constexpr, STAGES: tl.constexpr):
     """Rows are 4-byte words (`x_ptr`/`recv_x_ptr` are int32 views). Row i of the receive order sits at the
     same index in the receive region and in `recv_x`. Work goes by segments of channels (a flag at each
     segment's end): a pusher takes an equal contiguous part of the segment's tokens, a receiver an equal
     contiguous part of every peer's rows of the segment. USE_TIMER: compiled for a GPU (timed waits,
-    software-pipelined loops). STRIDE_ALIGN: the largest power of two (at most 16) dividing ROW_WORDS and
-    RECORD_WORDS.
+    software-pipelined loops).
 
     DIRECT (a dispatch that may write directly; every rank launches the same kind): each rank is in one of
     two states, its own choice. `out_state` = 1 + the offset (units) of the output block it carved from its
@@ -625,7 +624,6 @@ def ep_dispatch_kernel(x_ptr, scales_ptr, scale_stride_t, scale_stride_s, topk_p
             caps = tl.where(direct != 0, out_rows, caps)
             if failed != 0:  # no flag either: the peers time out too, naming this rank
                 segment = num_channels
-        strides = tl.where(direct != 0, ROW_WORDS, RECORD_WORDS)
         while segment < num_channels:
             segment_end = _segment_end(segment, publish_every, num_channels)
             lo, hi = _channel_tokens(segment, segment_end, tokens_per_channel, num_tokens)
@@ -656,9 +654,9 @@ def ep_dispatch_kernel(x_ptr, scales_ptr, scale_stride_t, scale_stride_s, topk_p
                         RECORD_WORDS, S_PAD, K_PAD, BLOCK_T, HAS_SCALES, HAS_TOPK, WRITE_SEND_HEAD, DIRECT)
                 tl.debug_barrier()  # the rows' loop reads the send_head this program just wrote
                 for step in tl.range(0, num_tiles * CHUNKS, num_stages=STAGES):
-                    _dispatch_push_chunk(step, first, last, block_start, bases, caps, strides, x_ptr, recv_x_ptr,
+                    _dispatch_push_chunk(step, first, last, block_start, bases, caps, direct, x_ptr, recv_x_ptr,
                                          send_head_ptr, rank, num_out_rows, NUM_RANKS, R_PAD, ROW_WORDS,
-                                         RECORD_WORDS, BLOCK_T, BLOCK_W, DIRECT, STRIDE_ALIGN)
+                                         RECORD_WORDS, BLOCK_T, BLOCK_W, DIRECT)
             else:
                 tile = zero
                 while tile < num_tiles:
@@ -671,9 +669,9 @@ def ep_dispatch_kernel(x_ptr, scales_ptr, scale_stride_t, scale_stride_s, topk_p
                     tile += 1
                 step = zero
                 while step < num_tiles * CHUNKS:
-                    _dispatch_push_chunk(step, first, last, block_start, bases, caps, strides, x_ptr, recv_x_ptr,
+                    _dispatch_push_chunk(step, first, last, block_start, bases, caps, direct, x_ptr, recv_x_ptr,
                                          send_head_ptr, rank, num_out_rows, NUM_RANKS, R_PAD, ROW_WORDS,
-                                         RECORD_WORDS, BLOCK_T, BLOCK_W, DIRECT, STRIDE_ALIGN)
+                                         RECORD_WORDS, BLOCK_T, BLOCK_W, DIRECT)
                     step += 1
             _publish(out_flags, tl.zeros([R_PAD], tl.int64) + ((tag(e) << 32) | segment_end.to(tl.int64)), peer_ok)
             segment = segment_end
