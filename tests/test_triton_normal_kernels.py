@@ -416,6 +416,7 @@ def check_hopper_vectorisation() -> None:
     common = dict(NUM_RANKS=3, R_PAD=4, P_PAD=16, K_PAD=8, BLOCK_T=16, USE_TIMER=True, STAGES=3, num_warps=8,
                   grid=(1,))
     # hidden 7168: bf16 rows of 3584 words, fp8 rows of 1792 words + 56 scales; records or direct-write
+    vector_stores = {}
     for fp8, direct in ((False, False), (True, False), (False, True), (True, True)):
         row_words, scales = (1792, 56) if fp8 else (3584, 0)
         dispatch = kernels.ep_dispatch_kernel.warmup(
@@ -425,6 +426,9 @@ def check_hopper_vectorisation() -> None:
             S_PAD=64 if fp8 else 2, BLOCK_W=512, HAS_SCALES=fp8, HAS_TOPK=True, TOPK_BYTES=8,
             WRITE_SEND_HEAD=direct or not fp8, WORST=fp8 and not direct, DIRECT=direct, **common)
         check(dispatch, f"dispatch (fp8={fp8}, direct={direct})")
+        vector_stores[fp8, direct] = dispatch.asm["ptx"].count("st.global.v4")
+    for fp8 in (False, True):  # a direct-write kernel stores its rows as widely as the records kernel does
+        assert vector_stores[fp8, True] >= vector_stores[fp8, False], vector_stores
     for reduce_stages in (1, 3):  # the default (unpipelined reduction), and the pipelined one
         combine = kernels.ep_combine_kernel.warmup(
             t(bf16), t(f32), t(bf16), t(bf16), t(u8), t(), t(), t(), t(bf16), t(f32), t(i64), 1 << 30, t(i64),
