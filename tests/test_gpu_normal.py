@@ -196,8 +196,10 @@ def _graphs(rank: int, num_ranks: int, group, seed: int) -> None:
 
 
 @pytest.mark.parametrize("world_size", WORLDS)
-def test_cuda_graph_replays_with_new_data(world_size, seed):
-    run_ranks(world_size, _graphs, seed, backend="triton", device="cuda")
+@pytest.mark.parametrize("env", [{}, {"FLASHEP_DIRECT_DISPATCH": "1"}], ids=["default", "direct_write"])
+def test_cuda_graph_replays_with_new_data(world_size, env, seed):
+    """With direct writes the captured cached dispatch writes its outputs directly on every replay."""
+    run_ranks(world_size, _graphs, seed, backend="triton", device="cuda", env=env)
 
 
 # ---- determinism ------------------------------------------------------------------------------------------

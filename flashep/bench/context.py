@@ -97,6 +97,7 @@ class RankContext:
     def measure(self, result: OpResult, fn: Callable[[], object], patterns: Sequence[str]) -> None:
         """End-to-end time of `fn`, and on GPUs the time of its kernels whose names contain `patterns`."""
         result.e2e_us = self.timer.end_to_end_us(fn)
+        result.host_us = self.timer.last_host_us
         profile = self.timer.profile(fn)
         if profile is not None:
             result.kernel_us = profile.per_call_us(patterns)

@@ -47,19 +47,20 @@ def _print_header(header: dict, console: Console) -> None:
 
 def _mode_table(title: str, rows: list, baseline: str) -> Table:
     table = Table(title=title, title_justify="left")
-    for name in ("config", "op", "kernel us", "e2e us", "GB/s", "GB/s remote", f"{baseline} us",
+    for name in ("config", "op", "kernel us", "e2e us", "host us", "GB/s", "GB/s remote", f"{baseline} us",
                  f"{baseline} GB/s", "DeepEP us", "DeepEP GB/s", f"vs {baseline}", "vs DeepEP"):
         table.add_column(name, justify="left" if name in ("config", "op") else "right", no_wrap=True)
     for row in rows:
         config = row["config"]
         name = f"{config['tokens']} tok" + (f", {config['num_sms']} SMs" if "num_sms" in config else "")
         table.add_row(name, row["op"] + ("" if row["time_kind"] == "e2e" else " *"),
-                      _number(row["kernel_us"]), _number(row["e2e_us"]), _number(row["gbps"]),
-                      _number(row["gbps_remote"]), _number(row["baseline_us"]), _number(row["baseline_gbps"]),
-                      _number(row["deepep_us"]), _number(row["deepep_gbps"]),
+                      _number(row["kernel_us"]), _number(row["e2e_us"]), _number(row["host_us"]),
+                      _number(row["gbps"]), _number(row["gbps_remote"]), _number(row["baseline_us"]),
+                      _number(row["baseline_gbps"]), _number(row["deepep_us"]), _number(row["deepep_gbps"]),
                       _speedup(row["speedup_vs_baseline"]), _speedup(row["speedup_vs_deepep"]))
     table.caption = (f"GB/s, {baseline} and speedups use the end-to-end time of one call, or the kernel time for "
-                     f"ops marked *. GB/s in DeepEP's metric (received rows incl. self / selections); GB/s remote "
+                     f"ops marked *; host us: the host side of one call in the end-to-end loop (GPU only). GB/s in "
+                     f"DeepEP's metric (received rows incl. self / selections); GB/s remote "
                      f"counts only bytes that cross ranks; {baseline} = all_to_all_single moving the same bytes.")
     table.caption_justify = "left"
     return table

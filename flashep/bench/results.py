@@ -14,6 +14,7 @@ class OpResult:
     op: str
     e2e_us: Optional[float] = None  # one call, CUDA events (wall clock on CPU), median
     kernel_us: Optional[float] = None  # sum of the op's kernels per call (GPU profiler)
+    host_us: Optional[float] = None  # host time of one call in the e2e loop (GPU only), median
     kernels: dict = field(default_factory=dict)  # kernel name -> us per call
     metric_bytes: Optional[int] = None  # DeepEP's accounting
     remote_bytes: Optional[int] = None

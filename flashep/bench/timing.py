@@ -181,6 +181,7 @@ class Timer:
         self.iters = iters
         self.profile_iters = profile_iters
         self.on_gpu = device.type == "cuda"
+        self.last_host_us: Optional[float] = None  # see end_to_end_us
         if self.on_gpu:
             self._flush_buffer = torch.empty(L2_FLUSH_BYTES // 4, dtype=torch.int32, device=device)
             self._token = torch.ones(1, dtype=torch.int32, device=device)
@@ -193,7 +194,9 @@ class Timer:
             dist.barrier(self.group)
 
     def end_to_end_us(self, fn: Callable[[], object]) -> float:
-        """Median time of one call, in microseconds."""
+        """Median time of one call, in microseconds. On a GPU it also sets `last_host_us`: the median host time
+        of one call of that loop (the Python side and the launches; the GPU may still be busy): where it is
+        close to the end-to-end time, the host, not the GPU, sets the pace."""
         for _ in range(self.warmups):
             fn()
         self.barrier()
@@ -206,12 +209,16 @@ class Timer:
             return statistics.median(samples)
         pairs = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
                  for _ in range(self.iters)]
+        host = []
         for start, end in pairs:
             self._flush_l2()
             start.record()
+            began = time.perf_counter()
             fn()
+            host.append((time.perf_counter() - began) * 1e6)
             end.record()
         torch.cuda.synchronize(self.device)
+        self.last_host_us = statistics.median(host)
         return statistics.median(start.elapsed_time(end) * 1e3 for start, end in pairs)
 
     def profile(self, fn: Callable[[], object]) -> Optional[KernelProfile]:

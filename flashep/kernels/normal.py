@@ -596,8 +596,9 @@ def ep_dispatch_kernel(x_ptr, scales_ptr, scale_stride_t, scale_stride_s, topk_p
                      tl.zeros([R_PAD], tl.int64) + ((tag(e) << 32) | out_state), peer_ok)
             receivers = tl.arange(0, P_PAD) + num_pushers  # they push nothing: finished from the start
             idle = (signal_bases[:, None] + flags_offset + (rank * _max_pushers + receivers[None, :]) * 8)
-            _publish(idle.to(tl.pointer_type(tl.int64)), tl.zeros([R_PAD, P_PAD], tl.int64) + ((tag(e) << 32) | num_channels),
-                     peer_ok[:, None] & (receivers < num_programs)[None, :])
+            finished = tl.zeros([R_PAD, P_PAD], tl.int64) + ((tag(e) << 32) | num_channels)
+            idle_ok = peer_ok[:, None] & (receivers < num_programs)[None, :]
+            _publish(idle.to(tl.pointer_type(tl.int64)), finished, idle_ok)
     if pid < num_pushers:
         # this pusher's flag (source rank, pusher) on every peer
         my_flag = flags_offset + (rank * _max_pushers + pid) * 8
