@@ -216,7 +216,7 @@ class TritonNormalBackend(Backend):
                           agreed=False, what="dispatch with num_worst_tokens")
         rank_prefix, send_prefix, recv_prefix, summary = self._notify(is_token_in_rank, num_tokens_per_expert,
                                                                       num_channels)
-        block = None  # this rank's outputs in its output pool: (pool, offset, tensor)
+        block = None  # this rank's outputs in its output pool: (offset, tensor)
         if num_worst_tokens > 0:
             num_rows, counts, per_expert_list = num_worst_tokens, None, []
         else:
@@ -235,17 +235,13 @@ class TritonNormalBackend(Backend):
                 self._size_output_pool([_output_block_bytes(counts.received_by(r), x, x_scales, topk_idx)
                                         for r in range(num_ranks)])
                 block = self._carve(_output_block_bytes(num_rows, x, x_scales, topk_idx))
-        if block is not None:
-            out = _DispatchOutputs.in_block(block[2], x, x_scales, topk_idx, num_rows)
-        else:
-            out = _DispatchOutputs(x, x_scales, topk_idx, num_rows, self.device)
+        out = _DispatchOutputs(x, x_scales, topk_idx, num_rows, self.device, block)
         send_head = torch.empty(x.size(0), num_ranks, dtype=torch.int32, device=self.device)
         self._launch_dispatch(x, x_scales, topk_idx, topk_weights, is_token_in_rank, rank_prefix, send_prefix,
                               recv_prefix, out, send_head, num_local, num_channels, record,
                               write_send_head=True, worst=num_worst_tokens > 0,
                               may_write_directly=self.direct and num_worst_tokens == 0, block=block)
         self.epoch.add_(1)
-        self.direct_dispatches += block is not None
         rank_prefix._flashep_full = True  # read back by handles.from_tuple
         rank_prefix._flashep_counts = counts  # the routing's counts on the host, when known (a combine uses them)
         routing = Routing(rank_prefix, send_prefix, recv_prefix, out.src_idx, is_token_in_rank, send_head,
@@ -266,13 +262,12 @@ class TritonNormalBackend(Backend):
         self.output_pool = OutputPool(self.group, OUTPUT_POOL_BLOCKS * biggest, self.device, self.meeting)
 
     def _carve(self, nbytes: int):
-        """This rank's choice for a dispatch that may write directly: -> (pool, offset, block) of its outputs
-        when its pool has room, else None (records)."""
+        """This rank's choice for a dispatch that may write directly: -> (offset, block) of its outputs in the
+        output pool when the pool has room, else None (records)."""
         pool = self.output_pool
         if pool is None or pool.largest_free() < _round_up(max(nbytes, 1), OUTPUT_UNIT):  # as carve rounds it
             return None
-        offset, block = pool.carve(nbytes)
-        return pool, offset, block
+        return pool.carve(nbytes)
 
     def _cached_dispatch(self, x, x_scales, routing: Routing, num_channels: int) -> DispatchResult:
         _check_routing(routing)
@@ -280,17 +275,13 @@ class TritonNormalBackend(Backend):
         record = _dispatch_record_bytes(x, x_scales, 0)
         self._reserve(num_rows * record, agreed=False, what="cached dispatch")
         block = self._carve(_output_block_bytes(num_rows, x, x_scales, None)) if self.direct else None
-        if block is not None:
-            out = _DispatchOutputs.in_block(block[2], x, x_scales, None, num_rows)
-        else:
-            out = _DispatchOutputs(x, x_scales, None, num_rows, self.device)
+        out = _DispatchOutputs(x, x_scales, None, num_rows, self.device, block)
         num_local = 1  # no top-k to rewrite
         self._launch_dispatch(x, x_scales, None, None, routing.is_token_in_rank, routing.rank_prefix_matrix,
                               routing.channel_prefix_matrix, routing.recv_channel_prefix_matrix, out,
                               routing.send_head, num_local, num_channels, record, write_send_head=False, worst=False,
                               may_write_directly=self.direct, block=block)
         self.epoch.add_(1)
-        self.direct_dispatches += block is not None
         return DispatchResult(out.x, out.scales, None, None, None, None)
 
     def _notify(self, is_token_in_rank, num_tokens_per_expert, num_channels):
@@ -322,8 +313,8 @@ class TritonNormalBackend(Backend):
                          recv_prefix, out: "_DispatchOutputs", send_head, num_local, num_channels, record_bytes,
                          write_send_head: bool, worst: bool, may_write_directly: bool = False,
                          block=None) -> None:
-        """`may_write_directly`: the kernel's DIRECT (the same on every rank); `block`: this rank's outputs in
-        its output pool (direct state), or None (records)."""
+        """`may_write_directly`: the kernel's DIRECT (the same on every rank); `block`: (offset, tensor) of this
+        rank's outputs in its output pool (direct state), or None (records)."""
         num_tokens = x.size(0)
         words = x.view(torch.int32)
         row_words = words.size(1)
@@ -338,7 +329,8 @@ class TritonNormalBackend(Backend):
         out_state = 0
         if block is not None:
             pushers = num_programs
-            out_bases, out_state = block[0].peer_bases, 1 + block[1] // OUTPUT_UNIT
+            out_state = 1 + block[0] // OUTPUT_UNIT
+            self.direct_dispatches += 1
         tokens_per_channel = _tokens_per_channel(num_tokens, num_channels)
         # a pusher moves about tokens_per_channel / pushers tokens of every channel
         publish_every = _publish_every(self.publish_tokens, tokens_per_channel / pushers, num_channels)
@@ -607,9 +599,13 @@ class _HostCounts:
 
 
 class _DispatchOutputs:
-    """Output tensors of one dispatch with `num_rows` rows."""
+    """Output tensors of one dispatch with `num_rows` rows: new tensors, or views of an output-pool block."""
 
-    def __init__(self, x, x_scales, topk_idx, num_rows: int, device):
+    def __init__(self, x, x_scales, topk_idx, num_rows: int, device, block=None):
+        """`block`: (offset, uint8 tensor) from the output pool, or None."""
+        if block is not None:
+            self._carve_from(block[1], x, x_scales, topk_idx, num_rows)
+            return
         self.x = torch.empty(num_rows, x.size(1), dtype=x.dtype, device=device)
         self.scales = (torch.empty(num_rows, x_scales.size(1), dtype=x_scales.dtype, device=device)
                        if x_scales is not None else None)
@@ -619,11 +615,9 @@ class _DispatchOutputs:
             self.topk_weights = torch.empty(num_rows, topk_idx.size(1), dtype=torch.float32, device=device)
         self.src_idx = torch.empty(num_rows, dtype=torch.int32, device=device)
 
-    @classmethod
-    def in_block(cls, block: torch.Tensor, x, x_scales, topk_idx, num_rows: int) -> "_DispatchOutputs":
+    def _carve_from(self, block: torch.Tensor, x, x_scales, topk_idx, num_rows: int) -> None:
         """The outputs as views of one output-pool block (uint8), fields where `_output_block_bytes` and the
         kernel's `_direct_outputs` put them."""
-        out = cls.__new__(cls)
         padded = _round_up(num_rows, kernels.OUTPUT_ROWS_ALIGN)
         at = 0
 
@@ -633,14 +627,13 @@ class _DispatchOutputs:
             at += padded * columns * dtype.itemsize
             return view
 
-        out.x = field(x.size(1), x.dtype)
-        out.scales = field(x_scales.size(1), x_scales.dtype) if x_scales is not None else None
-        out.topk_idx = out.topk_weights = None
+        self.x = field(x.size(1), x.dtype)
+        self.scales = field(x_scales.size(1), x_scales.dtype) if x_scales is not None else None
+        self.topk_idx = self.topk_weights = None
         if topk_idx is not None:
-            out.topk_idx = field(topk_idx.size(1), topk_idx.dtype)
-            out.topk_weights = field(topk_idx.size(1), torch.float32)
-        out.src_idx = field(1, torch.int32).view(num_rows)
-        return out
+            self.topk_idx = field(topk_idx.size(1), topk_idx.dtype)
+            self.topk_weights = field(topk_idx.size(1), torch.float32)
+        self.src_idx = field(1, torch.int32).view(num_rows)
 
 
 def _dispatch_record_bytes(x: torch.Tensor, x_scales: Optional[torch.Tensor], num_topk: int) -> int:

@@ -513,7 +513,7 @@ def _direct_outputs(slot_ptrs, out_bases_ptr, rank_prefix_ptr, e, num_scales, nu
     """Every peer's state in a dispatch that may write directly: wait (bounded) until each peer published its
     slot (`slot_ptrs`: the peers' slots here, `(tag(e) << 32) | v`, v = 1 + its output block's offset in its
     output pool, in units, or 0: records), then lay out the fields of every direct peer's block as
-    `_DispatchOutputs.in_block` (backends/triton_normal.py) does, from the rows it receives.
+    `_DispatchOutputs._carve_from` (backends/triton_normal.py) does, from the rows it receives.
     -> (failed, direct, x, rows, scales, top-k ids, top-k weights, source index): [R_PAD] vectors (direct:
     1 where the peer takes direct writes; rows: the peer's row count; the others: addresses)."""
     ranks = tl.arange(0, R_PAD)
