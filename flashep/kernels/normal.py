@@ -588,6 +588,7 @@ def ep_dispatch_kernel(x_ptr, scales_ptr, scale_stride_t, scale_stride_s, topk_p
     zero = tl.full((), 0, tl.int32)
     segment = zero  # first channel of the current segment
     signal_bases = tl.load(signal_bases_ptr + ranks, mask=rank_ok, other=0)
+    my_signal_base = tl.load(signal_bases_ptr + rank)
     err_ptr = tl.load(err_addr_ptr).to(tl.pointer_type(tl.int32))
     num_programs = tl.num_programs(0)
     if DIRECT:
@@ -604,9 +605,6 @@ def ep_dispatch_kernel(x_ptr, scales_ptr, scale_stride_t, scale_stride_s, topk_p
         my_flag = flags_offset + (rank * _max_pushers + pid) * 8
         out_flags = (signal_bases + my_flag).to(tl.pointer_type(tl.int64))
         block_start = tl.load(rank_prefix_ptr + (rank - 1) * NUM_RANKS + ranks, mask=rank_ok & (rank > 0), other=0)
-        if DIRECT:  # every peer's outputs
-            slots = (tl.sum(tl.where(ranks == rank, signal_bases, 0), axis=0) + out_slots_offset
-                     + ranks * 8).to(tl.pointer_type(tl.int64))
         # every peer's record region, or with DIRECT its outputs where it takes direct writes
         bases = tl.load(data_bases_ptr + ranks, mask=rank_ok, other=0) + half_offset
         caps = tl.zeros([R_PAD], tl.int32) + capacity
@@ -616,8 +614,7 @@ def ep_dispatch_kernel(x_ptr, scales_ptr, scale_stride_t, scale_stride_s, topk_p
         out_weights = bases
         out_src = bases
         if DIRECT:
-            slots = (tl.sum(tl.where(ranks == rank, signal_bases, 0), axis=0) + out_slots_offset
-                     + ranks * 8).to(tl.pointer_type(tl.int64))
+            slots = (my_signal_base + out_slots_offset + ranks * 8).to(tl.pointer_type(tl.int64))
             failed, direct, out_x, out_rows, out_scales, out_topk, out_weights, out_src = _direct_outputs(
                 slots, out_bases_ptr, rank_prefix_ptr, e, num_scales, num_topk, tl.load(err_ptr + 3, volatile=True),
                 err_ptr, rank, budget, NUM_RANKS, R_PAD, ROW_WORDS, TOPK_BYTES, USE_TIMER)
@@ -680,7 +677,7 @@ def ep_dispatch_kernel(x_ptr, scales_ptr, scale_stride_t, scale_stride_s, topk_p
             if (num_pushers == num_programs) & (pid == num_programs - 1):
                 # direct state, the last program: the kernel ends when every peer's rows have landed
                 programs = tl.arange(0, P_PAD)
-                flags = (tl.sum(tl.where(ranks == rank, signal_bases, 0), axis=0) + flags_offset
+                flags = (my_signal_base + flags_offset
                          + (ranks[:, None] * _max_pushers + programs[None, :]) * 8).to(tl.pointer_type(tl.int64))
                 flag_ok = peer_ok[:, None] & (programs < num_programs)[None, :]
                 _wait_channels(flags, flag_ok, peer_ok, num_channels - 1, tl.zeros([R_PAD], tl.int32), e,
@@ -692,7 +689,7 @@ def ep_dispatch_kernel(x_ptr, scales_ptr, scale_stride_t, scale_stride_s, topk_p
         failed = tl.load(err_ptr + 3, volatile=True)
         region = _heap_ptr(data_bases_ptr, rank, half_offset, tl.int32, 16)
         pushers = tl.arange(0, P_PAD)
-        flags = (tl.load(signal_bases_ptr + rank) + flags_offset
+        flags = (my_signal_base + flags_offset
                  + (ranks[:, None] * _max_pushers + pushers[None, :]) * 8).to(tl.pointer_type(tl.int64))
         flag_count = num_pushers  # a source's flags: one per pusher, or with DIRECT one per program
         if DIRECT:
