@@ -5,6 +5,7 @@ torch.distributed collectives, or the Triton kernels over NVLink symmetric memor
 """
 from __future__ import annotations
 
+import functools
 import os
 from typing import Callable, Optional, Union
 
@@ -206,7 +207,7 @@ class Buffer:
         self._check_alive()
         data, scales = check_dispatch_x("x", x, self.device)
         num_tokens = data.size(0)
-        config = config if config is not None else self.get_dispatch_config(self.group_size)
+        config = config if config is not None else _default_config("dispatch", self.group_size, Buffer.num_sms)
         _check_config("config", config)
         check_int("expert_alignment", expert_alignment, minimum=1)
         check_int("num_worst_tokens", num_worst_tokens, minimum=0)
@@ -257,7 +258,7 @@ class Buffer:
         if handle is None:
             raise ValueError("handle: combine needs the handle returned by dispatch")
         routing = handles.from_tuple(handle, self.rank)
-        config = config if config is not None else self.get_combine_config(self.group_size)
+        config = config if config is not None else _default_config("combine", self.group_size, Buffer.num_sms)
         _check_config("config", config)
         check_bf16_rows("x", x, routing.num_recv_rows, self.device)
         if topk_weights is not None:
@@ -447,6 +448,12 @@ def _split_bias(bias) -> tuple:
     if isinstance(bias, (tuple, list)) and len(bias) == 2:
         return bias[0], bias[1]
     raise ValueError("bias must be None, a tensor, or a tuple of two tensors")
+
+
+@functools.lru_cache(maxsize=None)
+def _default_config(kind: str, num_ranks: int, num_sms: int) -> Config:
+    """The config a call without one uses (read only inside flashep; users get fresh ones from get_*_config)."""
+    return (default_dispatch_config if kind == "dispatch" else default_combine_config)(num_ranks, num_sms)
 
 
 def _check_config(name: str, config: Config) -> None:

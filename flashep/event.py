@@ -87,22 +87,23 @@ class EventOverlap:
 
 class OpOrder:
     """Keeps one buffer's operations in issue order, whichever stream each runs on (DeepEP runs them all on
-    one comm stream; flashep runs synchronous calls on the current stream, so they stay capturable)."""
+    one comm stream; flashep runs synchronous calls on the current stream, so they stay capturable).
+
+    An operation on the stream of the previous one follows it by stream order, at no cost; on another
+    stream, that stream first waits for everything enqueued so far on the previous one's (which includes it).
+    """
 
     def __init__(self):
-        self._last: Optional[torch.cuda.Event] = None
+        self._last: Optional[torch.cuda.Stream] = None
 
     def wait_previous(self, stream: torch.cuda.Stream) -> None:
         # work captured in a CUDA graph cannot wait on work outside it; inside, the capture orders it
-        if self._last is not None and not torch.cuda.is_current_stream_capturing():
-            stream.wait_event(self._last)
+        last = self._last
+        if last is not None and last != stream and not torch.cuda.is_current_stream_capturing():
+            stream.wait_stream(last)
 
     def record(self, stream: torch.cuda.Stream) -> None:
-        if torch.cuda.is_current_stream_capturing():
-            self._last = None
-            return
-        self._last = torch.cuda.Event()
-        self._last.record(stream)
+        self._last = stream
 
 
 class StreamScope:
@@ -133,11 +134,11 @@ class StreamScope:
         self.comm_stream = comm_stream if use_comm else None
         self.order = order if order is not None else OpOrder()
         self.event = EventOverlap(None)
-        self._tensors: list[torch.Tensor] = []
+        self._kept: list[tuple] = []
         self._stack = contextlib.ExitStack()
 
     def keep(self, *tensors: Any) -> None:
-        self._tensors.extend(_flatten(tensors))
+        self._kept.append(tensors)  # flattened only where the comm stream needs them (at exit)
 
     def __enter__(self) -> "StreamScope":
         if not self.on_gpu:
@@ -170,12 +171,12 @@ class StreamScope:
             self.event = EventOverlap(EventHandle(self.device, self.comm_stream))
             # tensors touched on the comm stream must not be recycled before it is done with them,
             # and outputs made there must outlive their use on the compute stream
-            for t in self._tensors:
+            for t in _flatten(self._kept):
                 t.record_stream(self.comm_stream)
                 t.record_stream(self._compute)
         else:
             self._compute.wait_stream(self.comm_stream)
-            for t in self._tensors:
+            for t in _flatten(self._kept):
                 t.record_stream(self._compute)
 
 

@@ -25,12 +25,15 @@ def _start(rank: int, num_ranks: int, port: int, worker, args) -> None:
         dist.destroy_process_group()
 
 
-def main(worker, doc: str, calls: int) -> None:
-    """Command line of the low-latency probes (--ranks, --tokens, --calls), then `worker` on every rank."""
+def main(worker, doc: str, calls: int, tokens: int = 128) -> None:
+    """Command line of the probes (--ranks, --tokens, --calls), then `worker` on every rank."""
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ranks", type=int, default=2)
-    p.add_argument("--tokens", type=int, default=128)
+    p.add_argument("--tokens", type=int, default=tokens)
     p.add_argument("--calls", type=int, default=calls)
+    p.add_argument("--profile", action="store_true", help="also print a cProfile of the host side")
+    p.add_argument("--breakdown", action="store_true", help="also time the pieces of a call's host side")
+    p.add_argument("--kernels-only", action="store_true", help="time only the kernels")
     args = p.parse_args()
     spawn(worker, args.ranks, args)
 

@@ -421,8 +421,8 @@ def check_hopper_vectorisation() -> None:
         row_words, scales = (1792, 56) if fp8 else (3584, 0)
         dispatch = kernels.ep_dispatch_kernel.warmup(
             t(), t(), 1, 56, t(i64), t(f32), t(u8), t(), t(), t(), t(), t(), t(i64), t(f32), t(), t(),
-            t(i64), 1 << 30, t(i64), 4096, t(i64), t(i64), 1, 4096, 12, 342, 16, 2, 64, scales, 8, 10**5, 10**5,
-            t(i64), 8192, 12345, 10**9, ROW_WORDS=row_words, RECORD_WORDS=row_words + 48 + (16 if fp8 else 0),
+            t(i64), 1 << 30, t(i64), 4096, t(i64), t(), t(i64), 1, 4096, 12, 342, 16, 2, 64, scales, 8, 10**5,
+            10**5, t(i64), 8192, 12345, 10**9, ROW_WORDS=row_words, RECORD_WORDS=row_words + 48 + (16 if fp8 else 0),
             S_PAD=64 if fp8 else 2, BLOCK_W=512, HAS_SCALES=fp8, HAS_TOPK=True, TOPK_BYTES=8,
             WRITE_SEND_HEAD=direct or not fp8, WORST=fp8 and not direct, DIRECT=direct, **common)
         check(dispatch, f"dispatch (fp8={fp8}, direct={direct})")
@@ -432,7 +432,7 @@ def check_hopper_vectorisation() -> None:
     for reduce_stages in (1, 3):  # the default (unpipelined reduction), and the pipelined one
         combine = kernels.ep_combine_kernel.warmup(
             t(bf16), t(f32), t(bf16), t(bf16), t(u8), t(), t(), t(), t(bf16), t(f32), t(i64), 1 << 30, t(i64),
-            8192, t(i64), t(i64), 1, 4096, 12, 342, 16, 2, 8, 10**5, 10**9, HIDDEN=7168, RECORD_ELEMS=7184,
+            8192, t(i64), t(), t(i64), 1, 4096, 12, 342, 16, 2, 8, 10**5, 10**9, HIDDEN=7168, RECORD_ELEMS=7184,
             BLOCK_H=1024, REDUCE_BLOCK_H=256, HAS_WEIGHTS=True, HAS_BIAS0=True, HAS_BIAS1=True,
             REDUCE_STAGES=reduce_stages, **common)
         check(combine, f"combine (reduce stages {reduce_stages})")

@@ -125,8 +125,12 @@ class TritonNormalBackend(Backend):
         self.copier = PeerCopier(self.signal_heap, self.signal_layout.copy_flags, self.num_ranks * kernels.MAX_COPY_PARTS,
                                  self.rank, self.num_ranks, self.device)
         self.copy_sequence = 0  # copy-engine operations so far (identical on every rank)
+        # operations so far; a dispatch or combine kernel's last program advances it (kernels.sync.end_operation)
         self.epoch = torch.zeros(1, dtype=torch.int64, device=self.device)
+        self.arrivals = torch.zeros(1, dtype=torch.int32, device=self.device)  # that kernel's programs at the end
         self.errors = ErrorWord(self.device)
+        self.budget = wait_budget()  # of every wait on a peer, FLASHEP_TIMEOUT_S at construction
+        self.use_timer = use_timer()
         self._unmapped_buffer: Optional[torch.Tensor] = None
         self._dummy = {dtype: torch.empty(1, dtype=dtype, device=self.device)
                        for dtype in (torch.int32, torch.int64, torch.float32, torch.bfloat16)}
@@ -220,7 +224,7 @@ class TritonNormalBackend(Backend):
         if num_worst_tokens > 0:
             num_rows, counts, per_expert_list = num_worst_tokens, None, []
         else:
-            host = summary.cpu()  # the one host synchronisation of normal mode
+            host = summary.tolist()  # the one host synchronisation of normal mode
             self.errors.check()
             counts = _HostCounts.from_summary(host, self.rank, num_ranks, num_local, num_channels)
             num_rows = counts.received_by(self.rank)
@@ -230,7 +234,7 @@ class TritonNormalBackend(Backend):
                 rows = counts.most_peer_rows_home()
                 self._reserve_copy(_copy_weights_at(rows, hidden) + rows * num_topk * 4)
             per_expert_list = [-(-int(c) // expert_alignment) * expert_alignment
-                               for c in host[num_ranks * num_ranks:num_ranks * num_ranks + num_local].tolist()]
+                               for c in host[num_ranks * num_ranks:num_ranks * num_ranks + num_local]]
             if self.direct:
                 self._size_output_pool([_output_block_bytes(counts.received_by(r), x, x_scales, topk_idx)
                                         for r in range(num_ranks)])
@@ -241,7 +245,6 @@ class TritonNormalBackend(Backend):
                               recv_prefix, out, send_head, num_local, num_channels, record,
                               write_send_head=True, worst=num_worst_tokens > 0,
                               may_write_directly=self.direct and num_worst_tokens == 0, block=block)
-        self.epoch.add_(1)
         rank_prefix._flashep_full = True  # read back by handles.from_tuple
         rank_prefix._flashep_counts = counts  # the routing's counts on the host, when known (a combine uses them)
         routing = Routing(rank_prefix, send_prefix, recv_prefix, out.src_idx, is_token_in_rank, send_head,
@@ -281,7 +284,6 @@ class TritonNormalBackend(Backend):
                               routing.channel_prefix_matrix, routing.recv_channel_prefix_matrix, out,
                               routing.send_head, num_local, num_channels, record, write_send_head=False, worst=False,
                               may_write_directly=self.direct, block=block)
-        self.epoch.add_(1)
         return DispatchResult(out.x, out.scales, None, None, None, None)
 
     def _notify(self, is_token_in_rank, num_tokens_per_expert, num_channels):
@@ -303,10 +305,10 @@ class TritonNormalBackend(Backend):
             send_prefix, rank_prefix, recv_prefix, summary[pairs:pairs + num_local],
             summary[pairs + num_local:pairs + num_local + num_ranks],
             self.rank, num_tokens, num_channels, _tokens_per_channel(num_tokens, num_channels), num_local,
-            wait_budget(),
+            self.budget,
             NUM_RANKS=num_ranks, R_PAD=self._rank_pad, L_BLOCK=min(1024, _pow2(num_local)),
             BLOCK_T=_NOTIFY_BLOCK_T, MAX_C=kernels.MAX_CHANNELS, MAX_L=kernels.MAX_LOCAL_EXPERTS,
-            USE_TIMER=use_timer(), num_warps=4)
+            USE_TIMER=self.use_timer, num_warps=4)
         return rank_prefix, send_prefix, recv_prefix, summary
 
     def _launch_dispatch(self, x, x_scales, topk_idx, topk_weights, is_token_in_rank, rank_prefix, send_prefix,
@@ -343,17 +345,17 @@ class TritonNormalBackend(Backend):
             out.topk_idx if out.topk_idx is not None else int64,
             out.topk_weights if out.topk_weights is not None else f32, out.src_idx, send_head,
             self.data_heap.peer_bases, self._half(), self.signal_heap.peer_bases, self.signal_layout.dispatch_flags,
-            self.epoch, self.errors.address,
+            self.epoch, self.arrivals, self.errors.address,
             self.rank, num_tokens, num_channels, tokens_per_channel, pushers, publish_every, num_local,
             num_scales, num_topk, self._half() // record_bytes, out.x.size(0), out_bases,
-            self.signal_layout.output_slots, out_state, wait_budget(),
+            self.signal_layout.output_slots, out_state, self.budget,
             NUM_RANKS=self.num_ranks, R_PAD=self._rank_pad,
             P_PAD=_pow2(num_programs if may_write_directly else pushers), ROW_WORDS=row_words,
             RECORD_WORDS=record_bytes // 4, S_PAD=_pow2(num_scales), K_PAD=_pow2(num_topk),
             BLOCK_T=self.tile_tokens, BLOCK_W=min(max(self.tile_hidden // 2, 16), _pow2(row_words)),
             HAS_SCALES=x_scales is not None, HAS_TOPK=topk_idx is not None,
             TOPK_BYTES=topk_idx.element_size() if topk_idx is not None else 8, WRITE_SEND_HEAD=write_send_head,
-            WORST=worst, DIRECT=may_write_directly, USE_TIMER=use_timer(), STAGES=self.stages,
+            WORST=worst, DIRECT=may_write_directly, USE_TIMER=self.use_timer, STAGES=self.stages,
             num_warps=self.num_warps)
 
     # ---- combine ----------------------------------------------------------------------------------------
@@ -387,15 +389,14 @@ class TritonNormalBackend(Backend):
             routing.rank_prefix_matrix, routing.recv_channel_prefix_matrix,
             combined, combined_weights if combined_weights is not None else f32,
             self.data_heap.peer_bases, self._half(), self.signal_heap.peer_bases, self.signal_layout.combine_flags,
-            self.epoch, self.errors.address,
+            self.epoch, self.arrivals, self.errors.address,
             self.rank, num_tokens, num_channels, _tokens_per_channel(num_tokens, num_channels), pushers,
-            publish_every, num_topk, self._half() // record_bytes, wait_budget(),
+            publish_every, num_topk, self._half() // record_bytes, self.budget,
             NUM_RANKS=self.num_ranks, R_PAD=self._rank_pad, P_PAD=_pow2(pushers), HIDDEN=hidden,
             RECORD_ELEMS=record_bytes // 2, K_PAD=_pow2(num_topk), BLOCK_T=self.tile_tokens, BLOCK_H=block_h,
             REDUCE_BLOCK_H=reduce_block_h, HAS_WEIGHTS=topk_weights is not None, HAS_BIAS0=bias0 is not None,
-            HAS_BIAS1=bias1 is not None, USE_TIMER=use_timer(), STAGES=self.stages,
+            HAS_BIAS1=bias1 is not None, USE_TIMER=self.use_timer, STAGES=self.stages,
             REDUCE_STAGES=self.reduce_stages, num_warps=self.num_warps)
-        self.epoch.add_(1)
         return combined, combined_weights
 
     def _reduce_block_h(self, hidden: int, bias0, bias1) -> int:
@@ -473,11 +474,11 @@ class TritonNormalBackend(Backend):
             heap.view(weights_at, (copy_rows, num_topk), torch.float32),
             self.signal_heap.view(self.signal_layout.copy_flags, (num_ranks * kernels.MAX_COPY_PARTS,), torch.int32),
             seq, seq_next, self.errors.address, rank, num_tokens, num_channels,
-            _tokens_per_channel(num_tokens, num_channels), num_parts, num_topk, wait_budget(),
+            _tokens_per_channel(num_tokens, num_channels), num_parts, num_topk, self.budget,
             NUM_RANKS=num_ranks, R_PAD=self._rank_pad, MAX_PARTS=kernels.MAX_COPY_PARTS, HIDDEN=hidden,
             K_PAD=_pow2(num_topk), BLOCK_T=self.tile_tokens, REDUCE_BLOCK_H=self._reduce_block_h(hidden, bias0, bias1),
             HAS_WEIGHTS=topk_weights is not None, HAS_BIAS0=bias0 is not None, HAS_BIAS1=bias1 is not None,
-            USE_TIMER=use_timer(), STAGES=self.reduce_stages, num_warps=self.num_warps)
+            USE_TIMER=self.use_timer, STAGES=self.reduce_stages, num_warps=self.num_warps)
         self.copier.join()
         return combined, combined_weights
 
@@ -560,14 +561,15 @@ class _HostCounts:
     copy_plans: dict = field(default_factory=dict)  # see TritonNormalBackend._copy_plan
 
     @classmethod
-    def from_summary(cls, host: torch.Tensor, rank: int, num_ranks: int, num_local: int,
-                     num_channels: int) -> "_HostCounts":
+    def from_summary(cls, host: list, rank: int, num_ranks: int, num_local: int, num_channels: int) -> "_HostCounts":
+        """`host`: the notify summary as a list (TritonNormalBackend._notify)."""
         pairs = num_ranks * num_ranks
-        prefix = host[:pairs].view(num_ranks, num_ranks).to(torch.int64)
-        sends = prefix - torch.cat([prefix.new_zeros(1, num_ranks), prefix[:-1]])
+        prefix = [host[s * num_ranks:(s + 1) * num_ranks] for s in range(num_ranks)]  # rows to j from sources <= s
+        sends = [prefix[0]] + [[n - m for n, m in zip(prefix[s], prefix[s - 1])] for s in range(1, num_ranks)]
         tokens = host[pairs + num_local:pairs + num_local + num_ranks]
-        recv_prefix = host[pairs + num_local + num_ranks:].view(num_ranks, num_channels)
-        return cls(rank, sends.tolist(), tokens.tolist(), recv_prefix.tolist(), num_channels)
+        received = host[pairs + num_local + num_ranks:]
+        recv_prefix = [received[s * num_channels:(s + 1) * num_channels] for s in range(num_ranks)]
+        return cls(rank, sends, tokens, recv_prefix, num_channels)
 
     def received_by(self, rank: int) -> int:
         return sum(row[rank] for row in self.sends)

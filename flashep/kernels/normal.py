@@ -42,8 +42,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .sync import (PHASE_COMBINE, PHASE_DISPATCH, PHASE_DISPATCH_OUTPUTS, PHASE_NOTIFY, acquire_flags, now_ns,
-                   record_timeout, signal, tag, wait_tag, within_budget)
+from .sync import (PHASE_COMBINE, PHASE_DISPATCH, PHASE_DISPATCH_OUTPUTS, PHASE_NOTIFY, acquire_flags, end_operation,
+                   now_ns, record_timeout, signal, tag, wait_tag, within_budget)
 
 MAX_CHANNELS = 128  # num_sms <= 256
 MAX_PUSHERS = 2 * MAX_CHANNELS  # at most num_sms - 1 programs push
@@ -554,8 +554,8 @@ DISPATCH_NO_SPECIALIZE = ["scale_stride_t", "scale_stride_s", "rank", "num_token
 def ep_dispatch_kernel(x_ptr, scales_ptr, scale_stride_t, scale_stride_s, topk_ptr, weights_ptr, in_rank_ptr,
                        rank_prefix_ptr, send_prefix_ptr, recv_prefix_ptr,
                        recv_x_ptr, recv_scales_ptr, recv_topk_ptr, recv_weights_ptr, recv_src_ptr, send_head_ptr,
-                       data_bases_ptr, half_bytes, signal_bases_ptr, flags_offset, epoch_ptr, err_addr_ptr,
-                       rank, num_tokens, num_channels, tokens_per_channel, num_pushers, publish_every,
+                       data_bases_ptr, half_bytes, signal_bases_ptr, flags_offset, epoch_ptr, arrivals_ptr,
+                       err_addr_ptr, rank, num_tokens, num_channels, tokens_per_channel, num_pushers, publish_every,
                        num_local_experts, num_scales, num_topk, capacity, num_out_rows,
                        out_bases_ptr, out_slots_offset, out_state, budget,
                        NUM_RANKS: tl.constexpr, R_PAD: tl.constexpr, P_PAD: tl.constexpr, ROW_WORDS: tl.constexpr,
@@ -747,6 +747,7 @@ def ep_dispatch_kernel(x_ptr, scales_ptr, scale_stride_t, scale_stride_s, topk_p
         # every peer's final flags, also where no rows flow: keeps the ranks at most one operation apart
         ready, failed = _wait_channels(flags, flag_ok, peer_ok, num_channels - 1, ready, e, num_channels, failed,
                                        err_ptr, _phase_dispatch, rank, budget, R_PAD, USE_TIMER)
+    end_operation(epoch_ptr, arrivals_ptr, e)
 
 
 # ---------------------------------------------------------------- combine
@@ -923,8 +924,8 @@ COMBINE_NO_SPECIALIZE = ["rank", "num_tokens", "num_channels", "tokens_per_chann
 @triton.jit(do_not_specialize=COMBINE_NO_SPECIALIZE)
 def ep_combine_kernel(x_ptr, weights_ptr, bias0_ptr, bias1_ptr, in_rank_ptr, send_head_ptr, rank_prefix_ptr,
                       recv_prefix_ptr, out_ptr, out_weights_ptr, data_bases_ptr, half_bytes, signal_bases_ptr,
-                      flags_offset, epoch_ptr, err_addr_ptr, rank, num_tokens, num_channels, tokens_per_channel,
-                      num_pushers, publish_every, num_topk, capacity, budget,
+                      flags_offset, epoch_ptr, arrivals_ptr, err_addr_ptr, rank, num_tokens, num_channels,
+                      tokens_per_channel, num_pushers, publish_every, num_topk, capacity, budget,
                       NUM_RANKS: tl.constexpr, R_PAD: tl.constexpr, P_PAD: tl.constexpr, HIDDEN: tl.constexpr,
                       RECORD_ELEMS: tl.constexpr, K_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
                       REDUCE_BLOCK_H: tl.constexpr, HAS_WEIGHTS: tl.constexpr, HAS_BIAS0: tl.constexpr,
@@ -1023,6 +1024,7 @@ def ep_combine_kernel(x_ptr, weights_ptr, bias0_ptr, bias1_ptr, in_rank_ptr, sen
         # every peer's final flags, also where no rows flow: keeps the ranks at most one operation apart
         ready, failed = _wait_channels(flags, flag_ok, peer_ok, num_channels - 1, ready, e, num_channels, failed,
                                        err_ptr, _phase_combine, rank, budget, R_PAD, USE_TIMER)
+    end_operation(epoch_ptr, arrivals_ptr, e)
 
 
 # ---------------------------------------------------------------- combine, rows moved by copy engine

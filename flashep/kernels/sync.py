@@ -91,6 +91,18 @@ def signal(ptr, value):
     tl.atomic_xchg(ptr, value, sem="release", scope="sys")
 
 
+@triton.jit
+def end_operation(epoch_ptr, arrivals_ptr, e):
+    """Every program of an operation's kernel calls this last: the last one to arrive stores the operation's
+    epoch `e` for the next launch and re-arms the counter. Each program read the epoch at its start, before
+    its release here, so none sees the new value (saves the host a launch per operation)."""
+    tl.debug_barrier()
+    arrived = tl.atomic_add(arrivals_ptr, 1, sem="acq_rel", scope="gpu")
+    if arrived == tl.num_programs(0) - 1:
+        tl.store(arrivals_ptr, 0)
+        tl.store(epoch_ptr, e)
+
+
 TAG_CYCLE = tl.constexpr(0x7FFFFFFF)  # tags run 1 .. TAG_CYCLE
 
 
@@ -156,13 +168,14 @@ class ErrorWord:
             self.host = torch.zeros(4, dtype=torch.int32, pin_memory=True)
         else:
             self.host = torch.zeros(4, dtype=torch.int32)
+        self._words = self.host.numpy()  # the same memory, read without a tensor operation per check
         # kernels get the address through an int64 tensor on their own device
         self.address = torch.tensor([self.host.data_ptr()], dtype=torch.int64, device=device)
 
     def check(self) -> None:
         """Raise if a kernel recorded a timeout (cheap: reads host memory)."""
-        if int(self.host[3]) != 0:
-            phase, rank, peer = (int(v) for v in self.host[:3])
+        if self._words[3] != 0:
+            phase, rank, peer = (int(v) for v in self._words[:3])
             raise PeerTimeoutError(f"flashep: rank {rank} timed out after {_env.timeout_seconds():g} s waiting for "
                                    f"rank {peer} in phase '{PHASES.get(phase, phase)}' (a peer stopped answering "
                                    f"or skipped a collective call)")
