@@ -1,16 +1,19 @@
 """Host time of normal-mode calls on GPUs: what a cached dispatch, a dispatch and a combine cost on the CPU,
 whether the GPU or the host sets the pace, and where the host's time goes.
 
-    python scripts/probe_normal_host.py [--ranks 2] [--tokens 4096] [--calls 100] [--profile]
+    python scripts/probe_normal_host.py [--ranks 2] [--tokens 4096] [--calls 100] [--kernels-only] [--breakdown]
+                                        [--profile]
 
 `--ranks 1` also works on a machine with one GPU: the Triton normal backend then runs with a group of one
 (the kernels move rows to the rank itself), which times the host side without any peer coupling.
 
 Per op, rank 0 prints: host us per call in a back-to-back loop (no sync), GPU us per call of that loop
-(events around the whole loop), the same op timed one call at a time with the benchmark's L2 flush before
-each (e2e and its host time), and the kernels' time per call (torch.profiler, the ranks lined up); with --breakdown the host cost of the pieces of a cached dispatch (the Triton launch through the JIT and
-through the compiled kernel's launcher, allocations, events, ...); with --profile a cProfile of the calls by own time. The tuning knobs of the environment
-(FLASHEP_NUM_WARPS, ...) apply, so a loop over settings at --ranks 1 compares the kernels' per-SM speed.
+(events around the whole loop), the same op timed one call at a time with the benchmark's L2 flush before each
+(e2e and its host time), and the kernels' time per call (torch.profiler, the ranks lined up). Options:
+--kernels-only (only the kernel column), --breakdown (host cost of the pieces of a cached dispatch: the Triton
+launch through the JIT and through the compiled kernel's launcher, allocations, events, ...), --profile (a
+cProfile of the calls by own time). The tuning knobs of the environment (FLASHEP_NUM_WARPS, ...) apply, so a
+loop over settings at --ranks 1 compares the kernels' per-SM speed without links.
 """
 import cProfile
 import os
@@ -87,23 +90,6 @@ def back_to_back(fn, calls: int):
     return host, start.elapsed_time(end) * 1e3 / calls
 
 
-def one_at_a_time(fn, calls: int, flush: torch.Tensor):
-    """-> (median us per call, median host us per call) as the benchmark's e2e loop times them."""
-    dist.barrier()
-    torch.cuda.synchronize()
-    pairs = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(calls)]
-    host = []
-    for start, end in pairs:
-        flush.zero_()
-        start.record()
-        began = time.perf_counter()
-        fn()
-        host.append((time.perf_counter() - began) * 1e6)
-        end.record()
-    torch.cuda.synchronize()
-    return statistics.median(s.elapsed_time(e) * 1e3 for s, e in pairs), statistics.median(host)
-
-
 def host_us(fn, calls: int = 200) -> float:
     """Median host time of fn() in microseconds (the GPU is left to run behind)."""
     samples = []
@@ -162,7 +148,6 @@ def breakdown(cached_fp8, rank: int) -> None:
 
 def worker(rank, num_ranks, args):
     buffer, inputs = build(num_ranks, args.tokens)
-    flush = torch.empty(int(256e6) // 4, dtype=torch.int32, device="cuda")
     if rank == 0:
         knobs = " ".join(f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("FLASHEP_"))
         print(f"{num_ranks} rank(s), {args.tokens} tokens, backend {buffer.backend_name}, "
@@ -170,14 +155,14 @@ def worker(rank, num_ranks, args):
         print(f"{'op':22s} {'host/call':>10s} {'gpu/call':>10s} {'e2e':>10s} {'e2e host':>10s} {'kernel':>10s}",
               flush=True)
     table = ops(buffer, inputs)
-    timer = Timer(dist.group.WORLD, torch.device("cuda", torch.cuda.current_device()), 0, 0, profile_iters=10)
+    timer = Timer(dist.group.WORLD, torch.device("cuda", torch.cuda.current_device()), 0, args.calls, profile_iters=10)
     for name, fn in table.items():
         for _ in range(10):
             fn()
         host = gpu = e2e = e2e_host = 0.0
         if not args.kernels_only:
             host, gpu = back_to_back(fn, args.calls)
-            e2e, e2e_host = one_at_a_time(fn, args.calls, flush)
+            e2e, e2e_host = timer.end_to_end_us(fn), timer.last_host_us  # as the benchmark times a call
         kernel = timer.profile(fn).per_call_us(KERNEL_PATTERNS + ("layout",))
         if rank == 0:
             print(f"{name:22s} {host:10.1f} {gpu:10.1f} {e2e:10.1f} {e2e_host:10.1f} {kernel or 0:10.1f}", flush=True)

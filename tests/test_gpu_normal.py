@@ -229,3 +229,12 @@ def _reruns(rank: int, num_ranks: int, group, seed: int, runs: int, shape: Shape
                          ids=["default", "direct_write", "pipelined_reduction"])
 def test_twenty_reruns_are_bit_identical(world_size, env, seed):
     run_ranks(world_size, _reruns, seed, 20, backend="triton", device="cuda", env=env)
+
+
+@pytest.mark.parametrize("world_size", [gpu_world(1), gpu_world(2)])
+def test_kernels_advance_the_epoch(world_size, seed):
+    """The epoch kept by the kernels themselves (their last program), on real concurrent programs; a group of one
+    runs the Triton kernels too, so this needs one GPU."""
+    from test_triton_normal_kernels import epoch_body
+
+    run_ranks(world_size, epoch_body, seed, backend="triton", device="cuda")

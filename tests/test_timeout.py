@@ -67,6 +67,38 @@ def test_skipped_low_latency_dispatch_times_out():
     assert elapsed < 100, f"rank 0 took {elapsed:.0f} s to notice the missing peer"
 
 
+def after_timeout_body(rank: int, num_ranks: int, group):
+    """After a timeout, kernels already queued must not wait for the missing peer again: they read the device
+    copy of the error word's 'failed' entry. Here the host forgets the error (its word cleared) and launches one
+    more cached dispatch that rank 1 never joins: it must end without recording a new timeout."""
+    from flashep.kernels.sync import PeerTimeoutError
+
+    buffer = flashep.Buffer(group, num_nvl_bytes=1 << 22)
+    g = torch.Generator().manual_seed(rank)
+    x = torch.randn(NUM_TOKENS, HIDDEN, generator=g).to(torch.bfloat16)
+    topk_idx = torch.stack([torch.randperm(NUM_EXPERTS, generator=g)[:2] for _ in range(NUM_TOKENS)])
+    per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(topk_idx, NUM_EXPERTS)
+    handle = buffer.dispatch(x, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank,
+                             num_tokens_per_expert=per_expert, topk_idx=topk_idx,
+                             topk_weights=torch.rand(NUM_TOKENS, 2, generator=g))[4]
+    try:
+        if rank == 0:  # rank 1 makes no more calls
+            with pytest.raises(PeerTimeoutError):
+                for _ in range(2):
+                    buffer.dispatch(x, handle=handle)
+            errors = buffer._normal.errors
+            errors.host.zero_()
+            buffer.dispatch(x, handle=handle)
+            errors.check()  # raises if this dispatch waited for rank 1 and timed out again
+    finally:
+        dist.barrier(group)  # rank 1 keeps its memory mapped until rank 0 is done, also when rank 0 failed
+
+
+@pytest.mark.skipif(not triton_available(TRITON_NORMAL), reason="Triton normal-mode backend not present yet")
+def test_kernels_after_a_timeout_do_not_wait_again():
+    run_ranks(2, after_timeout_body, backend="triton", env={"FLASHEP_TIMEOUT_S": TIMEOUT_S}, timeout=300)
+
+
 def skipped_first_low_latency_body(rank: int, num_ranks: int, group):
     from flashep.kernels.sync import PeerTimeoutError
 

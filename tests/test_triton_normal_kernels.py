@@ -439,3 +439,48 @@ def check_hopper_vectorisation() -> None:
         # a pipelined reduction reads send_head by inline asm, never through a pipeliner's shared buffer
         assert ("ld.global.nc.b32" in combine.asm["ptx"]) == (reduce_stages > 1), reduce_stages
         assert not re.search(r"memdesc<\d+x16x4xi32", combine.asm["ttgir"]), "send_head went through shared memory"
+
+
+def epoch_body(rank: int, num_ranks: int, group, seed: int) -> None:
+    """The epoch moves on inside the dispatch and combine kernels (their last program stores it): after every
+    operation it counts the operations so far and the kernels' arrival counter is re-armed, with the outputs
+    right (checked against the oracle, which a stale epoch breaks: flags and heap halves follow it). A group
+    of one, which a Buffer serves with the portable backend, runs these kernels too (on one GPU)."""
+    from flashep.backends.triton_normal import TritonNormalBackend
+
+    buffer = flashep.Buffer(group, int(1e7), explicitly_destroy=True)
+    if num_ranks == 1:
+        buffer._normal = buffer.runtime = TritonNormalBackend(buffer)
+    backend, device = buffer._normal, buffer.device
+    num_experts, hidden, num_topk = 4 * num_ranks, 256, 2
+    everyone = []
+    for r in range(num_ranks):
+        g = generator(seed, r)
+        tokens = 40 + 7 * r
+        topk_idx = torch.rand(tokens, num_experts, generator=g).topk(num_topk, dim=1).indices
+        everyone.append((torch.randn(tokens, hidden, generator=g).to(torch.bfloat16), topk_idx,
+                         torch.rand(tokens, num_topk, generator=g)))
+    x, topk_idx, weights = (t.to(device) for t in everyone[rank])
+    expect = reference.dispatch([e[0] for e in everyone], [e[1] for e in everyone], [e[2] for e in everyone],
+                                num_experts)
+    expect_combined = reference.combine([e.recv_x for e in expect], [e[1] for e in everyone], num_experts)[rank][0]
+    per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(topk_idx, num_experts)
+    operations = 0
+    for _ in range(3):  # both heap halves, twice
+        recv_x, _, _, _, handle, _ = buffer.dispatch(x, topk_idx=topk_idx, topk_weights=weights,
+                                                     num_tokens_per_rank=per_rank, is_token_in_rank=in_rank,
+                                                     num_tokens_per_expert=per_expert)
+        cached_x = buffer.dispatch(x, handle=handle)[0]
+        combined = buffer.combine(recv_x, handle)[0]
+        operations += 3
+        assert int(backend.epoch) == operations, (int(backend.epoch), operations)
+        assert int(backend.arrivals) == 0
+        assert_same(recv_x.cpu(), expect[rank].recv_x, "recv_x")
+        assert_same(cached_x.cpu(), expect[rank].recv_x, "cached recv_x")
+        assert_same(combined.cpu(), expect_combined, "combined_x")
+    buffer.destroy()
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_kernels_advance_the_epoch(world_size, seed):
+    run_ranks(world_size, epoch_body, seed, backend="triton")

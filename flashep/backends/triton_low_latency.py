@@ -343,7 +343,7 @@ class TritonLowLatencyBackend(Backend):
         self.meeting("clean_low_latency_buffer")
         self.heap.local[:regions.flags_end].zero_()
         self.epoch.zero_()
-        self.error.host.zero_()
+        self.error.reset()
         self._synchronize()
         self.meeting("clean_low_latency_buffer")
 

@@ -72,11 +72,6 @@ def _stamp_row(stamps_ptr, num_senders, PHASE: tl.constexpr):
 
 
 @triton.jit
-def _error_ptr(error_address):
-    return tl.load(error_address).to(tl.pointer_type(tl.int32))
-
-
-@triton.jit
 def _wait_flags(flags, num_rows, num_cols, wanted, other, budget, error_address, phase, rank, first_peer,
                 ROWS: tl.constexpr, COLS: tl.constexpr, ROW_STRIDE: tl.constexpr, USE_TIMER: tl.constexpr):
     """Spin until the tag (high 32 bits) of flags[r * ROW_STRIDE + c] is `wanted` or `other` for every
@@ -116,7 +111,7 @@ def _wait_flags(flags, num_rows, num_cols, wanted, other, budget, error_address,
     ok = tl.min(done.to(tl.int32), axis=0) == 1
     if ok == 0:
         missing = tl.min(tl.where(done, ROWS, rows), axis=0)
-        record_timeout(_error_ptr(error_address), phase, rank, first_peer + missing)
+        record_timeout(error_address, phase, rank, first_peer + missing)
     return ok, waited, counts, at_other
 
 

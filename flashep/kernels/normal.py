@@ -43,7 +43,7 @@ import triton
 import triton.language as tl
 
 from .sync import (PHASE_COMBINE, PHASE_DISPATCH, PHASE_DISPATCH_OUTPUTS, PHASE_NOTIFY, acquire_flags, end_operation,
-                   now_ns, record_timeout, signal, tag, wait_tag, within_budget)
+                   failed_before, now_ns, record_timeout, signal, tag, wait_tag, within_budget)
 
 MAX_CHANNELS = 128  # num_sms <= 256
 MAX_PUSHERS = 2 * MAX_CHANNELS  # at most num_sms - 1 programs push
@@ -103,8 +103,8 @@ def _channels_done(values, e, num_channels):
 
 
 @triton.jit
-def _wait_channels(flag_ptrs, flag_ok, needed, channel, ready, e, num_channels, failed, err_ptr, phase, rank, budget,
-                   R_PAD: tl.constexpr, USE_TIMER: tl.constexpr):
+def _wait_channels(flag_ptrs, flag_ok, needed, channel, ready, e, num_channels, failed, err_addr_ptr, phase, rank,
+                   budget, R_PAD: tl.constexpr, USE_TIMER: tl.constexpr):
     """Wait (bounded) until every pusher of every source in `needed` finished `channel`.
     flag_ptrs [R_PAD, P_PAD]: the flags of (source, pusher) here; `flag_ok` marks the real ones; `ready`
     [R_PAD]: channels every pusher of a source finished, as last seen. A timeout is recorded in the
@@ -124,7 +124,7 @@ def _wait_channels(flag_ptrs, flag_ok, needed, channel, ready, e, num_channels, 
             alive = within_budget(start, spins, budget, USE_TIMER)
         tl.debug_barrier()  # threads that did not acquire read the rows only after those that did
         if tl.max(behind.to(tl.int32), axis=0) > 0:
-            record_timeout(err_ptr, phase, rank, tl.min(tl.where(behind, ranks, R_PAD), axis=0))
+            record_timeout(err_addr_ptr, phase, rank, tl.min(tl.where(behind, ranks, R_PAD), axis=0))
             failed = 1
     return ready, failed
 
@@ -221,14 +221,13 @@ def ep_notify_kernel(in_rank_ptr, expert_counts_ptr, signal_bases_ptr, notify_fl
         tl.store(slot + MAX_C + MAX_L + NUM_RANKS, num_tokens)
         signal(_heap_ptr(signal_bases_ptr, peer, notify_flags_offset + rank * 8, tl.int64, 8), tag(e) << 32)
 
-    err_ptr = tl.load(err_addr_ptr).to(tl.pointer_type(tl.int32))
-    failed = tl.load(err_ptr + 3, volatile=True)
+    failed = failed_before(err_addr_ptr)
     flags = _heap_ptr(signal_bases_ptr, rank, notify_flags_offset, tl.int64, 8)
     for src in tl.static_range(NUM_RANKS):
         if failed == 0:
             arrived = wait_tag(flags + src, tag(e), tag(e + 1), budget, USE_TIMER)  # a peer may be one ahead
             if arrived == 0:
-                record_timeout(err_ptr, _phase_notify, rank, src)
+                record_timeout(err_addr_ptr, _phase_notify, rank, src)
                 failed = 1
     if failed == 0:
         # prefix sums with loops: tl.cumsum's lowering fails on some tiny tiles (Triton 3.6)
@@ -507,7 +506,7 @@ def _dispatch_copy_fields(tile, begins, ends, tiles, tiles_before, region, recv_
 
 
 @triton.jit
-def _direct_outputs(slot_ptrs, out_bases_ptr, rank_prefix_ptr, e, num_scales, num_topk, failed, err_ptr, rank,
+def _direct_outputs(slot_ptrs, out_bases_ptr, rank_prefix_ptr, e, num_scales, num_topk, failed, err_addr_ptr, rank,
                     budget, NUM_RANKS: tl.constexpr, R_PAD: tl.constexpr, ROW_WORDS: tl.constexpr,
                     TOPK_BYTES: tl.constexpr, USE_TIMER: tl.constexpr):
     """Every peer's state in a dispatch that may write directly: wait (bounded) until each peer published its
@@ -531,7 +530,7 @@ def _direct_outputs(slot_ptrs, out_bases_ptr, rank_prefix_ptr, e, num_scales, nu
             spins += 1
             alive = within_budget(start, spins, budget, USE_TIMER)
         if tl.max(behind.to(tl.int32), axis=0) > 0:
-            record_timeout(err_ptr, _phase_dispatch_outputs, rank, tl.min(tl.where(behind, ranks, R_PAD), axis=0))
+            record_timeout(err_addr_ptr, _phase_dispatch_outputs, rank, tl.min(tl.where(behind, ranks, R_PAD), axis=0))
             failed = 1
     state = values & 0xFFFFFFFF
     direct = (peer_ok & (state != 0)).to(tl.int32)
@@ -589,7 +588,6 @@ def ep_dispatch_kernel(x_ptr, scales_ptr, scale_stride_t, scale_stride_s, topk_p
     segment = zero  # first channel of the current segment
     signal_bases = tl.load(signal_bases_ptr + ranks, mask=rank_ok, other=0)
     my_signal_base = tl.load(signal_bases_ptr + rank)
-    err_ptr = tl.load(err_addr_ptr).to(tl.pointer_type(tl.int32))
     num_programs = tl.num_programs(0)
     if DIRECT:
         if pid == 0:
@@ -616,8 +614,8 @@ def ep_dispatch_kernel(x_ptr, scales_ptr, scale_stride_t, scale_stride_s, topk_p
         if DIRECT:
             slots = (my_signal_base + out_slots_offset + ranks * 8).to(tl.pointer_type(tl.int64))
             failed, direct, out_x, out_rows, out_scales, out_topk, out_weights, out_src = _direct_outputs(
-                slots, out_bases_ptr, rank_prefix_ptr, e, num_scales, num_topk, tl.load(err_ptr + 3, volatile=True),
-                err_ptr, rank, budget, NUM_RANKS, R_PAD, ROW_WORDS, TOPK_BYTES, USE_TIMER)
+                slots, out_bases_ptr, rank_prefix_ptr, e, num_scales, num_topk, failed_before(err_addr_ptr),
+                err_addr_ptr, rank, budget, NUM_RANKS, R_PAD, ROW_WORDS, TOPK_BYTES, USE_TIMER)
             bases = tl.where(direct != 0, out_x, bases)
             caps = tl.where(direct != 0, out_rows, caps)
             if failed != 0:  # no flag either: the peers time out too, naming this rank
@@ -681,12 +679,12 @@ def ep_dispatch_kernel(x_ptr, scales_ptr, scale_stride_t, scale_stride_s, topk_p
                          + (ranks[:, None] * _max_pushers + programs[None, :]) * 8).to(tl.pointer_type(tl.int64))
                 flag_ok = peer_ok[:, None] & (programs < num_programs)[None, :]
                 _wait_channels(flags, flag_ok, peer_ok, num_channels - 1, tl.zeros([R_PAD], tl.int32), e,
-                               num_channels, tl.load(err_ptr + 3, volatile=True), err_ptr, _phase_dispatch, rank,
+                               num_channels, failed_before(err_addr_ptr), err_addr_ptr, _phase_dispatch, rank,
                                budget, R_PAD, USE_TIMER)
     else:
         worker = pid - num_pushers
         num_workers = tl.num_programs(0) - num_pushers
-        failed = tl.load(err_ptr + 3, volatile=True)
+        failed = failed_before(err_addr_ptr)
         region = _heap_ptr(data_bases_ptr, rank, half_offset, tl.int32, 16)
         pushers = tl.arange(0, P_PAD)
         flags = (my_signal_base + flags_offset
@@ -718,7 +716,7 @@ def ep_dispatch_kernel(x_ptr, scales_ptr, scale_stride_t, scale_stride_s, topk_p
             begins, ends, tiles, tiles_before = _parts(block + row_lo, block + row_hi, worker, num_workers, peer_ok,
                                                        rank + 1 + worker, NUM_RANKS, R_PAD, BLOCK_T)
             ready, failed = _wait_channels(flags, flag_ok, tiles > 0, segment_end - 1, ready, e, num_channels, failed,
-                                           err_ptr, _phase_dispatch, rank, budget, R_PAD, USE_TIMER)
+                                           err_addr_ptr, _phase_dispatch, rank, budget, R_PAD, USE_TIMER)
             num_tiles = tl.where(failed == 0, tl.sum(tiles, axis=0), 0)
             if USE_TIMER:  # software-pipelined loops (the interpreter needs constant bounds for tl.range)
                 for step in tl.range(0, num_tiles * CHUNKS, num_stages=STAGES):
@@ -746,7 +744,7 @@ def ep_dispatch_kernel(x_ptr, scales_ptr, scale_stride_t, scale_stride_s, topk_p
             segment = segment_end
         # every peer's final flags, also where no rows flow: keeps the ranks at most one operation apart
         ready, failed = _wait_channels(flags, flag_ok, peer_ok, num_channels - 1, ready, e, num_channels, failed,
-                                       err_ptr, _phase_dispatch, rank, budget, R_PAD, USE_TIMER)
+                                       err_addr_ptr, _phase_dispatch, rank, budget, R_PAD, USE_TIMER)
     end_operation(epoch_ptr, arrivals_ptr, e)
 
 
@@ -992,8 +990,7 @@ def ep_combine_kernel(x_ptr, weights_ptr, bias0_ptr, bias1_ptr, in_rank_ptr, sen
     else:
         worker = pid - num_pushers
         num_workers = tl.num_programs(0) - num_pushers
-        err_ptr = tl.load(err_addr_ptr).to(tl.pointer_type(tl.int32))
-        failed = tl.load(err_ptr + 3, volatile=True)
+        failed = failed_before(err_addr_ptr)
         pushers = tl.arange(0, P_PAD)
         flags = (tl.load(signal_bases_ptr + rank) + flags_offset
                  + (ranks[:, None] * _max_pushers + pushers[None, :]) * 8).to(tl.pointer_type(tl.int64))
@@ -1014,7 +1011,7 @@ def ep_combine_kernel(x_ptr, weights_ptr, bias0_ptr, bias1_ptr, in_rank_ptr, sen
             first, last = _share(lo, hi, worker, num_workers)
             if first < last:
                 ready, failed = _wait_channels(flags, flag_ok, peer_ok, segment_end - 1, ready, e, num_channels,
-                                               failed, err_ptr, _phase_combine, rank, budget, R_PAD, USE_TIMER)
+                                               failed, err_addr_ptr, _phase_combine, rank, budget, R_PAD, USE_TIMER)
                 num_tiles = tl.where(failed == 0, tl.cdiv(last - first, BLOCK_T), 0)
                 _reduce_tokens(first, last, num_tiles, x_ptr, weights_ptr, bias0_ptr, bias1_ptr, send_head_ptr,
                                out_ptr, out_weights_ptr, slot_base, self_row0, region, weight_region, rank, num_topk,
@@ -1023,13 +1020,13 @@ def ep_combine_kernel(x_ptr, weights_ptr, bias0_ptr, bias1_ptr, in_rank_ptr, sen
             segment = segment_end
         # every peer's final flags, also where no rows flow: keeps the ranks at most one operation apart
         ready, failed = _wait_channels(flags, flag_ok, peer_ok, num_channels - 1, ready, e, num_channels, failed,
-                                       err_ptr, _phase_combine, rank, budget, R_PAD, USE_TIMER)
+                                       err_addr_ptr, _phase_combine, rank, budget, R_PAD, USE_TIMER)
     end_operation(epoch_ptr, arrivals_ptr, e)
 
 
 # ---------------------------------------------------------------- combine, rows moved by copy engine
 @triton.jit
-def _wait_parts(flag_ptrs, needed, seq, seq_next, failed, err_ptr, phase, rank, budget, R_PAD: tl.constexpr,
+def _wait_parts(flag_ptrs, needed, seq, seq_next, failed, err_addr_ptr, phase, rank, budget, R_PAD: tl.constexpr,
                 USE_TIMER: tl.constexpr):
     """Wait (bounded) until every source in `needed` wrote `seq` (this operation) or `seq_next` (it already
     went on to the next one) into its flag here (`flag_ptrs` [R_PAD]). A timeout is recorded in the error
@@ -1047,7 +1044,7 @@ def _wait_parts(flag_ptrs, needed, seq, seq_next, failed, err_ptr, phase, rank, 
             spins += 1
             alive = within_budget(start, spins, budget, USE_TIMER)
         if tl.max(behind.to(tl.int32), axis=0) > 0:
-            record_timeout(err_ptr, phase, rank, tl.min(tl.where(behind, ranks, R_PAD), axis=0))
+            record_timeout(err_addr_ptr, phase, rank, tl.min(tl.where(behind, ranks, R_PAD), axis=0))
             failed = 1
     tl.debug_barrier()  # threads that did not acquire read the rows only after those that did
     return failed
@@ -1077,8 +1074,7 @@ def ep_combine_reduce_kernel(x_ptr, weights_ptr, bias0_ptr, bias1_ptr, send_head
     rank_ok = ranks < NUM_RANKS
     peer_ok = rank_ok & (ranks != rank)
     zero = tl.full((), 0, tl.int32)
-    err_ptr = tl.load(err_addr_ptr).to(tl.pointer_type(tl.int32))
-    failed = tl.load(err_ptr + 3, volatile=True)
+    failed = failed_before(err_addr_ptr)
     upto = tl.load(rank_prefix_ptr + rank * NUM_RANKS + ranks, mask=rank_ok, other=0)
     before = tl.load(rank_prefix_ptr + (rank - 1) * NUM_RANKS + ranks, mask=rank_ok & (rank > 0), other=0)
     peer_sent = tl.where(peer_ok, upto - before, 0)  # n(rank -> p) for the peers
@@ -1090,7 +1086,7 @@ def ep_combine_reduce_kernel(x_ptr, weights_ptr, bias0_ptr, bias1_ptr, send_head
         lo, hi = _channel_tokens(first_channel, end_channel, tokens_per_channel, num_tokens)
         first, last = _share(lo, hi, pid, num_programs)
         if first < last:
-            failed = _wait_parts(flags_ptr + ranks * MAX_PARTS + part, peer_ok, seq, seq_next, failed, err_ptr,
+            failed = _wait_parts(flags_ptr + ranks * MAX_PARTS + part, peer_ok, seq, seq_next, failed, err_addr_ptr,
                                  _phase_combine, rank, budget, R_PAD, USE_TIMER)
             num_tiles = tl.where(failed == 0, tl.cdiv(last - first, BLOCK_T), 0)
             _reduce_tokens(first, last, num_tiles, x_ptr, weights_ptr, bias0_ptr, bias1_ptr, send_head_ptr, out_ptr,
@@ -1099,5 +1095,5 @@ def ep_combine_reduce_kernel(x_ptr, weights_ptr, bias0_ptr, bias1_ptr, send_head
                            HAS_BIAS0, HAS_BIAS1, USE_TIMER, STAGES)
         part += 1
     # every peer's last flag, also where no rows flow: keeps the ranks at most one operation apart
-    failed = _wait_parts(flags_ptr + ranks * MAX_PARTS + num_parts - 1, peer_ok, seq, seq_next, failed, err_ptr,
+    failed = _wait_parts(flags_ptr + ranks * MAX_PARTS + num_parts - 1, peer_ok, seq, seq_next, failed, err_addr_ptr,
                          _phase_combine, rank, budget, R_PAD, USE_TIMER)
