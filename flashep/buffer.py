@@ -18,7 +18,7 @@ from . import handles
 from .backends.base import Backend, Routing
 from .config import INT32_MAX, Config, default_combine_config, default_dispatch_config
 from .event import EventHandle, EventOverlap, OpOrder, StreamScope
-from .validate import (check_bf16_rows, check_dispatch_x, check_expert_ids, check_int, check_stats,
+from .validate import (CheckedIds, check_bf16_rows, check_dispatch_x, check_expert_ids, check_int, check_stats,
                        check_tensor, check_topk)
 
 topk_idx_t = torch.int64
@@ -69,6 +69,7 @@ class Buffer:
         self.device = _group_device(group)
         self.comm_stream = torch.cuda.Stream(self.device, priority=-1) if self.device.type == "cuda" else None
         self._order = OpOrder()  # the normal-mode calls of this buffer run one after another
+        self._checked_ids = CheckedIds()
         from .backends import select_backends  # deferred: backends import this module's helpers
         self._normal, self._low_latency = select_backends(self)
         self.runtime = self._normal  # DeepEP exposes its native object here; destroy() sets it to None
@@ -183,7 +184,8 @@ class Buffer:
         self._check_alive()
         check_topk("topk_idx", topk_idx, None, self.device)
         self._check_num_experts(num_experts)
-        check_expert_ids("topk_idx", topk_idx, num_experts)
+        if check_expert_ids("topk_idx", topk_idx, num_experts):
+            self._checked_ids.remember(topk_idx, num_experts)
         with StreamScope(self.device, self.comm_stream, previous_event, async_finish,
                          allocate_on_comm_stream, self._order) as scope:
             per_rank, per_expert, in_rank = self._normal.get_dispatch_layout(topk_idx, num_experts)
@@ -230,7 +232,8 @@ class Buffer:
                                                   is_token_in_rank, num_tokens_per_expert)
             if topk_idx is not None:
                 check_topk("topk_idx", topk_idx, num_tokens, self.device, weights=topk_weights)
-                check_expert_ids("topk_idx", topk_idx, num_experts)
+                if not self._checked_ids.take(topk_idx, num_experts):  # read already by get_dispatch_layout
+                    check_expert_ids("topk_idx", topk_idx, num_experts)
         with StreamScope(self.device, self.comm_stream, previous_event, async_finish,
                          allocate_on_comm_stream, self._order) as scope:
             result = self._normal.dispatch(data, scales, topk_idx, topk_weights, num_tokens_per_rank,

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import weakref
 from typing import Optional
 
 import torch
@@ -62,16 +63,36 @@ def values_unchecked():
         _values_unchecked -= 1
 
 
-def check_expert_ids(name: str, topk_idx: torch.Tensor, num_experts: int) -> None:
+def check_expert_ids(name: str, topk_idx: torch.Tensor, num_experts: int) -> bool:
     """Expert ids must be -1 or in [0, num_experts). Reading the values costs a device sync, so the check
-    is skipped inside CUDA-graph capture, inside `values_unchecked()` and when FLASHEP_CHECK_VALUES=0."""
+    is skipped inside CUDA-graph capture, inside `values_unchecked()` and when FLASHEP_CHECK_VALUES=0.
+    -> whether the values were read."""
     if os.environ.get("FLASHEP_CHECK_VALUES", "1") == "0" or _values_unchecked or topk_idx.numel() == 0:
-        return
+        return False
     if topk_idx.is_cuda and torch.cuda.is_current_stream_capturing():
-        return
+        return False
     low, high = torch.stack(torch.aminmax(topk_idx)).tolist()  # one device-to-host copy
     if low < -1 or high >= num_experts:
         raise ValueError(f"{name} holds expert ids outside [-1, {num_experts}): min {low}, max {high}")
+    return True
+
+
+class CheckedIds:
+    """The expert ids `get_dispatch_layout` read last, so that the dispatch that follows with the same tensor,
+    unchanged since (same version counter), does not read them again: one device sync fewer per training
+    step. One-shot: any later call checks again."""
+
+    def __init__(self):
+        self._last: Optional[tuple] = None
+
+    def remember(self, topk_idx: torch.Tensor, num_experts: int) -> None:
+        self._last = (weakref.ref(topk_idx), topk_idx._version, num_experts)
+
+    def take(self, topk_idx: torch.Tensor, num_experts: int) -> bool:
+        """-> whether `topk_idx` is the tensor remembered, unchanged, for the same expert count (forgets it)."""
+        last, self._last = self._last, None
+        return (last is not None and last[0]() is topk_idx and last[1] == topk_idx._version
+                and last[2] == num_experts)
 
 
 def check_dispatch_x(name: str, x, device):

@@ -251,6 +251,32 @@ def test_destroy_rules(buffer):
         explicit.get_dispatch_layout(torch.zeros(2, 1, dtype=torch.int64), 2)
 
 
+def test_dispatch_does_not_read_ids_the_layout_just_read(buffer, monkeypatch):
+    """The expert-id check reads the values (a device sync on a GPU): a dispatch right after
+    get_dispatch_layout with the same, unchanged topk_idx skips it, once; any other call reads them."""
+    reads = []
+    aminmax = torch.aminmax
+    monkeypatch.setattr(torch, "aminmax", lambda t: reads.append(t) or aminmax(t))
+    g = torch.Generator().manual_seed(3)
+    topk_idx = torch.stack([torch.randperm(8, generator=g)[:2] for _ in range(6)])
+    x, weights = torch.randn(6, 128, generator=g).to(BF16), torch.rand(6, 2, generator=g)
+    per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(topk_idx, 8)
+    assert len(reads) == 1
+
+    def dispatch(ids):
+        return buffer.dispatch(x, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank,
+                               num_tokens_per_expert=per_expert, topk_idx=ids, topk_weights=weights)
+
+    dispatch(topk_idx)
+    assert len(reads) == 1, "the dispatch read the ids the layout had just read"
+    dispatch(topk_idx)
+    assert len(reads) == 2, "a second dispatch must read them again"
+    buffer.get_dispatch_layout(topk_idx, 8)
+    topk_idx[0, 0] = 9  # changed in place after the layout read it: the dispatch must see it
+    with pytest.raises(ValueError, match="topk_idx"):
+        dispatch(topk_idx)
+
+
 # ---- several ranks ----------------------------------------------------------------------------------------------
 def bad_calls_body(rank: int, num_ranks: int, group) -> list:
     """Rank 0 makes bad calls that rank 1 never matches; both make calls that are bad on every rank."""
