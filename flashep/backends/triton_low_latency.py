@@ -141,6 +141,7 @@ class TritonLowLatencyBackend(Backend):
         self.heap: Optional[SymmetricHeap] = None
         self.regions: Optional[Regions] = None
         self.epoch = torch.zeros(1, dtype=torch.int64, device=self.device)
+        self.arrivals = torch.zeros(1, dtype=torch.int32, device=self.device)  # a launch's programs at its end
         self.error = ErrorWord(self.device)
         self._combine_buffer: Optional[torch.Tensor] = None
         self._no_i32 = torch.zeros(1, dtype=torch.int32, device=self.device)
@@ -187,7 +188,8 @@ class TritonLowLatencyBackend(Backend):
             self.error.check()
 
     def _common(self, regions: Regions) -> dict:
-        return dict(heap_bases=self.heap.peer_bases, epoch_ptr=self.epoch, error_address=self.error.address,
+        return dict(heap_bases=self.heap.peer_bases, epoch_ptr=self.epoch, arrivals_ptr=self.arrivals,
+                    error_address=self.error.address,
                     rank=self.rank, budget=wait_budget(), R=self.num_ranks, R_PAD=_pow2(self.num_ranks),
                     T_CAP=regions.capacity.num_max_tokens, G_STRIDE=regions.groups,
                     ROW_BYTES=regions.row_bytes, USE_TIMER=use_timer(), EXACT_CASTS=_env.interpret_mode(),
@@ -303,7 +305,7 @@ class TritonLowLatencyBackend(Backend):
     def _launch(self, kernel, args: dict, senders: int, receivers: int, with_hook: bool) -> Callable[[], None]:
         """Without a hook: one launch of both phases (senders first), and a no-op receive. With a hook (or
         FLASHEP_LL_FUSED=0): the send phase now, the receive phase when the returned function runs. The epoch
-        moves on after the (first) launch."""
+        moves on at the end of the (first) launch, by its last program."""
         fused = self.tuning.fused and not with_hook
         stamps = self._no_i64
         if self.stamps_on:
@@ -315,7 +317,6 @@ class TritonLowLatencyBackend(Backend):
             kernel[(senders + receivers,)](PHASE=kernels.BOTH.value, num_senders=senders, **args)
         else:
             kernel[(senders,)](PHASE=kernels.SEND.value, num_senders=senders, **args)
-        self.epoch.add_(1)
         self._after_launch()
         if fused:
             return lambda: None
@@ -343,6 +344,7 @@ class TritonLowLatencyBackend(Backend):
         self.meeting("clean_low_latency_buffer")
         self.heap.local[:regions.flags_end].zero_()
         self.epoch.zero_()
+        self.arrivals.zero_()
         self.error.reset()
         self._synchronize()
         self.meeting("clean_low_latency_buffer")

@@ -23,10 +23,10 @@ receive phase), so that a profiler sees exactly one kernel name per operation:
   receive, grid (token tiles, hidden parts): waits for every owner's flags, then per token sums
   `w[t, k] * y[t, k]` in fp32 over k in order (entries -1 skipped) and writes bf16.
 
-Epochs: the send phase (and a fused launch) uses e = epoch + 1, the host bumps `epoch` after that launch, a
-separate receive phase reads e = epoch. Regions are double-buffered by e % 2 (see docs/design.md). Flags
-carry `sync.tag` values that receivers compare for equality: exactly their operation's, since a half's
-previous value is from two operations earlier.
+Epochs: the send phase (and a fused launch) uses e = epoch + 1 and its last program stores e into `epoch`
+(`sync.end_operation`); a separate receive phase, launched after it, reads e = epoch. Regions are
+double-buffered by e % 2 (see docs/design.md). Flags carry `sync.tag` values that receivers compare for
+equality: exactly their operation's, since a half's previous value is from two operations earlier.
 
 Under TRITON_INTERPRET=1 the float -> fp8 / bf16 conversions run in integer code (EXACT_CASTS), because
 the interpreter's own conversions do not round to nearest even; on the GPU the hardware converts.
@@ -34,7 +34,7 @@ the interpreter's own conversions do not round to nearest even; on the GPU the h
 import triton
 import triton.language as tl
 
-from .sync import acquire_flags, now_cycles, now_ns, record_timeout, signal, tag
+from .sync import acquire_flags, end_operation, now_cycles, now_ns, record_timeout, signal, tag
 SEND = tl.constexpr(0)
 RECEIVE = tl.constexpr(1)
 BOTH = tl.constexpr(2)  # one launch: programs [0, num_senders) send, the rest receive
@@ -162,7 +162,7 @@ def _bound_for(topk_ptr, tokens, token_mask, dst, num_local, K: tl.constexpr, K_
 @triton.jit
 def _role(epoch_ptr, num_senders, PHASE: tl.constexpr):
     """-> (program index within its phase, epoch of the operation, sends?). The send phase works on epoch + 1
-    (the host bumps the epoch after a send launch); a fused launch (BOTH) puts the senders first, so that
+    (and moves the epoch on at its end, `_end`); a fused launch (BOTH) puts the senders first, so that
     every sender is scheduled before any receiver starts to spin."""
     pid = tl.program_id(0)
     e = tl.load(epoch_ptr)
@@ -176,6 +176,13 @@ def _role(epoch_ptr, num_senders, PHASE: tl.constexpr):
         if pid >= num_senders:
             pid -= num_senders
     return pid, e, sending
+
+
+@triton.jit
+def _end(epoch_ptr, arrivals_ptr, e, PHASE: tl.constexpr):
+    """A send or fused launch moves the epoch on once all its programs are done; a receive launch does not."""
+    if PHASE != RECEIVE:
+        end_operation(epoch_ptr, arrivals_ptr, e)
 
 
 # ---- dispatch ------------------------------------------------------------------------------------------------
@@ -413,9 +420,9 @@ def _dispatch_receive(pid, e, recv_x, recv_scales, recv_count, src_info, topk_sl
 
 @triton.jit(do_not_specialize=["num_tokens", "rank", "budget"])
 def ep_ll_dispatch_kernel(x_ptr, topk_ptr, num_tokens, recv_x, recv_scales, recv_count, src_info, topk_slot,
-                          layout_range, row_msg, expert_stats, wait_stats, heap_bases, epoch_ptr, error_address,
-                          stamps_ptr, rank, num_local, rows_per_expert, tokens_per_group, num_groups, num_parts,
-                          num_senders, budget, off_data, off_meta, off_flags,
+                          layout_range, row_msg, expert_stats, wait_stats, heap_bases, epoch_ptr, arrivals_ptr,
+                          error_address, stamps_ptr, rank, num_local, rows_per_expert, tokens_per_group, num_groups,
+                          num_parts, num_senders, budget, off_data, off_meta, off_flags,
                           PHASE: tl.constexpr, H: tl.constexpr, K: tl.constexpr, K_PAD: tl.constexpr,
                           R: tl.constexpr, R_PAD: tl.constexpr, T_CAP: tl.constexpr, META: tl.constexpr,
                           G_STRIDE: tl.constexpr, G_PAD: tl.constexpr, ROW_BYTES: tl.constexpr,
@@ -437,6 +444,7 @@ def ep_ll_dispatch_kernel(x_ptr, topk_ptr, num_tokens, recv_x, recv_scales, recv
                           off_flags, H, K, K_PAD, R, R_PAD, T_CAP, META, G_STRIDE, G_PAD, ROW_BYTES,
                           NUM_SCALES, SCALES_PAD, USE_FP8, HAS_EXPERT_STATS, HAS_WAIT_STATS, USE_TIMER, TILE_R,
                           BLOCK_H, SCAN, PHASE_CODE, stamps, STAMPS)
+    _end(epoch_ptr, arrivals_ptr, e, PHASE)
 
 
 # ---- combine -------------------------------------------------------------------------------------------------
@@ -588,8 +596,8 @@ def _combine_receive(pid_t, pid_h, e, out_ptr, topk_ptr, weights_ptr, num_tokens
 
 @triton.jit(do_not_specialize=["num_tokens", "rank", "budget"])
 def ep_ll_combine_kernel(x_ptr, x_expert_stride, x_row_stride, topk_ptr, weights_ptr, num_tokens, out_ptr,
-                         src_info, topk_slot, layout_range, wait_stats, heap_bases, epoch_ptr, error_address,
-                         stamps_ptr, rank, num_local, rows_per_expert, num_groups, num_senders, budget,
+                         src_info, topk_slot, layout_range, wait_stats, heap_bases, epoch_ptr, arrivals_ptr,
+                         error_address, stamps_ptr, rank, num_local, rows_per_expert, num_groups, num_senders, budget,
                          off_combine, off_flags, off_publish, off_publish_flags,
                          PHASE: tl.constexpr, H: tl.constexpr, K: tl.constexpr, K_PAD: tl.constexpr,
                          R: tl.constexpr, R_PAD: tl.constexpr, T_CAP: tl.constexpr, K_CAP: tl.constexpr,
@@ -612,3 +620,4 @@ def ep_ll_combine_kernel(x_ptr, x_expert_stride, x_row_stride, topk_ptr, weights
                          wait_stats, heap_bases, error_address, rank, num_groups, budget, off_combine, off_flags,
                          H, K, K_PAD, R, R_PAD, G_STRIDE, G_PAD, T_CAP, K_CAP, ROW_BYTES, HAS_WAIT_STATS,
                          EXACT_CASTS, USE_TIMER, TILE_T, BLOCK_H, HIDDEN_PARTS, PHASE_CODE, stamps, STAMPS)
+    _end(epoch_ptr, arrivals_ptr, e, PHASE)
