@@ -327,7 +327,8 @@ class Buffer:
         if use_ue8m0 and not (use_fp8 and round_scale):
             raise ValueError("use_ue8m0=True needs use_fp8=True and round_scale=True")
         check_topk("topk_idx", topk_idx, num_tokens, self.device)
-        check_expert_ids("topk_idx", topk_idx, num_experts)
+        if check_expert_ids("topk_idx", topk_idx, num_experts):
+            self._checked_ids.remember(topk_idx, num_experts)  # the combine of the same ids need not read them
         num_local = num_experts // self.group_size
         check_stats("cumulative_local_expert_recv_stats", cumulative_local_expert_recv_stats, torch.int32,
                     num_local, self.device)
@@ -365,7 +366,8 @@ class Buffer:
         if topk_idx.size(0) > t_max:
             raise ValueError(f"topk_idx has {topk_idx.size(0)} tokens, more than num_max_dispatch_tokens_per_rank="
                              f"{t_max}")
-        check_expert_ids("topk_idx", topk_idx, num_experts)
+        if not self._checked_ids.take(topk_idx, num_experts):  # read already by the low-latency dispatch
+            check_expert_ids("topk_idx", topk_idx, num_experts)
         num_tokens = topk_idx.size(0)
         if out is None:
             out = torch.empty(num_tokens, hidden, dtype=torch.bfloat16, device=self.device)

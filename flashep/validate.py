@@ -78,9 +78,10 @@ def check_expert_ids(name: str, topk_idx: torch.Tensor, num_experts: int) -> boo
 
 
 class CheckedIds:
-    """The expert ids `get_dispatch_layout` read last, so that the dispatch that follows with the same tensor,
-    unchanged since (same version counter), does not read them again: one device sync fewer per training
-    step. One-shot: any later call checks again."""
+    """The expert ids read last (by `get_dispatch_layout`, or a low-latency dispatch), so that the call that
+    follows with the same tensor, unchanged since (same version counter), does not read them again (the
+    dispatch, or the low-latency combine): one device sync fewer per step. One-shot: any later call checks
+    again."""
 
     def __init__(self):
         self._last: Optional[tuple] = None

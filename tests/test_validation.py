@@ -277,6 +277,24 @@ def test_dispatch_does_not_read_ids_the_layout_just_read(buffer, monkeypatch):
         dispatch(topk_idx)
 
 
+def test_low_latency_combine_does_not_read_ids_the_dispatch_just_read(buffer, monkeypatch):
+    """The same for a low-latency dispatch and the combine that follows it with the same topk_idx."""
+    reads = []
+    aminmax = torch.aminmax
+    monkeypatch.setattr(torch, "aminmax", lambda t: reads.append(t) or aminmax(t))
+    g = torch.Generator().manual_seed(4)
+    topk_idx = torch.stack([torch.randperm(8, generator=g)[:2] for _ in range(6)])
+    weights = torch.rand(6, 2, generator=g)
+    handle = buffer.low_latency_dispatch(torch.randn(6, 512, generator=g).to(BF16), topk_idx, 8, 8,
+                                         use_fp8=False)[2]
+    assert len(reads) == 1
+    expert_out = torch.randn(8, 8, 512, generator=g).to(BF16)
+    buffer.low_latency_combine(expert_out, topk_idx, weights, handle)
+    assert len(reads) == 1, "the combine read the ids the dispatch had just read"
+    buffer.low_latency_combine(expert_out, topk_idx, weights, handle)
+    assert len(reads) == 2, "a second combine must read them again"
+
+
 # ---- several ranks ----------------------------------------------------------------------------------------------
 def bad_calls_body(rank: int, num_ranks: int, group) -> list:
     """Rank 0 makes bad calls that rank 1 never matches; both make calls that are bad on every rank."""
