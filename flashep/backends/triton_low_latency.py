@@ -143,6 +143,8 @@ class TritonLowLatencyBackend(Backend):
         self.epoch = torch.zeros(1, dtype=torch.int64, device=self.device)
         self.arrivals = torch.zeros(1, dtype=torch.int32, device=self.device)  # a launch's programs at its end
         self.error = ErrorWord(self.device)
+        self.budget = wait_budget()  # of every wait on a peer, FLASHEP_TIMEOUT_S at construction
+        self.use_timer = use_timer()
         self._combine_buffer: Optional[torch.Tensor] = None
         self._no_i32 = torch.zeros(1, dtype=torch.int32, device=self.device)
         self._no_i64 = torch.zeros(1, dtype=torch.int64, device=self.device)
@@ -150,7 +152,7 @@ class TritonLowLatencyBackend(Backend):
         # FLASHEP_LL_STAMPS=1 (GPU): every launch records per program %globaltimer and %clock64 at a few points
         # (kernels._stamp); `stamps` keeps per kernel the last launch's (stamps [programs, 2 * STAMP_POINTS],
         # send programs), senders first
-        self.stamps_on = bool(_env.integer("FLASHEP_LL_STAMPS", 0, minimum=0)) and use_timer()
+        self.stamps_on = bool(_env.integer("FLASHEP_LL_STAMPS", 0, minimum=0)) and self.use_timer
         self.stamps: dict[str, tuple[torch.Tensor, int]] = {}
 
     # ---- heap --------------------------------------------------------------------------------------------------
@@ -190,9 +192,9 @@ class TritonLowLatencyBackend(Backend):
     def _common(self, regions: Regions) -> dict:
         return dict(heap_bases=self.heap.peer_bases, epoch_ptr=self.epoch, arrivals_ptr=self.arrivals,
                     error_address=self.error.address,
-                    rank=self.rank, budget=wait_budget(), R=self.num_ranks, R_PAD=_pow2(self.num_ranks),
+                    rank=self.rank, budget=self.budget, R=self.num_ranks, R_PAD=_pow2(self.num_ranks),
                     T_CAP=regions.capacity.num_max_tokens, G_STRIDE=regions.groups,
-                    ROW_BYTES=regions.row_bytes, USE_TIMER=use_timer(), EXACT_CASTS=_env.interpret_mode(),
+                    ROW_BYTES=regions.row_bytes, USE_TIMER=self.use_timer, EXACT_CASTS=_env.interpret_mode(),
                     num_warps=self.tuning.num_warps)
 
     # ---- dispatch ----------------------------------------------------------------------------------------------
