@@ -29,7 +29,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import local_ranks  # noqa: E402
 
 import flashep  # noqa: E402
-from flashep.backends.triton_normal import TritonNormalBackend  # noqa: E402
 from flashep.kernels import normal as kernels  # noqa: E402
 from flashep.bench.timing import KERNEL_PATTERNS, Timer  # noqa: E402
 from flashep.bench.workload import normal_inputs  # noqa: E402
@@ -40,8 +39,6 @@ HIDDEN, TOPK, EXPERTS = 7168, 8, 256
 def build(num_ranks: int, tokens: int):
     os.environ["FLASHEP_BACKEND"] = "triton"
     buffer = flashep.Buffer(dist.group.WORLD, num_nvl_bytes=int(1e9), explicitly_destroy=True)
-    if num_ranks == 1:  # one rank has nothing to move over NVLink, so the Buffer picked the portable backend
-        buffer._normal = buffer.runtime = TritonNormalBackend(buffer)
     inputs = normal_inputs(tokens, HIDDEN, TOPK, EXPERTS, seed=dist.get_rank(), device=torch.device("cuda"))
     return buffer, inputs
 

@@ -17,7 +17,7 @@ from harness import TRITON_LOW_LATENCY, TRITON_NORMAL, assert_same, generator, g
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not triton_available(TRITON_NORMAL, TRITON_LOW_LATENCY),
                                                   reason="Triton backends missing")]
 
-WORLDS = [gpu_world(2), gpu_world(4)]
+WORLDS = [gpu_world(1), gpu_world(2), gpu_world(4)]  # one GPU: a group of one runs the same kernels
 T_MAX, HIDDEN, TOPK = 128, 7168, 8
 MATMUL = 8192  # the compute between a send and its hook (as DeepEP's benchmark: an 8192^2 fp32 matmul)
 MODES = {"bf16": (False, False, False), "fp8": (True, False, False), "fp8_round": (True, True, False),

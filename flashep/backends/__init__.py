@@ -30,7 +30,8 @@ def select_backends(buffer) -> tuple[Backend, Backend]:
             raise RuntimeError(f"FLASHEP_BACKEND=triton is not usable here: {why}")
         return collective, collective
     normal = low_latency = collective
-    use_normal = not buffer.is_internode and buffer.group_size > 1  # one rank has nothing to move over NVLink
+    # one rank has nothing to move over NVLink: its kernels run only when asked for (tests and probes on one GPU)
+    use_normal = not buffer.is_internode and (buffer.group_size > 1 or choice == "triton")
     if not (use_normal or buffer.low_latency_mode):
         return normal, low_latency
     meeting = HostMeeting(buffer.group)  # the Triton backends' host-side waits on peers time out

@@ -30,21 +30,20 @@ Tuning knobs (environment at construction; they must be equal on every rank):
 - FLASHEP_TILE_TOKENS: rows per tile, pushers and receivers (power of two, default 16);
 - FLASHEP_TILE_HIDDEN: 2-byte elements per row chunk of a tile (power of two, default 1024);
 - FLASHEP_NUM_WARPS: warps per program (default 8);
-- FLASHEP_STAGES: software-pipelining depth of the loops over a row's chunks (1: none; 2-3 keep the next
-  chunks' loads in flight through cp.async; default 3 on GPUs). The combine's reduction, which loads one
-  tile per rank and bias per chunk, narrows its chunks so that its stages fit FLASHEP_REDUCE_SMEM bytes
-  of shared memory (default 196608; the compiled kernel stays within an SM's 227 KiB at 2 to 8 ranks);
-- FLASHEP_COMBINE_REDUCE_STAGES: pipelining depth of the combine's reduction (default 1: none). Pipelined
-  (3), the 2-GPU CUDA-graph and twenty-rerun tests summed wrong rows for a few tokens (from the second
-  chunk of a tile on; two GPUs of a 4x H200 box, session 12; also at the session-10 code), unpipelined
-  they pass. Suspected cause: Triton's pipeliner gave the send_head load that addresses the row loads two
-  shared-memory slots for three stages (a known class of pipeliner buffer races). Since then a pipelined
-  reduction reads send_head by inline asm (`_load_index`, no shared memory): NOT YET RUN ON A GPU, so the
-  default stays 1. The price of 1: the 4-GPU combine 708 -> 934 us;
+- FLASHEP_STAGES: software-pipelining depth of the pushers' and the dispatch receivers' loops over a row's
+  chunks (1: none; 2-3 keep the next chunks' loads in flight through cp.async; default 3 on GPUs);
+- FLASHEP_COMBINE_REDUCE_STAGES: pipelining depth of the loop over a tile's chunks in the combine's
+  reduction (default 3 on GPUs). It loads one tile per rank and bias per chunk, so its chunks narrow until
+  the stages fit FLASHEP_REDUCE_SMEM bytes of shared memory (default 196608; the compiled kernel stays
+  within an SM's 227 KiB at 2 to 8 ranks). send_head is read once per tile, before that loop, so the
+  pipeliner stages row data only (session 12's wrong sums came from a pipelined send_head load, read again
+  for every chunk); FLASHEP_REDUCE_TILE_TOKENS: tokens per tile of that reduction (power of two, default 32;
+  `scripts/probe_reduce.py`, 1x H200: 16 -> 32 tokens 283 -> 262 us for 4 ranks' rows on 13 programs);
 - FLASHEP_RECEIVER_SHARE: share of a dispatch's programs that receive (default 1/3; rounded, at least 1,
-  at most num_sms - 1); FLASHEP_COMBINE_RECEIVER_SHARE: the same for a combine (default 0.55: a combine's
-  receivers read every row and reduce, a dispatch's copy only the peers' rows; both measured on 2x H200,
-  docs/perf.md);
+  at most num_sms - 1); FLASHEP_COMBINE_RECEIVER_SHARE: the same for a combine (default 1/3; it was 0.55,
+  measured on 2x H200 while the reduction moved ~28 GB/s per program; since the reduction reads send_head
+  once per tile it moves ~70 GB/s per program (scripts/probe_reduce.py), so the NVLink pushers, ~12-15 GB/s
+  each, need the programs more: a model from those rates, not yet measured at 2 or 4 GPUs);
   FLASHEP_RECEIVERS / FLASHEP_COMBINE_RECEIVERS: an exact count instead of a share;
 - FLASHEP_PUBLISH_TOKENS: tokens (combine: rows) a pusher moves between two progress flags, rounded to
   whole channels (default 32); the first and each of the last channels get a flag too.
@@ -102,12 +101,14 @@ class TritonNormalBackend(Backend):
         self.num_warps = _env.power_of_two("FLASHEP_NUM_WARPS", 8)
         self.stages = _env.integer("FLASHEP_STAGES", 3 if self.device.type == "cuda" else 1, minimum=1)
         # the combine's reduction unpipelined by default: pipelined, it summed wrong rows at 2 ranks (docstring)
-        self.reduce_stages = _env.integer("FLASHEP_COMBINE_REDUCE_STAGES", 1, minimum=1)
+        self.reduce_stages = _env.integer("FLASHEP_COMBINE_REDUCE_STAGES", 3 if self.device.type == "cuda" else 1,
+                                          minimum=1)
+        self.reduce_tile_tokens = _env.power_of_two("FLASHEP_REDUCE_TILE_TOKENS", 32)
         self.reduce_smem = _env.integer("FLASHEP_REDUCE_SMEM", 192 * 1024, minimum=1)
         self.receivers = _env.integer("FLASHEP_RECEIVERS", None, minimum=1)
         self.combine_receivers = _env.integer("FLASHEP_COMBINE_RECEIVERS", self.receivers, minimum=1)
         self.receiver_share = _env.share("FLASHEP_RECEIVER_SHARE", 1 / 3)
-        self.combine_receiver_share = _env.share("FLASHEP_COMBINE_RECEIVER_SHARE", 0.55)
+        self.combine_receiver_share = _env.share("FLASHEP_COMBINE_RECEIVER_SHARE", 1 / 3)
         self.publish_tokens = _env.integer("FLASHEP_PUBLISH_TOKENS", 32, minimum=1)
         # off by default: on H200 (docs/perf.md) a combine by copy engine was no faster than the SM pushers at
         # 2 ranks once the reduction was tuned, slower at 4 (host work per copy and flag), and noisier
@@ -394,9 +395,9 @@ class TritonNormalBackend(Backend):
             publish_every, num_topk, self._half() // record_bytes, self.budget,
             NUM_RANKS=self.num_ranks, R_PAD=self._rank_pad, P_PAD=_pow2(pushers), HIDDEN=hidden,
             RECORD_ELEMS=record_bytes // 2, K_PAD=_pow2(num_topk), BLOCK_T=self.tile_tokens, BLOCK_H=block_h,
-            REDUCE_BLOCK_H=reduce_block_h, HAS_WEIGHTS=topk_weights is not None, HAS_BIAS0=bias0 is not None,
-            HAS_BIAS1=bias1 is not None, USE_TIMER=self.use_timer, STAGES=self.stages,
-            REDUCE_STAGES=self.reduce_stages, num_warps=self.num_warps)
+            REDUCE_BLOCK_T=self.reduce_tile_tokens, REDUCE_BLOCK_H=reduce_block_h,
+            HAS_WEIGHTS=topk_weights is not None, HAS_BIAS0=bias0 is not None, HAS_BIAS1=bias1 is not None,
+            USE_TIMER=self.use_timer, STAGES=self.stages, REDUCE_STAGES=self.reduce_stages, num_warps=self.num_warps)
         return combined, combined_weights
 
     def _reduce_block_h(self, hidden: int, bias0, bias1) -> int:
@@ -404,8 +405,8 @@ class TritonNormalBackend(Backend):
         pipeline stages share the FLASHEP_REDUCE_SMEM budget."""
         loads = self.num_ranks + (bias0 is not None) + (bias1 is not None)
         block_h = min(max(self.tile_hidden, 32), _pow2(hidden))
-        while (self.stages > 1 and block_h > 64
-               and self.stages * loads * self.tile_tokens * block_h * 2 > self.reduce_smem):
+        while (self.reduce_stages > 1 and block_h > 64
+               and self.reduce_stages * loads * self.reduce_tile_tokens * block_h * 2 > self.reduce_smem):
             block_h //= 2
         return block_h
 
@@ -476,7 +477,8 @@ class TritonNormalBackend(Backend):
             seq, seq_next, self.errors.address, rank, num_tokens, num_channels,
             _tokens_per_channel(num_tokens, num_channels), num_parts, num_topk, self.budget,
             NUM_RANKS=num_ranks, R_PAD=self._rank_pad, MAX_PARTS=kernels.MAX_COPY_PARTS, HIDDEN=hidden,
-            K_PAD=_pow2(num_topk), BLOCK_T=self.tile_tokens, REDUCE_BLOCK_H=self._reduce_block_h(hidden, bias0, bias1),
+            K_PAD=_pow2(num_topk), BLOCK_T=self.reduce_tile_tokens,
+            REDUCE_BLOCK_H=self._reduce_block_h(hidden, bias0, bias1),
             HAS_WEIGHTS=topk_weights is not None, HAS_BIAS0=bias0 is not None, HAS_BIAS1=bias1 is not None,
             USE_TIMER=self.use_timer, STAGES=self.reduce_stages, num_warps=self.num_warps)
         self.copier.join()

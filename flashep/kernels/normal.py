@@ -784,19 +784,8 @@ def _combine_push_weights(tile, begins, ends, tiles, tiles_before, x_block, slot
 
 
 @triton.jit
-def _load_index(ptrs, mask):
-    """int32 loads (-1 where masked) through the read-only cache, as inline asm: Triton's software pipeliner
-    turns a tl.load into a cp.async into shared memory, and for an index that addresses the loop's other
-    loads it sized that buffer too small (two slots for three stages), a known class of pipeliner races.
-    Used only where the reduction is pipelined (FLASHEP_COMBINE_REDUCE_STAGES > 1; NOT YET RUN ON A GPU)."""
-    return tl.inline_asm_elementwise(
-        "{ .reg .pred p; setp.ne.b32 p, $2, 0; mov.b32 $0, -1; @p ld.global.nc.b32 $0, [$1]; }",
-        "=r,l,r", [ptrs, mask.to(tl.int32)], dtype=tl.int32, is_pure=True, pack=1)
-
-
-@triton.jit
 def _combine_sources(start, last, send_head_ptr, slot_base, self_row0, rank, NUM_RANKS: tl.constexpr,
-                     R_PAD: tl.constexpr, BLOCK_T: tl.constexpr, INDEX_BY_ASM: tl.constexpr):
+                     R_PAD: tl.constexpr, BLOCK_T: tl.constexpr):
     """Tokens start + [0, BLOCK_T) below `last`, and where each (token, rank) row is: a slot of the staging
     region (peer j's row of token t at slot_base[j] + send_head[t, j]) or, for this rank, a row of x
     (self_row0 + send_head[t, rank]); send_head -1: no row. -> (tokens, which are valid, rows, send_head)."""
@@ -804,28 +793,20 @@ def _combine_sources(start, last, send_head_ptr, slot_base, self_row0, rank, NUM
     toks = start + tl.arange(0, BLOCK_T)
     tok_ok = toks < last
     head_ptrs = send_head_ptr + toks[:, None].to(tl.int64) * NUM_RANKS + ranks[None, :]
-    head_ok = tok_ok[:, None] & (ranks < NUM_RANKS)[None, :]
-    if INDEX_BY_ASM:
-        head = _load_index(head_ptrs, head_ok)
-    else:
-        head = tl.load(head_ptrs, mask=head_ok, other=-1)
+    head = tl.load(head_ptrs, mask=tok_ok[:, None] & (ranks < NUM_RANKS)[None, :], other=-1)
     return toks.to(tl.int64), tok_ok, tl.where(ranks[None, :] == rank, self_row0, slot_base[None, :]) + head, head
 
 
 @triton.jit
-def _combine_reduce_chunk(step, first, last, x_ptr, bias0_ptr, bias1_ptr, send_head_ptr, out_ptr, slot_base,
-                          self_row0, region, rank, NUM_RANKS: tl.constexpr, R_PAD: tl.constexpr,
-                          HIDDEN: tl.constexpr, RECORD_ELEMS: tl.constexpr, BLOCK_T: tl.constexpr,
-                          BLOCK_H: tl.constexpr, HAS_BIAS0: tl.constexpr, HAS_BIAS1: tl.constexpr,
-                          USE_TIMER: tl.constexpr, INDEX_BY_ASM: tl.constexpr):
-    """Step `step` of reducing tokens [first, last) (tile step // CHUNKS, chunk step % CHUNKS): bias0 + bias1 +
-    the rows of destination ranks ascending, in float32, one rounding to bf16 (on a GPU the hardware's
-    round-to-nearest-even cast; the interpreter's cast truncates, so there it is spelled out)."""
-    CHUNKS: tl.constexpr = (HIDDEN + BLOCK_H - 1) // BLOCK_H
+def _combine_reduce_chunk(chunk, toks64, tok_ok, where, head, x_ptr, bias0_ptr, bias1_ptr, out_ptr, region, rank,
+                          NUM_RANKS: tl.constexpr, R_PAD: tl.constexpr, HIDDEN: tl.constexpr,
+                          RECORD_ELEMS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
+                          HAS_BIAS0: tl.constexpr, HAS_BIAS1: tl.constexpr, USE_TIMER: tl.constexpr):
+    """Chunk `chunk` of a tile's tokens (`_combine_sources`): bias0 + bias1 + the rows of destination ranks
+    ascending, in float32, one rounding to bf16 (on a GPU the hardware's round-to-nearest-even cast; the
+    interpreter's cast truncates, so there it is spelled out)."""
     ranks = tl.arange(0, R_PAD)
-    toks64, tok_ok, where, head = _combine_sources(first + (step // CHUNKS) * BLOCK_T, last, send_head_ptr, slot_base,
-                                                   self_row0, rank, NUM_RANKS, R_PAD, BLOCK_T, INDEX_BY_ASM)
-    cols = (step % CHUNKS) * BLOCK_H + tl.arange(0, BLOCK_H)
+    cols = chunk * BLOCK_H + tl.arange(0, BLOCK_H)
     if HIDDEN % BLOCK_H == 0:  # whole chunks: masks by row only, constant along a row
         col_ok = tl.full([BLOCK_H], 1, tl.int1)
     else:
@@ -852,15 +833,12 @@ def _combine_reduce_chunk(step, first, last, x_ptr, bias0_ptr, bias1_ptr, send_h
 
 
 @triton.jit
-def _combine_reduce_weights(tile, first, last, weights_ptr, send_head_ptr, out_weights_ptr, slot_base, self_row0,
-                            weight_region, rank, num_topk, NUM_RANKS: tl.constexpr, R_PAD: tl.constexpr,
-                            WEIGHT_STRIDE: tl.constexpr, K_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
-                            INDEX_BY_ASM: tl.constexpr):
-    """The combined top-k weights of tile `tile` of tokens [first, last): the ranks' weight rows summed in
+def _combine_reduce_weights(toks64, tok_ok, where, head, weights_ptr, out_weights_ptr, weight_region, rank, num_topk,
+                            NUM_RANKS: tl.constexpr, R_PAD: tl.constexpr, WEIGHT_STRIDE: tl.constexpr,
+                            K_PAD: tl.constexpr, BLOCK_T: tl.constexpr):
+    """The combined top-k weights of a tile's tokens (`_combine_sources`): the ranks' weight rows summed in
     float32, ranks ascending (a peer's row at weight_region + slot * WEIGHT_STRIDE, 0: num_topk)."""
     ranks = tl.arange(0, R_PAD)
-    toks64, tok_ok, where, head = _combine_sources(first + tile * BLOCK_T, last, send_head_ptr, slot_base, self_row0,
-                                                   rank, NUM_RANKS, R_PAD, BLOCK_T, INDEX_BY_ASM)
     ks = tl.arange(0, K_PAD)
     ok = tok_ok[:, None] & (ks < num_topk)[None, :]
     acc = tl.zeros([BLOCK_T, K_PAD], tl.float32)
@@ -885,34 +863,29 @@ def _reduce_tokens(first, last, num_tiles, x_ptr, weights_ptr, bias0_ptr, bias1_
                    WEIGHT_STRIDE: tl.constexpr, K_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
                    HAS_WEIGHTS: tl.constexpr, HAS_BIAS0: tl.constexpr, HAS_BIAS1: tl.constexpr,
                    USE_TIMER: tl.constexpr, STAGES: tl.constexpr):
-    """Reduce tokens [first, last) (`num_tiles` tiles): the rows chunk by chunk, then the top-k weights. On a
-    GPU both loops are software-pipelined (the interpreter needs constant bounds for tl.range)."""
+    """Reduce tokens [first, last) (`num_tiles` tiles), tile by tile: where the tile's rows are (send_head,
+    read once per tile), its chunks, then its top-k weights. On a GPU the loop over a tile's chunks is
+    software-pipelined (STAGES); its loads then depend only on values held in registers, so the pipeliner
+    stages row data alone, never an index that addresses other loads."""
     CHUNKS: tl.constexpr = (HIDDEN + BLOCK_H - 1) // BLOCK_H
-    INDEX_BY_ASM: tl.constexpr = USE_TIMER and STAGES > 1
-    if USE_TIMER:
-        for step in tl.range(0, num_tiles * CHUNKS, num_stages=STAGES):
-            _combine_reduce_chunk(step, first, last, x_ptr, bias0_ptr, bias1_ptr, send_head_ptr, out_ptr, slot_base,
-                                  self_row0, region, rank, NUM_RANKS, R_PAD, HIDDEN, RECORD_ELEMS, BLOCK_T, BLOCK_H,
-                                  HAS_BIAS0, HAS_BIAS1, USE_TIMER, INDEX_BY_ASM)
+    tile = num_tiles * 0
+    while tile < num_tiles:
+        toks64, tok_ok, where, head = _combine_sources(first + tile * BLOCK_T, last, send_head_ptr, slot_base,
+                                                       self_row0, rank, NUM_RANKS, R_PAD, BLOCK_T)
+        if USE_TIMER:  # the interpreter needs constant bounds for tl.range
+            for chunk in tl.range(0, CHUNKS, num_stages=STAGES):
+                _combine_reduce_chunk(chunk, toks64, tok_ok, where, head, x_ptr, bias0_ptr, bias1_ptr, out_ptr,
+                                      region, rank, NUM_RANKS, R_PAD, HIDDEN, RECORD_ELEMS, BLOCK_T, BLOCK_H,
+                                      HAS_BIAS0, HAS_BIAS1, USE_TIMER)
+        else:
+            for chunk in range(CHUNKS):
+                _combine_reduce_chunk(chunk, toks64, tok_ok, where, head, x_ptr, bias0_ptr, bias1_ptr, out_ptr,
+                                      region, rank, NUM_RANKS, R_PAD, HIDDEN, RECORD_ELEMS, BLOCK_T, BLOCK_H,
+                                      HAS_BIAS0, HAS_BIAS1, USE_TIMER)
         if HAS_WEIGHTS:
-            for tile in tl.range(0, num_tiles, num_stages=STAGES):
-                _combine_reduce_weights(tile, first, last, weights_ptr, send_head_ptr, out_weights_ptr, slot_base,
-                                        self_row0, weight_region, rank, num_topk, NUM_RANKS, R_PAD, WEIGHT_STRIDE,
-                                        K_PAD, BLOCK_T, INDEX_BY_ASM)
-    else:
-        step = 0
-        while step < num_tiles * CHUNKS:
-            _combine_reduce_chunk(step, first, last, x_ptr, bias0_ptr, bias1_ptr, send_head_ptr, out_ptr, slot_base,
-                                  self_row0, region, rank, NUM_RANKS, R_PAD, HIDDEN, RECORD_ELEMS, BLOCK_T, BLOCK_H,
-                                  HAS_BIAS0, HAS_BIAS1, USE_TIMER, INDEX_BY_ASM)
-            step += 1
-        if HAS_WEIGHTS:
-            tile = 0
-            while tile < num_tiles:
-                _combine_reduce_weights(tile, first, last, weights_ptr, send_head_ptr, out_weights_ptr, slot_base,
-                                        self_row0, weight_region, rank, num_topk, NUM_RANKS, R_PAD, WEIGHT_STRIDE,
-                                        K_PAD, BLOCK_T, INDEX_BY_ASM)
-                tile += 1
+            _combine_reduce_weights(toks64, tok_ok, where, head, weights_ptr, out_weights_ptr, weight_region, rank,
+                                    num_topk, NUM_RANKS, R_PAD, WEIGHT_STRIDE, K_PAD, BLOCK_T)
+        tile += 1
 
 
 COMBINE_NO_SPECIALIZE = ["rank", "num_tokens", "num_channels", "tokens_per_channel", "num_pushers", "publish_every",
@@ -926,8 +899,8 @@ def ep_combine_kernel(x_ptr, weights_ptr, bias0_ptr, bias1_ptr, in_rank_ptr, sen
                       tokens_per_channel, num_pushers, publish_every, num_topk, capacity, budget,
                       NUM_RANKS: tl.constexpr, R_PAD: tl.constexpr, P_PAD: tl.constexpr, HIDDEN: tl.constexpr,
                       RECORD_ELEMS: tl.constexpr, K_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
-                      REDUCE_BLOCK_H: tl.constexpr, HAS_WEIGHTS: tl.constexpr, HAS_BIAS0: tl.constexpr,
-                      HAS_BIAS1: tl.constexpr, USE_TIMER: tl.constexpr, STAGES: tl.constexpr,
+                      REDUCE_BLOCK_T: tl.constexpr, REDUCE_BLOCK_H: tl.constexpr, HAS_WEIGHTS: tl.constexpr,
+                      HAS_BIAS0: tl.constexpr, HAS_BIAS1: tl.constexpr, USE_TIMER: tl.constexpr, STAGES: tl.constexpr,
                       REDUCE_STAGES: tl.constexpr):
     """Pushers: the rows this rank received from `home` go back to `home`'s combine region, at slot
     sum_{j < rank} n(home -> j) + send_head_home[t, rank]; per segment of the homes' channels, a pusher takes
@@ -1012,10 +985,10 @@ def ep_combine_kernel(x_ptr, weights_ptr, bias0_ptr, bias1_ptr, in_rank_ptr, sen
             if first < last:
                 ready, failed = _wait_channels(flags, flag_ok, peer_ok, segment_end - 1, ready, e, num_channels,
                                                failed, err_addr_ptr, _phase_combine, rank, budget, R_PAD, USE_TIMER)
-                num_tiles = tl.where(failed == 0, tl.cdiv(last - first, BLOCK_T), 0)
+                num_tiles = tl.where(failed == 0, tl.cdiv(last - first, REDUCE_BLOCK_T), 0)
                 _reduce_tokens(first, last, num_tiles, x_ptr, weights_ptr, bias0_ptr, bias1_ptr, send_head_ptr,
                                out_ptr, out_weights_ptr, slot_base, self_row0, region, weight_region, rank, num_topk,
-                               NUM_RANKS, R_PAD, HIDDEN, RECORD_ELEMS, RECORD_ELEMS // 2, K_PAD, BLOCK_T,
+                               NUM_RANKS, R_PAD, HIDDEN, RECORD_ELEMS, RECORD_ELEMS // 2, K_PAD, REDUCE_BLOCK_T,
                                REDUCE_BLOCK_H, HAS_WEIGHTS, HAS_BIAS0, HAS_BIAS1, USE_TIMER, REDUCE_STAGES)
             segment = segment_end
         # every peer's final flags, also where no rows flow: keeps the ranks at most one operation apart
