@@ -326,7 +326,8 @@ def _dispatch_push_fields(start, last, before, block_start, bases, caps, direct,
     cached dispatch), and their per-row fields (scales, top-k ids and weights, source index) at their final
     rows: this rank's into its outputs; a peer's into its record region (`bases`, rows < `caps`), or with
     DIRECT, where `direct` marks the peer, into its outputs (`out_*`: every rank's field addresses), top-k
-    ids made local to that peer. -> `before` after these tokens."""
+    ids made local to that peer. -> (`before` after these tokens, the positions [BLOCK_T, R_PAD], -1: not
+    sent to that rank)."""
     ranks = tl.arange(0, R_PAD)
     rank_ok = ranks < NUM_RANKS
     ks = tl.arange(0, K_PAD)
@@ -343,9 +344,10 @@ def _dispatch_push_fields(start, last, before, block_start, bases, caps, direct,
         earlier = (tl.arange(0, BLOCK_T)[None, :] <= tl.arange(0, BLOCK_T)[:, None]).to(tl.int32)
         pos = before[None, :] + tl.sum(earlier[:, :, None] * chosen[None, :, :], axis=1) - 1
         before += tl.sum(chosen, axis=0)
-        tl.store(send_head_ptr + offsets, tl.where(chosen != 0, pos, -1), mask=tile_ok)
+        pos = tl.where(chosen != 0, pos, -1)
+        tl.store(send_head_ptr + offsets, pos, mask=tile_ok)
     else:
-        pos = tl.load(send_head_ptr + offsets, mask=tile_ok, other=0)
+        pos = tl.where(chosen != 0, tl.load(send_head_ptr + offsets, mask=tile_ok, other=0), -1)
     rows = block_start[None, :] + pos  # final row on destination j
     k_ok = tok_ok[:, None] & (ks < num_topk)[None, :]
     s_ok = tok_ok[:, None] & (ss < num_scales)[None, :]
@@ -403,29 +405,25 @@ def _dispatch_push_fields(start, last, before, block_start, bases, caps, direct,
                     tl.store(record[:, None] + num_topk + ks[None, :], weights.to(tl.int32, bitcast=True),
                              mask=row_ok[:, None] & k_ok)
                 tl.store(record + 2 * num_topk, toks, mask=row_ok)
-    return before
+    if WRITE_SEND_HEAD:
+        # read back what this program's threads just stored: the prefix sum leaves the positions in a layout
+        # that the rows' loop would convert through shared memory at every chunk
+        tl.debug_barrier()
+        pos = tl.load(send_head_ptr + offsets, mask=tile_ok, other=-1)
+    return before, pos
 
 
 @triton.jit
-def _dispatch_push_chunk(step, first, last, block_start, bases, caps, direct, x_ptr, recv_x_ptr, send_head_ptr, rank,
+def _dispatch_push_chunk(chunk, toks, tok_ok, pos, block_start, bases, caps, direct, x_ptr, recv_x_ptr, rank,
                          num_out_rows, NUM_RANKS: tl.constexpr, R_PAD: tl.constexpr, ROW_WORDS: tl.constexpr,
-                         RECORD_WORDS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_W: tl.constexpr,
-                         DIRECT: tl.constexpr):
-    """Step `step` of pushing the rows of tokens [first, last): tile step // CHUNKS, chunk step % CHUNKS, loaded
-    once and stored to every destination at the row send_head gives (this rank's rows straight into recv_x;
-    a peer's at `bases`, rows < `caps`: its record region, or with DIRECT, where `direct` marks the peer,
-    its recv_x). The steps run in one pipelined loop, so the loads of the next chunks, also across tiles,
-    are in flight."""
-    CHUNKS: tl.constexpr = (ROW_WORDS + BLOCK_W - 1) // BLOCK_W
+                         RECORD_WORDS: tl.constexpr, BLOCK_W: tl.constexpr, DIRECT: tl.constexpr):
+    """Chunk `chunk` of a tile's rows (tokens `toks`, positions `pos` from `_dispatch_push_fields`), loaded
+    once and stored to every destination at its row (this rank's rows straight into recv_x; a peer's at
+    `bases`, rows < `caps`: its record region, or with DIRECT, where `direct` marks the peer, its recv_x)."""
     ranks = tl.arange(0, R_PAD)
-    rank_ok = ranks < NUM_RANKS
-    toks = first + (step // CHUNKS) * BLOCK_T + tl.arange(0, BLOCK_T)
-    tok_ok = toks < last
     toks64 = toks.to(tl.int64)
-    pos = tl.load(send_head_ptr + toks64[:, None] * NUM_RANKS + ranks[None, :], mask=tok_ok[:, None] & rank_ok[None, :],
-                  other=-1)
     rows = block_start[None, :] + pos
-    cols = (step % CHUNKS) * BLOCK_W + tl.arange(0, BLOCK_W)
+    cols = chunk * BLOCK_W + tl.arange(0, BLOCK_W)
     col_ok = cols < ROW_WORDS
     data = tl.load(x_ptr + toks64[:, None] * ROW_WORDS + cols[None, :], mask=tok_ok[:, None] & col_ok[None, :])
     for dst_step in tl.static_range(NUM_RANKS):  # self first, then the peers in ring order
@@ -637,38 +635,29 @@ def ep_dispatch_kernel(x_ptr, scales_ptr, scale_stride_t, scale_stride_s, topk_p
                                    mask=scan_ok, other=0)
                     before += tl.sum(seen.to(tl.int32), axis=0)
                     scan += _scan_tokens
-            # per-row fields (and positions) tile by tile, then the rows in one loop over (tile, chunk); on a
-            # GPU the loops are software-pipelined (the interpreter needs constant bounds for tl.range)
+            # tile by tile: the per-row fields and positions, then the rows chunk by chunk; on a GPU the loop
+            # over a tile's chunks is software-pipelined (its loads depend only on values in registers)
             num_tiles = tl.cdiv(last - first, BLOCK_T)
-            if USE_TIMER:
-                for tile in tl.range(0, num_tiles, num_stages=STAGES):
-                    before = _dispatch_push_fields(
-                        first + tile * BLOCK_T, last, before, block_start, bases, caps, direct, out_scales, out_topk,
-                        out_weights, out_src, scales_ptr, scale_stride_t, scale_stride_s, topk_ptr, weights_ptr,
-                        in_rank_ptr, recv_scales_ptr, recv_topk_ptr, recv_weights_ptr, recv_src_ptr, send_head_ptr,
-                        rank, num_local_experts, num_scales, num_topk, num_out_rows, NUM_RANKS, R_PAD, ROW_WORDS,
-                        RECORD_WORDS, S_PAD, K_PAD, BLOCK_T, HAS_SCALES, HAS_TOPK, WRITE_SEND_HEAD, DIRECT)
-                tl.debug_barrier()  # the rows' loop reads the send_head this program just wrote
-                for step in tl.range(0, num_tiles * CHUNKS, num_stages=STAGES):
-                    _dispatch_push_chunk(step, first, last, block_start, bases, caps, direct, x_ptr, recv_x_ptr,
-                                         send_head_ptr, rank, num_out_rows, NUM_RANKS, R_PAD, ROW_WORDS,
-                                         RECORD_WORDS, BLOCK_T, BLOCK_W, DIRECT)
-            else:
-                tile = zero
-                while tile < num_tiles:
-                    before = _dispatch_push_fields(
-                        first + tile * BLOCK_T, last, before, block_start, bases, caps, direct, out_scales, out_topk,
-                        out_weights, out_src, scales_ptr, scale_stride_t, scale_stride_s, topk_ptr, weights_ptr,
-                        in_rank_ptr, recv_scales_ptr, recv_topk_ptr, recv_weights_ptr, recv_src_ptr, send_head_ptr,
-                        rank, num_local_experts, num_scales, num_topk, num_out_rows, NUM_RANKS, R_PAD, ROW_WORDS,
-                        RECORD_WORDS, S_PAD, K_PAD, BLOCK_T, HAS_SCALES, HAS_TOPK, WRITE_SEND_HEAD, DIRECT)
-                    tile += 1
-                step = zero
-                while step < num_tiles * CHUNKS:
-                    _dispatch_push_chunk(step, first, last, block_start, bases, caps, direct, x_ptr, recv_x_ptr,
-                                         send_head_ptr, rank, num_out_rows, NUM_RANKS, R_PAD, ROW_WORDS,
-                                         RECORD_WORDS, BLOCK_T, BLOCK_W, DIRECT)
-                    step += 1
+            tile = zero
+            while tile < num_tiles:
+                toks = first + tile * BLOCK_T + tl.arange(0, BLOCK_T)
+                before, pos = _dispatch_push_fields(
+                    first + tile * BLOCK_T, last, before, block_start, bases, caps, direct, out_scales, out_topk,
+                    out_weights, out_src, scales_ptr, scale_stride_t, scale_stride_s, topk_ptr, weights_ptr,
+                    in_rank_ptr, recv_scales_ptr, recv_topk_ptr, recv_weights_ptr, recv_src_ptr, send_head_ptr,
+                    rank, num_local_experts, num_scales, num_topk, num_out_rows, NUM_RANKS, R_PAD, ROW_WORDS,
+                    RECORD_WORDS, S_PAD, K_PAD, BLOCK_T, HAS_SCALES, HAS_TOPK, WRITE_SEND_HEAD, DIRECT)
+                if USE_TIMER:  # the interpreter needs constant bounds for tl.range
+                    for chunk in tl.range(0, CHUNKS, num_stages=STAGES):
+                        _dispatch_push_chunk(chunk, toks, toks < last, pos, block_start, bases, caps, direct, x_ptr,
+                                             recv_x_ptr, rank, num_out_rows, NUM_RANKS, R_PAD, ROW_WORDS,
+                                             RECORD_WORDS, BLOCK_W, DIRECT)
+                else:
+                    for chunk in range(CHUNKS):
+                        _dispatch_push_chunk(chunk, toks, toks < last, pos, block_start, bases, caps, direct, x_ptr,
+                                             recv_x_ptr, rank, num_out_rows, NUM_RANKS, R_PAD, ROW_WORDS,
+                                             RECORD_WORDS, BLOCK_W, DIRECT)
+                tile += 1
             _publish(out_flags, tl.zeros([R_PAD], tl.int64) + ((tag(e) << 32) | segment_end.to(tl.int64)), peer_ok)
             segment = segment_end
         if DIRECT:
