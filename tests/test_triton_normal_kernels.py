@@ -374,6 +374,25 @@ def test_bf16_rounding_matches_torch():
     run_ranks(1, _rounding, backend="triton")
 
 
+def test_reduction_probe_matches_torch():
+    """scripts/probe_reduce.py under the interpreter: the combine's reduction kernel alone, as rank 0 of 4 and of
+    2 (random routing, peers' rows in one local tensor), against its own torch sums; several tile shapes, with
+    uneven tails (hidden 384 is not a multiple of 256)."""
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=root)
+    for ranks in (4, 2):
+        done = subprocess.run([sys.executable, os.path.join(root, "scripts", "probe_reduce.py"), "--cpu",
+                               "--ranks", str(ranks), "--tokens", "37", "--hidden", "384", "--programs", "3",
+                               "--settings", "block_h=128", "block_h=256,block_t=8"],
+                              env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stdout + done.stderr[-3000:]
+        assert done.stdout.count(" ok") == 2, done.stdout
+
+
 def test_data_path_vectorises_for_hopper(tmp_path):
     """At DeepSeek-V3 widths (and a rank count that pads the rank axis) the dispatch and combine data
     paths must compile for sm_90 to pipelined 16-byte copies (cp.async) and 128-bit stores, within the
