@@ -1,4 +1,5 @@
-"""GPU extras for the Triton low-latency backend, through the public Buffer API (`pytest -m gpu`, 2 and 4 GPUs).
+"""GPU extras for the Triton low-latency backend, through the public Buffer API (`pytest -m gpu`, 1, 2 and 4 GPUs;
+one GPU runs a group of one rank).
 
 DeepSeek-V3 decode shapes (128 tokens, hidden 7168, top-8 of 256 or 288 experts): every assertion of
 DeepEP's low-latency test, hooks with a large matmul between send and hook, CUDA-graph capture of

@@ -1,4 +1,4 @@
-"""GPU checks of the Triton normal-mode kernels (`pytest -m gpu`, 2 and 4 GPUs of one host), all bit for
+"""GPU checks of the Triton normal-mode kernels (`pytest -m gpu`, 1, 2 and 4 GPUs of one host), all bit for
 bit against flashep.reference: DeepSeek-V3 and other shapes (hidden 2048-7680, top-k 1-9, 1-8192 tokens,
 -1 entries, a rank without tokens, heavy imbalance), num_sms 24 and 12, CUDA-graph capture and replay
 with new data (worst-token dispatch + combine, cached dispatch + combine), and 20 bit-identical reruns.
