@@ -27,7 +27,7 @@ split and the publish interval must be the same on every rank (a dispatch that m
 rank's split may differ, and each publishes its choice).
 
 Tuning knobs (environment at construction; they must be equal on every rank):
-- FLASHEP_TILE_TOKENS: rows per tile, pushers and receivers (power of two, default 16);
+- FLASHEP_TILE_TOKENS: rows per tile of the pushers and the dispatch's receivers (power of two, default 16);
 - FLASHEP_TILE_HIDDEN: 2-byte elements per row chunk of a tile (power of two, default 1024);
 - FLASHEP_NUM_WARPS: warps per program (default 8);
 - FLASHEP_STAGES: software-pipelining depth of the pushers' and the dispatch receivers' loops over a row's
@@ -100,7 +100,6 @@ class TritonNormalBackend(Backend):
         self.tile_hidden = _env.power_of_two("FLASHEP_TILE_HIDDEN", 1024)
         self.num_warps = _env.power_of_two("FLASHEP_NUM_WARPS", 8)
         self.stages = _env.integer("FLASHEP_STAGES", 3 if self.device.type == "cuda" else 1, minimum=1)
-        # the combine's reduction unpipelined by default: pipelined, it summed wrong rows at 2 ranks (docstring)
         self.reduce_stages = _env.integer("FLASHEP_COMBINE_REDUCE_STAGES", 3 if self.device.type == "cuda" else 1,
                                           minimum=1)
         self.reduce_tile_tokens = _env.power_of_two("FLASHEP_REDUCE_TILE_TOKENS", 32)
