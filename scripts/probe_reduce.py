@@ -16,6 +16,7 @@ import argparse
 import statistics
 
 import torch
+import triton
 
 from flashep.kernels import normal as kernels
 
@@ -63,19 +64,17 @@ def run(args, setting, data, device):
         kernels.ep_combine_reduce_kernel[(setting["programs"],)](
             x, weights, dummy, dummy, head, prefix, out, out_w, rows, peer_weights, flags, 5, 6, err, 0, num_tokens,
             num_channels, -(-num_tokens // num_channels), 1, num_topk, 10**9, NUM_RANKS=args.ranks,
-            R_PAD=triton_pow2(args.ranks), MAX_PARTS=MAX_PARTS, HIDDEN=hidden, K_PAD=triton_pow2(num_topk),
+            R_PAD=triton.next_power_of_2(args.ranks), MAX_PARTS=MAX_PARTS, HIDDEN=hidden,
+            K_PAD=triton.next_power_of_2(num_topk),
             BLOCK_T=setting["block_t"], REDUCE_BLOCK_H=setting["block_h"], HAS_WEIGHTS=True, HAS_BIAS0=False,
             HAS_BIAS1=False, USE_TIMER=device.type == "cuda", STAGES=setting["stages"], num_warps=setting["warps"])
 
     call()
+    expect, expect_w = reference(x, rows, weights, peer_weights, head, sent, args.ranks)  # ordered after the call
+    same = torch.equal(out, expect) and torch.equal(out_w, expect_w)
     if device.type != "cuda":  # a check of this script under TRITON_INTERPRET=1, nothing timed
-        expect, expect_w = reference(x, rows, weights, peer_weights, head, sent, args.ranks)
-        same = torch.equal(out, expect) and torch.equal(out_w, expect_w)
         print(f"{describe(setting):48s} {'ok' if same else 'WRONG'}", flush=True)
         return same
-    torch.cuda.synchronize()
-    expect, expect_w = reference(x, rows, weights, peer_weights, head, sent, args.ranks)
-    same = torch.equal(out, expect) and torch.equal(out_w, expect_w)
     times = []
     for _ in range(args.repeats):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -91,10 +90,6 @@ def run(args, setting, data, device):
     print(f"{describe(setting):48s} {'ok' if same else 'WRONG':5s} {us:8.1f} us  {gbs:7.1f} GB/s  "
           f"{gbs / setting['programs']:5.1f} GB/s per program", flush=True)
     return same
-
-
-def triton_pow2(n):
-    return 1 << (max(n, 1) - 1).bit_length()
 
 
 def describe(setting):
