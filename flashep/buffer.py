@@ -355,8 +355,6 @@ class Buffer:
         if not isinstance(handle, tuple) or len(handle) != 5:
             raise ValueError("handle must be the 5-tuple returned by low_latency_dispatch")
         src_info, layout_range, t_max, hidden, num_experts = handle
-        if use_logfmt:
-            raise NotImplementedError("use_logfmt: LogFMT combine compression is not implemented in flashep")
         if zero_copy and use_logfmt:
             raise ValueError("zero_copy and use_logfmt cannot be combined")
         num_local = num_experts // self.group_size
@@ -377,7 +375,8 @@ class Buffer:
         check_stats("combine_wait_recv_cost_stats", combine_wait_recv_cost_stats, torch.int64, self.group_size,
                     self.device)
         receive = self._low_latency.low_latency_combine(x, topk_idx, topk_weights, handle, zero_copy, out,
-                                                        combine_wait_recv_cost_stats, return_recv_hook)
+                                                        combine_wait_recv_cost_stats, return_recv_hook,
+                                                        use_logfmt=use_logfmt)
         keep = (x, topk_idx, topk_weights, src_info, layout_range, out, combine_wait_recv_cost_stats)
         event, hook = self._finish_low_latency(receive, async_finish, return_recv_hook, keep)
         return out, event, hook

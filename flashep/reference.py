@@ -25,6 +25,8 @@ from typing import Optional, Sequence, Union
 
 import torch
 
+from . import logfmt
+
 _GROUP = 128  # channels per FP8 scale
 _FP8_MAX = 448.0
 _AMAX_FLOOR = 1e-4
@@ -226,9 +228,10 @@ def low_latency_dispatch(xs: Sequence[torch.Tensor], topk_idxs: Sequence[torch.T
 
 def low_latency_combine(expert_outputs: Sequence[torch.Tensor], handles: Sequence[tuple],
                         topk_idxs: Sequence[torch.Tensor], topk_weights: Sequence[torch.Tensor],
-                        num_experts: int) -> list[torch.Tensor]:
+                        num_experts: int, use_logfmt: bool = False) -> list[torch.Tensor]:
     """Low-latency combine of every rank -> bf16 [T_r, H]: per token, in fp32, 0 + w[k] * y_k for
-    k = 0 .. K-1 with topk_idx >= 0 (a product then a sum, no fused multiply-add), then bf16.
+    k = 0 .. K-1 with topk_idx >= 0 (a product then a sum, no fused multiply-add), then bf16. With
+    `use_logfmt` each row y_k is first replaced by `logfmt.roundtrip(y_k)` (the decoded wire format).
 
     expert_outputs[d] is owner d's [L, R * T_max, H]; handles[d] its low-latency handle, used only to find
     which row holds (expert, source rank, source token)."""
@@ -251,7 +254,8 @@ def low_latency_combine(expert_outputs: Sequence[torch.Tensor], handles: Sequenc
                 experts = idx[tokens, k]
                 local = (experts % experts_per_rank).to(device)
                 row = torch.tensor([rows[(int(e), home, int(t))] for e, t in zip(experts, tokens)], device=device)
-                y = expert_outputs[owner][local, row].float()
+                y = expert_outputs[owner][local, row]
+                y = (logfmt.roundtrip(y) if use_logfmt else y).float()
                 tokens = tokens.to(device)
                 acc[tokens] = acc[tokens] + weights[tokens, k:k + 1] * y
         results.append(acc.to(torch.bfloat16))

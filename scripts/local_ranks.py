@@ -34,6 +34,8 @@ def main(worker, doc: str, calls: int, tokens: int = 128) -> None:
     p.add_argument("--profile", action="store_true", help="also print a cProfile of the host side")
     p.add_argument("--breakdown", action="store_true", help="also time the pieces of a call's host side")
     p.add_argument("--kernels-only", action="store_true", help="time only the kernels")
+    p.add_argument("--logfmt", action="store_true",
+                   help="low-latency combine with use_logfmt=True (expert outputs times 0.1: every group encoded)")
     args = p.parse_args()
     spawn(worker, args.ranks, args)
 

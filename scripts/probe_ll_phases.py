@@ -1,6 +1,6 @@
 """Where the time of a low-latency kernel goes: per-program time stamps at the steps of each phase.
 
-    python scripts/probe_ll_phases.py [--ranks 2] [--tokens 128] [--calls 20]
+    python scripts/probe_ll_phases.py [--ranks 2] [--tokens 128] [--calls 20] [--logfmt]
 
 Runs with FLASHEP_LL_STAMPS=1 (GPU only): every program of the low-latency kernels records %globaltimer and
 %clock64 at its steps (flashep/kernels/low_latency.py, `_stamp`). Each rank makes dispatch + combine calls
@@ -66,6 +66,8 @@ def report(label: str, kernel: str, per_call: list) -> None:
 def worker(rank, num_ranks, args):
     experts, tokens = 256, args.tokens
     buffer, x, idx, weights, y = local_ranks.decode_inputs(num_ranks, tokens, experts)
+    if args.logfmt:
+        y = (y.float() * 0.1).to(torch.bfloat16)
 
     token = torch.zeros(1, device="cuda")
 
@@ -88,7 +90,8 @@ def worker(rank, num_ranks, args):
             receive()
         found["ep_ll_dispatch_kernel"] = stamps_of("ep_ll_dispatch_kernel")
         line_up()
-        _, _, receive = buffer.low_latency_combine(y, idx, weights, handle, return_recv_hook=hook)
+        _, _, receive = buffer.low_latency_combine(y, idx, weights, handle, use_logfmt=args.logfmt,
+                                                   return_recv_hook=hook)
         if hook:
             line_up()
             receive()
@@ -107,7 +110,8 @@ def worker(rank, num_ranks, args):
                     results[kernel].append(summarize(stamps, senders, kernel))
             if rank == 0:
                 for kernel, per_call in results.items():
-                    report(f"{num_ranks} ranks, {tokens} tokens, {label}", kernel, per_call)
+                    report(f"{num_ranks} ranks, {tokens} tokens, {label}{', LogFMT' if args.logfmt else ''}", kernel,
+                           per_call)
     dist.barrier()
     buffer.destroy()
 

@@ -61,7 +61,8 @@ def test_quick_sweep_checks_and_times_every_op(tmp_path):
     ops = {(r["mode"], r["op"]): r for r in record["results"] if r["config"]["tokens"] in (32, 8)}
     expected_ops = {("normal", op) for op in (metrics.DISPATCH_FP8, metrics.DISPATCH_BF16, metrics.DISPATCH_FP8_FRESH,
                                               metrics.DISPATCH_BF16_FRESH, metrics.COMBINE)}
-    expected_ops |= {("low-latency", op) for op in (metrics.LL_DISPATCH, metrics.LL_COMBINE, metrics.LL_BOTH)}
+    expected_ops |= {("low-latency", op) for op in (metrics.LL_DISPATCH, metrics.LL_COMBINE, metrics.LL_COMBINE_LOGFMT,
+                                                    metrics.LL_BOTH)}
     assert set(ops) == expected_ops  # no kernels, no CUDA graph and no hook timings on CPU
     for row in record["results"]:
         assert row["e2e_us"] > 0 and row["baseline_e2e_us"] > 0
@@ -79,6 +80,8 @@ def test_quick_sweep_checks_and_times_every_op(tmp_path):
     ll_dispatch, ll_combine = ops[("low-latency", metrics.LL_DISPATCH)], ops[("low-latency", metrics.LL_COMBINE)]
     selections = ll_combine["metric_bytes"] // (2 * hidden)
     assert ll_dispatch["metric_bytes"] == selections * metrics.ll_dispatch_message_bytes(hidden)
+    logfmt_bytes = ops[("low-latency", metrics.LL_COMBINE_LOGFMT)]["metric_bytes"]
+    assert logfmt_bytes == selections * (hidden * 5 // 4 + hidden // 32)  # DeepEP's LogFMT count
     # 8 tokens of top-4, minus up to 4 dropped selections (min(10, T * K // 8) positions, maybe repeated)
     assert 8 * 4 - 4 <= selections < 8 * 4
 

@@ -74,9 +74,11 @@ def _low_latency_calls(rank, world, group, hidden, num_tokens, record_path):
         if h is not None:
             h()
         expert_out = torch.randn(num_experts // world, world * t_max, hidden).to(torch.bfloat16)
-        _, _, h = buffer.low_latency_combine(expert_out, topk_idx, weights, handle, return_recv_hook=hook)
-        if h is not None:
-            h()
+        for use_logfmt in (False, True):
+            _, _, h = buffer.low_latency_combine(expert_out, topk_idx, weights, handle, use_logfmt=use_logfmt,
+                                                 return_recv_hook=hook)
+            if h is not None:
+                h()
     buffer.get_next_low_latency_combine_buffer(handle).copy_(expert_out)
     buffer.low_latency_combine(expert_out, topk_idx, weights, handle, zero_copy=True)
     return True

@@ -2,8 +2,8 @@
 one GPU runs a group of one rank).
 
 DeepSeek-V3 decode shapes (128 tokens, hidden 7168, top-8 of 256 or 288 experts): every assertion of
-DeepEP's low-latency test, hooks with a large matmul between send and hook, CUDA-graph capture of
-dispatch + combine replayed with new data, 20 reruns bit-identical, 0..T_max tokens per rank against the
+DeepEP's low-latency test (with its LogFMT inputs and bound), hooks with a large matmul between send and hook,
+CUDA-graph capture of dispatch + combine (BF16 and LogFMT) replayed with new data, 20 reruns bit-identical, 0..T_max tokens per rank against the
 oracle, and the profiler seeing one kernel name per operation.
 """
 import pytest
@@ -62,9 +62,10 @@ def _dispatch(buffer, x, idx, num_experts, mode, hook, stats=None, t_max=T_MAX):
     return recv_x, recv_count, handle
 
 
-def _combine(buffer, y, idx, weights, handle, hook, zero_copy=False, out=None):
-    combined, event, recv_hook = buffer.low_latency_combine(y, idx, weights, handle, zero_copy=zero_copy,
-                                                            async_finish=not hook, return_recv_hook=hook, out=out)
+def _combine(buffer, y, idx, weights, handle, hook, zero_copy=False, out=None, use_logfmt=False):
+    combined, event, recv_hook = buffer.low_latency_combine(y, idx, weights, handle, use_logfmt=use_logfmt,
+                                                            zero_copy=zero_copy, async_finish=not hook,
+                                                            return_recv_hook=hook, out=out)
     (recv_hook if hook else event.current_stream_wait)()
     return combined
 
@@ -104,10 +105,13 @@ def _deepep_body(rank, world, group, seed, num_experts):
     x_rank = torch.full((T_MAX, HIDDEN), rank - 128.0, dtype=torch.bfloat16, device=dev)
     x_rank[:, -128:] = torch.arange(T_MAX, device=dev, dtype=torch.bfloat16).view(-1, 1)
     x_rand = (torch.randn(T_MAX, HIDDEN, generator=generator(seed, rank, 99)) * 0.1).to(dev, torch.bfloat16)
+    # DeepEP's LogFMT inputs: randn * 0.5 * U(0, 1) (one factor per token here, so one tensor has them all)
+    factors = torch.rand(T_MAX, 1, generator=generator(seed, rank, 98)) * 0.5
+    x_logfmt = (torch.randn(T_MAX, HIDDEN, generator=generator(seed, rank, 97)) * factors).to(dev, torch.bfloat16)
     idx, weights = _routing(seed, rank, T_MAX, num_experts)
     all_idx = _gather(group, world, idx)
     all_rand = _gather(group, world, x_rand)
-    for x_kind, x in (("rank", x_rank), ("rand", x_rand)):
+    for x_kind, x in (("rank", x_rank), ("rand", x_rand), ("logfmt", x_logfmt)):
         for hook in (False, True):
             for mode, (use_fp8, round_scale, _) in MODES.items():
                 _dispatch(buffer, x, idx, num_experts, mode, hook)  # first of two: both halves in use
@@ -147,17 +151,18 @@ def _deepep_body(rank, world, group, seed, num_experts):
                         assert_same(got.data[i], expect.data[i], f"{what}: oracle data of {i}")
                         if use_fp8:
                             assert_same(got.scales[i], expect.scales[i], f"{what}: oracle scales of {i}")
-                for zero_copy in (False, True):
+                for zero_copy, use_logfmt in ((False, False), (True, False), (False, True)):
                     if zero_copy:
                         buffer.get_next_low_latency_combine_buffer(handle).copy_(recv)
                     out = torch.empty(T_MAX, HIDDEN, dtype=torch.bfloat16, device=dev)
-                    combined = _combine(buffer, recv, idx, weights, handle, hook, zero_copy, out)
-                    assert combined.data_ptr() == out.data_ptr(), f"{what}: combine must write into `out`"
-                    assert not torch.isnan(combined).any(), f"{what}: NaN in the combine"
+                    combined = _combine(buffer, recv, idx, weights, handle, hook, zero_copy, out, use_logfmt)
+                    how = f"{what}, zero_copy={zero_copy}, use_logfmt={use_logfmt}"
+                    assert combined.data_ptr() == out.data_ptr(), f"{how}: combine must write into `out`"
+                    assert not torch.isnan(combined).any(), f"{how}: NaN in the combine"
                     if not round_scale:
                         ref = x.float() * weights.masked_fill(idx == -1, 0).sum(dim=1, keepdim=True)
                         diff = calc_diff(ref, combined.float())
-                        assert diff < (9e-4 if use_fp8 else 1e-5), f"{what}, zero_copy={zero_copy}: diff {diff}"
+                        assert diff < (9e-4 if use_fp8 else 1e-5), f"{how}: diff {diff}"
     buffer.destroy()
     return True
 
@@ -190,8 +195,8 @@ def _hook_overlap_body(rank, world, group, seed, num_experts):
 
 
 def _graph_body(rank, world, group, seed, num_experts):
-    """Dispatch (plain and with a hook inside the graph) + combine captured once, replayed with new data;
-    every replay equals an eager run on the same data."""
+    """Dispatch (plain and with a hook inside the graph) + combine (BF16 and LogFMT) captured once, replayed
+    with new data; every replay equals an eager run on the same data."""
     buffer = _buffer(group, world, num_experts)
     dev = _device()
     x_s = torch.empty(T_MAX, HIDDEN, dtype=torch.bfloat16, device=dev)
@@ -209,8 +214,8 @@ def _graph_body(rank, world, group, seed, num_experts):
             x_s, idx_s, T_MAX, num_experts, use_fp8=True, return_recv_hook=hook)
         if hook:
             recv_hook()
-        y = per_token_cast_back(*recv_x)
-        out, _, _ = buffer.low_latency_combine(y, idx_s, w_s, handle)
+        y = per_token_cast_back(*recv_x) * 0.1  # below 1: LogFMT encodes every group
+        out, _, _ = buffer.low_latency_combine(y, idx_s, w_s, handle, use_logfmt=hook)
         return recv_x, recv_count, handle, out
 
     def snapshot(result):

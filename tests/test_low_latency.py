@@ -189,6 +189,8 @@ class LowLatencyRun:
         for zero_copy in (False, True):
             for d in done:
                 self.check_combine(d, hook, zero_copy)
+        for d in done:  # LogFMT excludes zero_copy
+            self.check_combine(d, hook, zero_copy=False, use_logfmt=True)
 
     def check_dispatch(self, d: Dispatched):
         case, rank, num_local = self.case, self.rank, self.local_experts
@@ -262,7 +264,7 @@ class LowLatencyRun:
         valid = torch.arange(y.size(1), device=y.device).unsqueeze(0) < d.recv_count.unsqueeze(1)
         return torch.where(valid.unsqueeze(2), y, torch.full_like(y, float("nan")))
 
-    def oracle_combine(self, d: Dispatched):
+    def oracle_combine(self, d: Dispatched, use_logfmt: bool):
         """-> (expected output, bound on |error|) from the oracle rows in a canonical layout."""
         outputs, handles = [], []
         for owner, expect in enumerate(d.expects):
@@ -270,7 +272,7 @@ class LowLatencyRun:
             outputs.append(y)
             handles.append(handle)
         expected = reference.low_latency_combine(outputs, handles, self.all_topk, self.all_weights,
-                                                 self.num_experts)[self.rank]
+                                                 self.num_experts, use_logfmt=use_logfmt)[self.rank]
         magnitude = reference.low_latency_combine([y.abs() for y in outputs], handles, self.all_topk,
                                                   [w.abs() for w in self.all_weights], self.num_experts)[self.rank]
         # both sides round to bf16 once (<= 2^-8 relative each); fp32 sums may differ by a fused
@@ -294,7 +296,8 @@ class LowLatencyRun:
             layout_range[i] = ((per_source.cumsum(0) - per_source) << 32) | per_source
         return y, (src_info, layout_range, self.case.t_max, self.case.hidden, self.num_experts)
 
-    def check_combine(self, d: Dispatched, hook: bool, zero_copy: bool, use_out: bool = True):
+    def check_combine(self, d: Dispatched, hook: bool, zero_copy: bool, use_out: bool = True,
+                      use_logfmt: bool = False):
         y = self.expert_outputs(d)
         x = y
         if zero_copy:
@@ -312,19 +315,19 @@ class LowLatencyRun:
                              device=self.device)
         wait_stats = torch.zeros(self.num_ranks, dtype=torch.int64, device=self.device)
         combined, event, recv_hook = self.buffer.low_latency_combine(
-            x, self.mine.topk_idx, self.mine.topk_weights, d.handle, zero_copy=zero_copy, async_finish=not hook,
-            return_recv_hook=hook, out=out, combine_wait_recv_cost_stats=wait_stats)
+            x, self.mine.topk_idx, self.mine.topk_weights, d.handle, use_logfmt=use_logfmt, zero_copy=zero_copy,
+            async_finish=not hook, return_recv_hook=hook, out=out, combine_wait_recv_cost_stats=wait_stats)
         _finish(event, recv_hook, hook)
-        where = f"combine (zero_copy={zero_copy}, inputs={d.x_kind})"
+        where = f"combine (zero_copy={zero_copy}, use_logfmt={use_logfmt}, inputs={d.x_kind})"
         if use_out:
             assert combined is out, f"{where}: the result must be written into `out`"
         assert combined.shape == (self.case.num_tokens(self.rank), self.case.hidden), f"{where}: output shape"
         assert combined.dtype == torch.bfloat16, f"{where}: output dtype {combined.dtype}"
         assert not torch.isnan(combined).any(), f"{where}: NaN in the output (invalid rows read?)"
         assert torch.all(wait_stats >= 0), f"{where}: combine_wait_recv_cost_stats negative"
-        key = (d.x_kind, d.mode)
+        key = (d.x_kind, d.mode, use_logfmt)
         if key not in self._combine_oracle:
-            self._combine_oracle[key] = self.oracle_combine(d)
+            self._combine_oracle[key] = self.oracle_combine(d, use_logfmt)
         expected, bound = self._combine_oracle[key]
         error = (combined.float() - expected.float()).abs()
         if combined.numel() == 0:
@@ -333,8 +336,9 @@ class LowLatencyRun:
         diff = calc_diff(combined, expected)
         assert diff < 1e-5, f"{where}: calc_diff vs oracle {diff}"
         use_fp8, round_scale, _ = MODES[d.mode]
-        if d.x_kind == "x_rank" and not round_scale:
-            # DeepEP: against the original input times the summed weights (its input is exact in FP8)
+        if (d.x_kind == "x_rank" or use_logfmt) and not round_scale:
+            # DeepEP: against the original input times the summed weights (its rank-valued input is exact in FP8;
+            # with LogFMT it checks random inputs too)
             x_in = getattr(self.mine, d.x_kind).float()
             selected = self.mine.topk_idx >= 0
             multiplier = self.multiplier[self.mine.topk_idx.clamp(min=0)]
@@ -390,7 +394,7 @@ def test_low_latency_cpu(backend, world_size, seed):
     run_ranks(world_size, low_latency_body, cases, seed, backend=backend)
 
 
-@pytest.mark.parametrize("world_size", [gpu_world(2), gpu_world(4)])
+@pytest.mark.parametrize("world_size", [gpu_world(1), gpu_world(2), gpu_world(4)])
 @pytest.mark.parametrize("backend", backend_params(TRITON_NORMAL, TRITON_LOW_LATENCY))
 def test_low_latency_gpu(backend, world_size, seed):
     run_ranks(world_size, low_latency_body, GPU_CASES, seed, backend=backend, device="cuda")

@@ -151,6 +151,8 @@ def _round_trip_body(rank, world, group, seed, t_max, num_experts, topk, topk_dt
         combine_wait = torch.zeros(world, dtype=torch.int64)
         backend.low_latency_combine(y, idxs[rank], weights[rank], handle, False, out, combine_wait, hook)()
         assert_same(out, expect, f"{mode}: combine")
+        _check_logfmt_combine(backend, group, rank, world, seed, step, t_max, num_experts, idxs, weights, handle,
+                              hook)
         if step == 0:
             with pytest.raises(ValueError, match="get_next_low_latency_combine_buffer"):
                 backend.low_latency_combine(y, idxs[rank], weights[rank], handle, True, out, None, hook)
@@ -162,6 +164,33 @@ def _round_trip_body(rank, world, group, seed, t_max, num_experts, topk, topk_dt
         backend.low_latency_combine(y.neg(), idxs[rank], weights[rank], handle, True, out, None, hook)()
         assert_same(out, expect, f"{mode}: zero-copy combine")
     return True
+
+
+def logfmt_rows(shape, g) -> torch.Tensor:
+    """bf16 expert outputs that take every LogFMT path: rows of magnitudes 2^-12 .. 2^1 (groups below 1 are
+    encoded, the others go plain), zeros, groups that span more than 32 octaves, all-zero and constant groups."""
+    rows = shape[0] * shape[1]
+    y = torch.randn(rows, shape[2], generator=g) * torch.pow(2.0, -torch.randint(-1, 13, (rows, 1), generator=g))
+    y[torch.rand(y.shape, generator=g) < 0.05] = 0.0
+    y[::3, 3] *= 2.0**-40
+    y[1::4, :128] = 0.0
+    y[2::5, 128:256] = -0.375
+    return y.to(torch.bfloat16).view(shape)
+
+
+def _check_logfmt_combine(backend, group, rank, world, seed, step, t_max, num_experts, idxs, weights, handle, hook):
+    """Combine with use_logfmt=True equals the oracle of the decoded rows bit for bit, and differs from the
+    plain combine (the rows really went through the codec)."""
+    src_info, layout_range = handle[0], handle[1]
+    y = logfmt_rows((num_experts // world, world * t_max, HIDDEN), generator(seed, rank, step, 11))
+    everyone = _gather(group, world, y, src_info, layout_range)
+    owners = ([g[0] for g in everyone], [(g[1], g[2], t_max, HIDDEN, num_experts) for g in everyone])
+    expect = reference.low_latency_combine(*owners, idxs, weights, num_experts, use_logfmt=True)
+    plain = reference.low_latency_combine(*owners, idxs, weights, num_experts)
+    assert any(not torch.equal(a, b) for a, b in zip(expect, plain)), "LogFMT inputs that the codec leaves alone"
+    out = torch.full((idxs[rank].size(0), HIDDEN), float("nan"), dtype=torch.bfloat16)
+    backend.low_latency_combine(y, idxs[rank], weights[rank], handle, False, out, None, hook, use_logfmt=True)()
+    assert_same(out, expect[rank], "LogFMT combine")
 
 
 def _out_of_step_body(rank, world, group, seed, t_max, num_experts, topk):

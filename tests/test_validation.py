@@ -181,6 +181,8 @@ CASES = {
                                    "async_finish"),
     "ll combine wait stats dtype": (lambda i: i.ll_combine(combine_wait_recv_cost_stats=torch.zeros(1)), TypeError,
                                     "combine_wait_recv_cost_stats"),
+    "ll combine logfmt with zero_copy": (lambda i: i.ll_combine(use_logfmt=True, zero_copy=True), ValueError,
+                                         "zero_copy and use_logfmt"),
 }
 
 

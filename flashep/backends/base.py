@@ -96,9 +96,10 @@ class Backend:
     def low_latency_combine(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor,
                             handle: tuple, zero_copy: bool, out: torch.Tensor,
                             combine_wait_recv_cost_stats: Optional[torch.Tensor],
-                            with_hook: bool) -> Callable[[], None]:
+                            with_hook: bool, use_logfmt: bool = False) -> Callable[[], None]:
         """Send phase now; returns the receive phase, which writes the weighted sum into `out` (spec 7.6).
-        `with_hook` as in low_latency_dispatch."""
+        `with_hook` as in low_latency_dispatch; with `use_logfmt` each expert row arrives as
+        `flashep.logfmt.roundtrip` of itself."""
         raise NotImplementedError
 
     def get_next_low_latency_combine_buffer(self, num_max_tokens: int, hidden: int, num_experts: int) -> torch.Tensor:

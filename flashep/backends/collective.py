@@ -24,7 +24,7 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 
-from .. import handles
+from .. import handles, logfmt
 from .base import Backend, DispatchResult, LowLatencyDispatchResult, Routing
 
 FP8_MAX = 448.0
@@ -340,7 +340,7 @@ class CollectiveBackend(Backend):
         return LowLatencyDispatchResult(recv_x, recv_scales, recv_count, src_info, layout_range, receive)
 
     def low_latency_combine(self, x, topk_idx, topk_weights, handle, zero_copy, out,
-                            combine_wait_recv_cost_stats, with_hook) -> Callable[[], None]:
+                            combine_wait_recv_cost_stats, with_hook, use_logfmt=False) -> Callable[[], None]:
         # combine_wait_recv_cost_stats stays as it is: the receive phase never waits on a peer (cost 0)
         src_info, _, num_max_tokens, hidden, num_experts = handle
         route = getattr(src_info, "_flashep_ll", None)
@@ -352,6 +352,8 @@ class CollectiveBackend(Backend):
                              f"{tuple(route.selected.shape)}, got {tuple(topk_idx.shape)}")
         source = self.get_next_low_latency_combine_buffer(num_max_tokens, hidden, num_experts) if zero_copy else x
         rows = source.view(-1, hidden).index_select(0, route.send_rows)
+        if use_logfmt:  # what the receiver would decode: the codec is exact per row, so apply it here
+            rows = logfmt.roundtrip(rows)
         returned = torch.empty(route.return_slots.size(0), hidden, dtype=torch.bfloat16, device=self.device)
         self._all_to_all(returned, rows, route.return_counts, route.send_counts)
         num_tokens, k = topk_idx.shape

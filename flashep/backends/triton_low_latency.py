@@ -100,8 +100,9 @@ class Regions:
     flags: int64 [2, R, G] for dispatch and for combine (G = flags per source rank), int64 [2] publish.
     data: per dispatch message (source rank, token < T) a record of 2 * hidden bytes: the BF16 row, or the
     FP8 row followed by its 4-byte scales. meta: per message `meta` int32: the top-k expert ids. combine: per
-    (token, k) a BF16 row. publish: per (token, k) this rank's expert ids, read by the owners when a handle
-    lost its per-row top-k slots.
+    (token, k) a BF16 row, or with LogFMT per group of 128 channels its plain BF16 or its codes (see
+    flashep/logfmt.py). combine_meta: per (token, k) one int32 per 128-channel group (LogFMT only). publish: per
+    (token, k) this rank's expert ids, read by the owners when a handle lost its per-row top-k slots.
     """
 
     def __init__(self, num_ranks: int, capacity: Capacity):
@@ -119,6 +120,9 @@ class Regions:
         self.data = layout.add("data", 2 * slots * self.row_bytes)
         self.meta_records = layout.add("meta", 2 * slots * self.meta * 4)
         self.combine = layout.add("combine", 2 * capacity.num_max_tokens * capacity.topk * self.row_bytes)
+        self.meta_stride = capacity.hidden // 128  # int32 words per combine row in combine_meta
+        self.combine_meta = layout.add("combine_meta",
+                                       2 * capacity.num_max_tokens * capacity.topk * self.meta_stride * 4)
         self.publish = layout.add("publish", 2 * capacity.num_max_tokens * capacity.topk * 4)
         self.nbytes = layout.size
 
@@ -252,7 +256,7 @@ class TritonLowLatencyBackend(Backend):
 
     # ---- combine -----------------------------------------------------------------------------------------------
     def low_latency_combine(self, x, topk_idx, topk_weights, handle, zero_copy, out, combine_wait_recv_cost_stats,
-                            with_hook):
+                            with_hook, use_logfmt=False):
         self.error.check()
         src_info, layout_range, num_max_tokens, hidden, num_experts = handle
         num_ranks, num_local = self.num_ranks, num_experts // self.num_ranks
@@ -276,11 +280,13 @@ class TritonLowLatencyBackend(Backend):
             weights_ptr=topk_weights, num_tokens=num_tokens, out_ptr=out.view(torch.int16), src_info=src_info,
             topk_slot=_or(topk_slot, self._no_i8), layout_range=layout_range,
             wait_stats=_or(combine_wait_recv_cost_stats, self._no_i64), num_local=num_local, rows_per_expert=rows,
-            num_groups=groups, off_combine=regions.combine, off_flags=regions.combine_flags,
+            num_groups=groups, off_combine=regions.combine, off_combine_meta=regions.combine_meta,
+            off_flags=regions.combine_flags,
             off_publish=regions.publish, off_publish_flags=regions.publish_flags,
             H=hidden, K=topk, K_PAD=_pow2(topk), K_CAP=regions.capacity.topk, G_PAD=_pow2(groups),
             L_PAD=_pow2(num_local),
-            HAS_SLOTS=topk_slot is not None, HAS_WAIT_STATS=combine_wait_recv_cost_stats is not None,
+            HAS_SLOTS=topk_slot is not None, LOGFMT=bool(use_logfmt), META_STRIDE=regions.meta_stride,
+            HAS_WAIT_STATS=combine_wait_recv_cost_stats is not None,
             TILE_T=self.tuning.tile_tokens, TILE_R=self.tuning.combine_tile_rows, BLOCK_H=self.tuning.block_h,
             HIDDEN_PARTS=hidden_parts, PHASE_CODE=PHASE_LL_COMBINE, **self._common(regions))
         return self._launch(kernels.ep_ll_combine_kernel, args, num_ranks * groups, token_tiles * hidden_parts,

@@ -1,9 +1,10 @@
-"""Low-latency mode on one rank: check FP8 dispatch and BF16 combine against the oracle, then time them.
+"""Low-latency mode on one rank: check FP8 dispatch, BF16 and LogFMT combine against the oracle, then time them.
 
 Per tokens-per-rank value (one `Buffer` each, sized with DeepEP's hint as users do): dispatch and combine
 without hook (kernel and end-to-end time), dispatch+combine end to end and replayed from a CUDA graph,
 and the send and receive kernels of each op in hook mode, with a large matmul standing in for the
-compute that runs between the send and the hook.
+compute that runs between the send and the hook. The LogFMT combine reads the expert outputs times 0.1
+(DeepEP's LogFMT benchmark input, randn * 0.1: every group below 1, so every group is encoded).
 """
 from __future__ import annotations
 
@@ -60,9 +61,9 @@ def _bench_config(ctx: RankContext, buffer: Buffer, tokens: int) -> list:
         return buffer.low_latency_dispatch(inputs.x, inputs.topk_idx, tokens, experts, use_fp8=True,
                                            return_recv_hook=hook)
 
-    def combine(expert_outputs, handle, hook: bool = False):
+    def combine(expert_outputs, handle, hook: bool = False, use_logfmt: bool = False):
         return buffer.low_latency_combine(expert_outputs, inputs.topk_idx, inputs.topk_weights, handle, out=out,
-                                          return_recv_hook=hook)
+                                          use_logfmt=use_logfmt, return_recv_hook=hook)
 
     say("gather inputs for the oracle")
     all_x = gather_rows(inputs.x, group)
@@ -88,6 +89,10 @@ def _bench_config(ctx: RankContext, buffer: Buffer, tokens: int) -> list:
     _, _, hook = combine(expert_outputs, handle, hook=True)
     hook()
     ctx.checks.similar(MODE, config_name, f"{metrics.LL_COMBINE} (hook)", out, expected_out, limit)
+    small_outputs = (expert_outputs.float() * 0.1).to(torch.bfloat16)
+    combine(small_outputs, handle, use_logfmt=True)
+    expected_out = _expected_combine(ctx, small_outputs, handle, all_topk_idx, all_weights, use_logfmt=True)
+    ctx.checks.similar(MODE, config_name, metrics.LL_COMBINE_LOGFMT, out, expected_out, limit)
     del expected, expected_out, hook_x
 
     def dispatch_then_combine():
@@ -97,6 +102,8 @@ def _bench_config(ctx: RankContext, buffer: Buffer, tokens: int) -> list:
     results = []
     for op, fn, patterns in ((metrics.LL_DISPATCH, dispatch, ("dispatch",)),
                              (metrics.LL_COMBINE, lambda: combine(expert_outputs, handle), ("combine",)),
+                             (metrics.LL_COMBINE_LOGFMT, lambda: combine(small_outputs, handle, use_logfmt=True),
+                              ("combine",)),
                              (metrics.LL_BOTH, dispatch_then_combine, ("dispatch", "combine"))):
         say(f"time {op}")
         result = OpResult(MODE, shape, op, prefer_kernel_time=True)
@@ -119,6 +126,7 @@ def _bench_config(ctx: RankContext, buffer: Buffer, tokens: int) -> list:
     selections = [_selections_per_owner(idx, experts, world) for idx in all_topk_idx]
     dispatch_traffic = metrics.ll_dispatch_traffic(selections, rank, metrics.ll_dispatch_message_bytes(hidden))
     combine_traffic = metrics.ll_combine_traffic(selections, rank, metrics.ll_combine_message_bytes(hidden))
+    logfmt_traffic = metrics.ll_combine_traffic(selections, rank, metrics.ll_logfmt_message_bytes(hidden))
     dispatch_baseline = time_all_to_all(ctx.timer, dispatch_traffic, group, ctx.device)
     combine_baseline = time_all_to_all(ctx.timer, combine_traffic, group, ctx.device)
     both = metrics.Traffic(dispatch_traffic.metric_bytes + combine_traffic.metric_bytes,
@@ -131,6 +139,9 @@ def _bench_config(ctx: RankContext, buffer: Buffer, tokens: int) -> list:
             result.attach_baseline(dispatch_baseline)
         elif result.op == metrics.LL_COMBINE:
             result.attach_traffic(combine_traffic)
+            result.attach_baseline(combine_baseline)
+        elif result.op == metrics.LL_COMBINE_LOGFMT:  # baseline: the same BF16 rows through NCCL
+            result.attach_traffic(logfmt_traffic)
             result.attach_baseline(combine_baseline)
         elif result.op in (metrics.LL_BOTH, metrics.LL_GRAPH):
             result.attach_traffic(both)
@@ -207,7 +218,7 @@ def _expert_outputs(recv_x: tuple, recv_count: torch.Tensor) -> torch.Tensor:
 
 
 def _expected_combine(ctx: RankContext, expert_outputs: torch.Tensor, handle: tuple, all_topk_idx: list,
-                      all_weights: list) -> torch.Tensor:
+                      all_weights: list, use_logfmt: bool = False) -> torch.Tensor:
     """This rank's combine per the oracle, from every owner's expert outputs and handle."""
     src_info, layout_range, t_max, hidden, experts = handle
     all_outputs = gather_rows(expert_outputs, ctx.group)
@@ -216,7 +227,8 @@ def _expected_combine(ctx: RankContext, expert_outputs: torch.Tensor, handle: tu
     handles = [(s, r, t_max, hidden, experts) for s, r in zip(all_src_info, all_layout_range)]
     # the oracle combines every rank's tokens; other ranks' selections are blanked to skip their work
     mine_only = [idx if r == ctx.rank else torch.full_like(idx, -1) for r, idx in enumerate(all_topk_idx)]
-    return reference.low_latency_combine(all_outputs, handles, mine_only, all_weights, experts)[ctx.rank]
+    return reference.low_latency_combine(all_outputs, handles, mine_only, all_weights, experts,
+                                         use_logfmt=use_logfmt)[ctx.rank]
 
 
 def _check_dispatch(ctx: RankContext, config_name: str, op: str, recv_x: tuple, recv_count: torch.Tensor,

@@ -13,6 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
+from .. import logfmt
+
 # op names, shared by the benchmark, the report and the DeepEP figures
 DISPATCH_FP8 = "dispatch FP8"
 DISPATCH_BF16 = "dispatch BF16"
@@ -21,6 +23,7 @@ DISPATCH_BF16_FRESH = "dispatch BF16 (non-cached)"
 COMBINE = "combine BF16"
 LL_DISPATCH = "LL dispatch FP8"
 LL_COMBINE = "LL combine BF16"
+LL_COMBINE_LOGFMT = "LL combine LogFMT"
 LL_BOTH = "LL dispatch+combine"
 LL_GRAPH = "LL dispatch+combine (CUDA graph)"
 LL_DISPATCH_SEND = "LL dispatch send (hook)"
@@ -53,6 +56,11 @@ def ll_dispatch_message_bytes(hidden: int) -> int:
 
 def ll_combine_message_bytes(hidden: int) -> int:
     return 2 * hidden
+
+
+def ll_logfmt_message_bytes(hidden: int) -> int:
+    """DeepEP's count, which is also flashep's wire bytes when every group is encoded (flashep.logfmt)."""
+    return logfmt.message_bytes(hidden)
 
 
 def normal_dispatch_traffic(counts: Sequence[Sequence[int]], rank: int, row_bytes: int) -> Traffic:

@@ -42,6 +42,10 @@ MAX_GROUPS = tl.constexpr(64)  # most flags per (half, source rank): programs pe
 FP8_MAX = tl.constexpr(448.0)
 AMAX_FLOOR = tl.constexpr(1e-4)
 STAMP_POINTS = tl.constexpr(6)  # probe points per program (FLASHEP_LL_STAMPS=1)
+# LogFMT (flashep/logfmt.py has the format and the torch twin of these kernels' code)
+LOGFMT_LEVELS = tl.constexpr(510)
+LOGFMT_SPAN_LIMIT = tl.constexpr(32 << 7)  # 32 octaves of bf16 magnitude bits
+LOGFMT_ONE_BITS = tl.constexpr(0x3F80)  # bf16 bits of 1.0
 
 
 # ---- helpers ---------------------------------------------------------------------------------------------------
@@ -449,6 +453,121 @@ def ep_ll_dispatch_kernel(x_ptr, topk_ptr, num_tokens, recv_x, recv_scales, recv
 
 # ---- combine -------------------------------------------------------------------------------------------------
 @triton.jit
+def _floor_div(num, den):
+    """floor(num / den) for int32 0 <= num < 2^24, den > 0: a float estimate (off by at most one, however the
+    reciprocal rounds) corrected in integers, so GPU and interpreter agree; cheaper than an integer divide."""
+    q = (num.to(tl.float32) * (1.0 / den.to(tl.float32))).to(tl.int32)
+    q = tl.where(q * den > num, q - 1, q)
+    return tl.where((q + 1) * den <= num, q + 1, q)
+
+
+@triton.jit
+def _chunk_columns(h0, BLOCK_H: tl.constexpr):
+    """Columns [h0, h0 + BLOCK_H) as [groups, 4, 32]: channel 32 i + j of 128-channel group g at [g, i, j]. LogFMT
+    packs the top bits of channels j, 32 + j, 64 + j and 96 + j into byte j, which this shape reaches with
+    contiguous vectors and no reshape."""
+    g = tl.arange(0, BLOCK_H // 128)
+    i = tl.arange(0, 4)
+    j = tl.arange(0, 32)
+    return h0 + g[:, None, None] * 128 + i[None, :, None] * 32 + j[None, None, :]
+
+
+@triton.jit
+def _logfmt_send(x_ptr, x_rows, dst, dst_meta, slot, smask, h0, H: tl.constexpr, ROW_BYTES: tl.constexpr,
+                 META_STRIDE: tl.constexpr, BLOCK_H: tl.constexpr):
+    """LogFMT-encode columns [h0, h0 + BLOCK_H) of the rows at x_ptr + x_rows into their slots: per group of
+    128 channels either the plain bf16 (256 bytes) or 160 bytes of 10-bit codes (the low bytes, then byte j
+    holding the top 2 bits of channels j + 32 i in bits 2 i), and the group's metadata word (-1: plain; else
+    amin | amax << 16)."""
+    groups = h0 // 128 + tl.arange(0, BLOCK_H // 128)
+    cols = _chunk_columns(h0, BLOCK_H)[None, :, :, :]
+    in_group = cols % 128
+    mask = smask[:, None, None, None] & (cols < H)
+    y = tl.load(x_ptr + x_rows[:, None, None, None] + cols, mask=mask, other=0.0)
+    bits = y.to(tl.int16, bitcast=True).to(tl.int32)
+    magnitude = bits & 0x7FFF
+    amax = tl.max(tl.max(magnitude, axis=3), axis=2)
+    amin = tl.maximum(tl.min(tl.min(magnitude, axis=3), axis=2), amax - LOGFMT_SPAN_LIMIT)
+    plain = (amax >= LOGFMT_ONE_BITS) | (amax == amin)
+    span = tl.maximum(amax - amin, 1)[:, :, None, None]
+    offset = tl.maximum(magnitude - amin[:, :, None, None], 0)
+    q = 1 + _floor_div(offset * (2 * LOGFMT_LEVELS) + span, span * 2)
+    code = tl.where(magnitude == 0, 0, q) | ((bits >> 6) & 0x200)  # the sign goes to bit 9
+    row_bytes = slot.to(tl.int64) * ROW_BYTES
+    group_bytes = row_bytes[:, None] + groups[None, :] * 256
+    coded = (plain == 0) & smask[:, None] & (groups[None, :] * 128 < H)
+    tl.store(dst + row_bytes[:, None, None, None] // 2 + cols, y, mask=mask & plain[:, :, None, None])
+    dst_bytes = dst.to(tl.pointer_type(tl.uint8))
+    tl.store(dst_bytes + group_bytes[:, :, None, None] + in_group, (code & 0xFF).to(tl.uint8),
+             mask=coded[:, :, None, None])
+    packed = tl.sum((code >> 8) << (2 * tl.arange(0, 4))[None, None, :, None], axis=2)
+    byte = tl.arange(0, 32)
+    tl.store(dst_bytes + group_bytes[:, :, None] + 128 + byte[None, None, :], packed.to(tl.uint8),
+             mask=coded[:, :, None])
+    meta = tl.where(plain, -1, amin | (amax << 16))
+    tl.store(dst_meta + slot.to(tl.int64)[:, None] * META_STRIDE + groups[None, :], meta,
+             mask=smask[:, None] & (groups[None, :] * 128 < H))
+
+
+@triton.jit
+def _logfmt_receive(region, region_meta, slot, valid, h0, H: tl.constexpr, ROW_BYTES: tl.constexpr,
+                    META_STRIDE: tl.constexpr, BLOCK_H: tl.constexpr):
+    """[tokens, groups, 4, 32] float32 (`_chunk_columns`): columns [h0, h0 + BLOCK_H) of the rows at `slot` (one
+    per token) decoded from what `_logfmt_send` stored."""
+    groups = h0 // 128 + tl.arange(0, BLOCK_H // 128)
+    cols = _chunk_columns(h0, BLOCK_H)[None, :, :, :]
+    group_ok = valid[:, None] & (groups[None, :] * 128 < H)
+    meta = tl.load(region_meta + slot.to(tl.int64)[:, None] * META_STRIDE + groups[None, :], mask=group_ok,
+                   other=-1, cache_modifier=".cg")
+    plain = meta == -1
+    coded = group_ok & (plain == 0)
+    row_bytes = slot.to(tl.int64) * ROW_BYTES
+    y = tl.load(region + row_bytes[:, None, None, None] // 2 + cols,
+                mask=(group_ok & plain)[:, :, None, None], other=0.0, cache_modifier=".cg")
+    region_bytes = region.to(tl.pointer_type(tl.uint8))
+    group_bytes = row_bytes[:, None] + groups[None, :] * 256
+    low = tl.load(region_bytes + group_bytes[:, :, None, None] + cols % 128, mask=coded[:, :, None, None], other=0,
+                  cache_modifier=".cg")
+    byte = tl.arange(0, 32)
+    top = tl.load(region_bytes + group_bytes[:, :, None] + 128 + byte[None, None, :], mask=coded[:, :, None],
+                  other=0, cache_modifier=".cg")
+    shift = (2 * tl.arange(0, 4))[None, None, :, None]
+    code = low.to(tl.int32) | (((top.to(tl.int32)[:, :, None, :] >> shift) & 3) << 8)
+    q = code & 0x1FF
+    amin = (meta & 0xFFFF)[:, :, None, None]
+    span = (meta >> 16)[:, :, None, None] - amin
+    magnitude = tl.where(q == 0, 0, amin + ((q - 1) * span * 2 + LOGFMT_LEVELS) // (2 * LOGFMT_LEVELS))
+    decoded = ((magnitude << 16) | ((code & 0x200) << 22)).to(tl.float32, bitcast=True)
+    return tl.where(plain[:, :, None, None], y.to(tl.float32), decoded)
+
+
+@triton.jit
+def _topk_column(all_ids, all_weights, k, K_PAD: tl.constexpr):
+    """(expert ids, weights) of top-k slot k of a token tile, from its [tokens, K_PAD] rows in registers."""
+    ks = tl.arange(0, K_PAD)
+    ids = tl.sum(tl.where(ks[None, :] == k, all_ids, 0), axis=1)
+    return ids, tl.sum(tl.where(ks[None, :] == k, all_weights, 0.0), axis=1)
+
+
+@triton.jit
+def _logfmt_reduce(region, region_meta, out_ptr, tokens, tmask, all_ids, all_weights, h0, H: tl.constexpr,
+                   K: tl.constexpr, K_PAD: tl.constexpr, K_CAP: tl.constexpr, ROW_BYTES: tl.constexpr,
+                   META_STRIDE: tl.constexpr, TILE_T: tl.constexpr, BLOCK_H: tl.constexpr,
+                   EXACT_CASTS: tl.constexpr):
+    """Columns [h0, h0 + BLOCK_H) of the tokens' combined rows from LogFMT slots: decode, weight, sum over k."""
+    cols = _chunk_columns(h0, BLOCK_H)[None, :, :, :]
+    acc = tl.zeros([TILE_T, BLOCK_H // 128, 4, 32], dtype=tl.float32)
+    for k in tl.range(0, K):
+        ids, w = _topk_column(all_ids, all_weights, k, K_PAD)
+        valid = ids >= 0
+        y = _logfmt_receive(region, region_meta, (tokens * K_CAP + k).to(tl.int64), valid, h0, H, ROW_BYTES,
+                            META_STRIDE, BLOCK_H)
+        acc = tl.where(valid[:, None, None, None], acc + w[:, None, None, None] * y, acc)
+    tl.store(out_ptr + tokens[:, None, None, None].to(tl.int64) * H + cols, _to_bf16_bits(acc, EXACT_CASTS),
+             mask=tmask[:, None, None, None] & (cols < H))
+
+
+@triton.jit
 def _publish_topk(topk_ptr, num_tokens, heap_bases, rank, half, e, off_publish, off_publish_flags,
                   K: tl.constexpr, K_PAD: tl.constexpr, T_CAP: tl.constexpr, K_CAP: tl.constexpr,
                   TILE_T: tl.constexpr):
@@ -487,10 +606,10 @@ def _find_slot(home_topk, src_info, base, row, row_begin, token, expert, mask,
 @triton.jit
 def _combine_send(pid, e, x_ptr, x_expert_stride, x_row_stride, topk_ptr, num_tokens, src_info, topk_slot,
                   layout_range, heap_bases, error_address, rank, num_local, rows_per_expert, num_groups, budget,
-                  off_combine, off_flags, off_publish, off_publish_flags,
+                  off_combine, off_combine_meta, off_flags, off_publish, off_publish_flags,
                   H: tl.constexpr, K: tl.constexpr, K_PAD: tl.constexpr, R: tl.constexpr, T_CAP: tl.constexpr,
                   K_CAP: tl.constexpr, G_STRIDE: tl.constexpr, ROW_BYTES: tl.constexpr, L_PAD: tl.constexpr,
-                  HAS_SLOTS: tl.constexpr,
+                  HAS_SLOTS: tl.constexpr, LOGFMT: tl.constexpr, META_STRIDE: tl.constexpr,
                   USE_TIMER: tl.constexpr, TILE_R: tl.constexpr, BLOCK_H: tl.constexpr, PHASE_CODE: tl.constexpr,
                   stamps, STAMPS: tl.constexpr):
     _stamp(stamps, 0, STAMPS)
@@ -520,6 +639,7 @@ def _combine_send(pid, e, x_ptr, x_expert_stride, x_row_stride, topk_ptr, num_to
         home_topk = _heap_ptr(heap_bases, home, off_publish + half * T_CAP * K_CAP * 4, tl.int32)
     if ok:
         dst = _heap_ptr(heap_bases, home, off_combine + half * T_CAP * K_CAP * ROW_BYTES, tl.bfloat16)
+        dst_meta = _heap_ptr(heap_bases, home, off_combine_meta + half * T_CAP * K_CAP * META_STRIDE * 4, tl.int32)
         start = i0
         while start < i1:
             idx = start + tl.arange(0, TILE_R)
@@ -537,12 +657,16 @@ def _combine_send(pid, e, x_ptr, x_expert_stride, x_row_stride, topk_ptr, num_to
                                imask, K, K_PAD, K_CAP)
             smask = imask & (k >= 0)
             slot = (token * K_CAP + k).to(tl.int64)
-            for h0 in tl.static_range(0, H, BLOCK_H):  # unrolled: all loads in flight at once
-                cols = h0 + tl.arange(0, BLOCK_H)
-                mask = smask[:, None] & (cols[None, :] < H)
-                y = tl.load(x_ptr + local_expert[:, None].to(tl.int64) * x_expert_stride
-                            + row[:, None].to(tl.int64) * x_row_stride + cols[None, :], mask=mask)
-                tl.store(dst + slot[:, None] * (ROW_BYTES // 2) + cols[None, :], y, mask=mask)
+            x_rows = local_expert.to(tl.int64) * x_expert_stride + row.to(tl.int64) * x_row_stride
+            if LOGFMT:  # a runtime loop: the encoder unrolled per chunk would overflow the instruction cache
+                for h0 in tl.range(0, H, BLOCK_H):
+                    _logfmt_send(x_ptr, x_rows, dst, dst_meta, slot, smask, h0, H, ROW_BYTES, META_STRIDE, BLOCK_H)
+            else:
+                for h0 in tl.static_range(0, H, BLOCK_H):  # unrolled: all loads in flight at once
+                    cols = h0 + tl.arange(0, BLOCK_H)
+                    mask = smask[:, None] & (cols[None, :] < H)
+                    y = tl.load(x_ptr + x_rows[:, None] + cols[None, :], mask=mask)
+                    tl.store(dst + slot[:, None] * (ROW_BYTES // 2) + cols[None, :], y, mask=mask)
             start += TILE_R
     flags = _heap_ptr(heap_bases, home, off_flags, tl.int64)
     signal(flags + (half * R + rank) * G_STRIDE + group, (tag(e) << 32) | (i1 - i0))
@@ -551,10 +675,11 @@ def _combine_send(pid, e, x_ptr, x_expert_stride, x_row_stride, topk_ptr, num_to
 
 @triton.jit
 def _combine_receive(pid_t, pid_h, e, out_ptr, topk_ptr, weights_ptr, num_tokens, wait_stats, heap_bases,
-                     error_address, rank, num_groups, budget, off_combine, off_flags,
+                     error_address, rank, num_groups, budget, off_combine, off_combine_meta, off_flags,
                      H: tl.constexpr, K: tl.constexpr, K_PAD: tl.constexpr, R: tl.constexpr, R_PAD: tl.constexpr,
                      G_STRIDE: tl.constexpr, G_PAD: tl.constexpr, T_CAP: tl.constexpr, K_CAP: tl.constexpr,
-                     ROW_BYTES: tl.constexpr, HAS_WAIT_STATS: tl.constexpr, EXACT_CASTS: tl.constexpr,
+                     ROW_BYTES: tl.constexpr, LOGFMT: tl.constexpr, META_STRIDE: tl.constexpr,
+                     HAS_WAIT_STATS: tl.constexpr, EXACT_CASTS: tl.constexpr,
                      USE_TIMER: tl.constexpr, TILE_T: tl.constexpr, BLOCK_H: tl.constexpr,
                      HIDDEN_PARTS: tl.constexpr, PHASE_CODE: tl.constexpr, stamps, STAMPS: tl.constexpr):
     _stamp(stamps, 0, STAMPS)
@@ -569,28 +694,37 @@ def _combine_receive(pid_t, pid_h, e, out_ptr, topk_ptr, weights_ptr, num_tokens
                 owners = tl.arange(0, R_PAD)
                 tl.atomic_add(wait_stats + owners, waited, mask=owners < R, sem="relaxed")
         region = _heap_ptr(heap_bases, rank, off_combine + half * T_CAP * K_CAP * ROW_BYTES, tl.bfloat16)
+        region_meta = _heap_ptr(heap_bases, rank, off_combine_meta + half * T_CAP * K_CAP * META_STRIDE * 4,
+                                tl.int32)
         tokens = pid_t * TILE_T + tl.arange(0, TILE_T)
         tmask = tokens < num_tokens
         ks = tl.arange(0, K_PAD)
         kmask = tmask[:, None] & (ks[None, :] < K)
         all_ids = tl.load(topk_ptr + tokens[:, None] * K + ks[None, :], mask=kmask, other=-1)
         all_weights = tl.load(weights_ptr + tokens[:, None] * K + ks[None, :], mask=kmask, other=0.0)
-        # chunk c of this program is hidden chunk pid_h + c * HIDDEN_PARTS; loops unrolled so that every
-        # load is in flight at once
-        for c in tl.static_range(0, ((H + BLOCK_H - 1) // BLOCK_H + HIDDEN_PARTS - 1) // HIDDEN_PARTS):
-            cols = (pid_h + c * HIDDEN_PARTS) * BLOCK_H + tl.arange(0, BLOCK_H)
-            cmask = cols < H
-            acc = tl.zeros([TILE_T, BLOCK_H], dtype=tl.float32)
-            for k in tl.static_range(K):
-                ids = tl.sum(tl.where(ks[None, :] == k, all_ids, 0), axis=1)
-                w = tl.sum(tl.where(ks[None, :] == k, all_weights, 0.0), axis=1)
-                valid = ids >= 0
-                slot = (tokens * K_CAP + k).to(tl.int64)
-                y = tl.load(region + slot[:, None] * (ROW_BYTES // 2) + cols[None, :],
-                            mask=valid[:, None] & cmask[None, :], other=0.0, cache_modifier=".cg").to(tl.float32)
-                acc = tl.where(valid[:, None], acc + w[:, None] * y, acc)
-            tl.store(out_ptr + tokens[:, None].to(tl.int64) * H + cols[None, :], _to_bf16_bits(acc, EXACT_CASTS),
-                     mask=tmask[:, None] & cmask[None, :])
+        CHUNKS: tl.constexpr = ((H + BLOCK_H - 1) // BLOCK_H + HIDDEN_PARTS - 1) // HIDDEN_PARTS
+        if LOGFMT:
+            # runtime loops: a decode unrolled per (chunk, k) would overflow the instruction cache
+            for c in tl.range(0, CHUNKS):
+                _logfmt_reduce(region, region_meta, out_ptr, tokens, tmask, all_ids, all_weights,
+                               (pid_h + c * HIDDEN_PARTS) * BLOCK_H, H, K, K_PAD, K_CAP, ROW_BYTES, META_STRIDE,
+                               TILE_T, BLOCK_H, EXACT_CASTS)
+        else:
+            # chunk c of this program is hidden chunk pid_h + c * HIDDEN_PARTS; loops unrolled so that every
+            # load is in flight at once
+            for c in tl.static_range(0, CHUNKS):
+                cols = (pid_h + c * HIDDEN_PARTS) * BLOCK_H + tl.arange(0, BLOCK_H)
+                cmask = cols < H
+                acc = tl.zeros([TILE_T, BLOCK_H], dtype=tl.float32)
+                for k in tl.static_range(K):
+                    ids, w = _topk_column(all_ids, all_weights, k, K_PAD)
+                    valid = ids >= 0
+                    slot = (tokens * K_CAP + k).to(tl.int64)
+                    y = tl.load(region + slot[:, None] * (ROW_BYTES // 2) + cols[None, :],
+                                mask=valid[:, None] & cmask[None, :], other=0.0, cache_modifier=".cg").to(tl.float32)
+                    acc = tl.where(valid[:, None], acc + w[:, None] * y, acc)
+                tl.store(out_ptr + tokens[:, None].to(tl.int64) * H + cols[None, :], _to_bf16_bits(acc, EXACT_CASTS),
+                         mask=tmask[:, None] & cmask[None, :])
     _stamp(stamps, 2, STAMPS)
 
 
@@ -598,11 +732,11 @@ def _combine_receive(pid_t, pid_h, e, out_ptr, topk_ptr, weights_ptr, num_tokens
 def ep_ll_combine_kernel(x_ptr, x_expert_stride, x_row_stride, topk_ptr, weights_ptr, num_tokens, out_ptr,
                          src_info, topk_slot, layout_range, wait_stats, heap_bases, epoch_ptr, arrivals_ptr,
                          error_address, stamps_ptr, rank, num_local, rows_per_expert, num_groups, num_senders, budget,
-                         off_combine, off_flags, off_publish, off_publish_flags,
+                         off_combine, off_combine_meta, off_flags, off_publish, off_publish_flags,
                          PHASE: tl.constexpr, H: tl.constexpr, K: tl.constexpr, K_PAD: tl.constexpr,
                          R: tl.constexpr, R_PAD: tl.constexpr, T_CAP: tl.constexpr, K_CAP: tl.constexpr,
                          G_STRIDE: tl.constexpr, G_PAD: tl.constexpr, ROW_BYTES: tl.constexpr, L_PAD: tl.constexpr,
-                         HAS_SLOTS: tl.constexpr, HAS_WAIT_STATS: tl.constexpr, EXACT_CASTS: tl.constexpr,
+                         HAS_SLOTS: tl.constexpr, LOGFMT: tl.constexpr, META_STRIDE: tl.constexpr, HAS_WAIT_STATS: tl.constexpr, EXACT_CASTS: tl.constexpr,
                          USE_TIMER: tl.constexpr, TILE_T: tl.constexpr, TILE_R: tl.constexpr,
                          BLOCK_H: tl.constexpr, HIDDEN_PARTS: tl.constexpr, PHASE_CODE: tl.constexpr,
                          STAMPS: tl.constexpr):
@@ -611,13 +745,14 @@ def ep_ll_combine_kernel(x_ptr, x_expert_stride, x_row_stride, topk_ptr, weights
     if sending:
         _combine_send(pid, e, x_ptr, x_expert_stride, x_row_stride, topk_ptr, num_tokens, src_info, topk_slot,
                       layout_range, heap_bases, error_address, rank, num_local, rows_per_expert, num_groups, budget,
-                      off_combine, off_flags, off_publish, off_publish_flags,
-                      H, K, K_PAD, R, T_CAP, K_CAP, G_STRIDE, ROW_BYTES, L_PAD, HAS_SLOTS, USE_TIMER, TILE_R,
-                      BLOCK_H, PHASE_CODE, stamps, STAMPS)
+                      off_combine, off_combine_meta, off_flags, off_publish, off_publish_flags,
+                      H, K, K_PAD, R, T_CAP, K_CAP, G_STRIDE, ROW_BYTES, L_PAD, HAS_SLOTS, LOGFMT, META_STRIDE,
+                      USE_TIMER, TILE_R, BLOCK_H, PHASE_CODE, stamps, STAMPS)
     else:
         # receive programs: (token tile, hidden part), part fastest
         _combine_receive(pid // HIDDEN_PARTS, pid % HIDDEN_PARTS, e, out_ptr, topk_ptr, weights_ptr, num_tokens,
-                         wait_stats, heap_bases, error_address, rank, num_groups, budget, off_combine, off_flags,
-                         H, K, K_PAD, R, R_PAD, G_STRIDE, G_PAD, T_CAP, K_CAP, ROW_BYTES, HAS_WAIT_STATS,
+                         wait_stats, heap_bases, error_address, rank, num_groups, budget, off_combine,
+                         off_combine_meta, off_flags, H, K, K_PAD, R, R_PAD, G_STRIDE, G_PAD, T_CAP, K_CAP, ROW_BYTES,
+                         LOGFMT, META_STRIDE, HAS_WAIT_STATS,
                          EXACT_CASTS, USE_TIMER, TILE_T, BLOCK_H, HIDDEN_PARTS, PHASE_CODE, stamps, STAMPS)
     _end(epoch_ptr, arrivals_ptr, e, PHASE)
