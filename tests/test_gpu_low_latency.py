@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 
 import flashep
-from flashep import reference
+from flashep import logfmt, reference
 from flashep.fp8 import calc_diff, per_token_cast_back
 from harness import TRITON_LOW_LATENCY, TRITON_NORMAL, assert_same, generator, gpu_world, run_ranks, triton_available
 
@@ -265,7 +265,7 @@ def _determinism_body(rank, world, group, seed, num_experts):
 
 def _token_counts_body(rank, world, group, seed, num_experts):
     """0, 1, T_max / 2 and T_max tokens on the ranks: dispatch exact against the oracle in every mode,
-    combine close to the oracle's weighted sum."""
+    combine (BF16 and LogFMT) close to the oracle's weighted sum."""
     buffer = _buffer(group, world, num_experts)
     dev = _device()
     num_tokens = (0, 1, T_MAX // 2, T_MAX)[rank % 4] if world > 2 else (T_MAX, 0)[rank]
@@ -291,6 +291,15 @@ def _token_counts_body(rank, world, group, seed, num_experts):
                 ref = x_seen.float() * weights.masked_fill(idx == -1, 0).sum(dim=1, keepdim=True)
                 assert calc_diff(ref, out.float()) < 1e-5, f"{mode}: combine"
                 assert (ref - out.float()).abs().max() <= 0.02 * ref.abs().max() + 1e-3, f"{mode}: combine max error"
+            # LogFMT: every expert returns its row times 0.1 (every group encoded); each output element is the
+            # codec's decoded value times the summed weights, up to one bf16 rounding and the fp32 sum
+            small = (y.float() * 0.1).to(torch.bfloat16)
+            out = _combine(buffer, small, idx, weights, handle, hook, use_logfmt=True)
+            if num_tokens:
+                decoded = logfmt.roundtrip((x_seen.float() * 0.1).to(torch.bfloat16)).float()
+                ref = decoded * weights.masked_fill(idx == -1, 0).sum(dim=1, keepdim=True)
+                bound = ref.abs() * 2**-8 + decoded.abs() * weights.sum(dim=1, keepdim=True) * 2**-20
+                assert torch.all((out.float() - ref).abs() <= bound), f"{mode}: LogFMT combine vs the codec"
     buffer.destroy()
     return True
 

@@ -462,45 +462,36 @@ def _floor_div(num, den):
 
 
 @triton.jit
-def _chunk_columns(h0, BLOCK_H: tl.constexpr):
-    """Columns [h0, h0 + BLOCK_H) as [groups, 4, 32]: channel 32 i + j of 128-channel group g at [g, i, j]. LogFMT
-    packs the top bits of channels j, 32 + j, 64 + j and 96 + j into byte j, which this shape reaches with
-    contiguous vectors and no reshape."""
-    g = tl.arange(0, BLOCK_H // 128)
-    i = tl.arange(0, 4)
-    j = tl.arange(0, 32)
-    return h0 + g[:, None, None] * 128 + i[None, :, None] * 32 + j[None, None, :]
-
-
-@triton.jit
 def _logfmt_send(x_ptr, x_rows, dst, dst_meta, slot, smask, h0, H: tl.constexpr, ROW_BYTES: tl.constexpr,
                  META_STRIDE: tl.constexpr, BLOCK_H: tl.constexpr):
     """LogFMT-encode columns [h0, h0 + BLOCK_H) of the rows at x_ptr + x_rows into their slots: per group of
     128 channels either the plain bf16 (256 bytes) or 160 bytes of 10-bit codes (the low bytes, then byte j
-    holding the top 2 bits of channels j + 32 i in bits 2 i), and the group's metadata word (-1: plain; else
-    amin | amax << 16)."""
-    groups = h0 // 128 + tl.arange(0, BLOCK_H // 128)
-    cols = _chunk_columns(h0, BLOCK_H)[None, :, :, :]
-    in_group = cols % 128
-    mask = smask[:, None, None, None] & (cols < H)
-    y = tl.load(x_ptr + x_rows[:, None, None, None] + cols, mask=mask, other=0.0)
+    holding the top 2 bits of channel j + 32 i in bits 2 i: the decoder reads them with contiguous vectors), and
+    the group's metadata word (-1: plain; else amin | amax << 16)."""
+    G: tl.constexpr = BLOCK_H // 128
+    groups = h0 // 128 + tl.arange(0, G)
+    chan = tl.arange(0, 128)
+    cols = groups[None, :, None] * 128 + chan[None, None, :]
+    mask = smask[:, None, None] & (cols < H)
+    y = tl.load(x_ptr + x_rows[:, None, None] + cols, mask=mask, other=0.0)
     bits = y.to(tl.int16, bitcast=True).to(tl.int32)
     magnitude = bits & 0x7FFF
-    amax = tl.max(tl.max(magnitude, axis=3), axis=2)
-    amin = tl.maximum(tl.min(tl.min(magnitude, axis=3), axis=2), amax - LOGFMT_SPAN_LIMIT)
+    amax = tl.max(magnitude, axis=2)
+    amin = tl.maximum(tl.min(magnitude, axis=2), amax - LOGFMT_SPAN_LIMIT)
     plain = (amax >= LOGFMT_ONE_BITS) | (amax == amin)
-    span = tl.maximum(amax - amin, 1)[:, :, None, None]
-    offset = tl.maximum(magnitude - amin[:, :, None, None], 0)
+    span = tl.maximum(amax - amin, 1)[:, :, None]
+    offset = tl.maximum(magnitude - amin[:, :, None], 0)
     q = 1 + _floor_div(offset * (2 * LOGFMT_LEVELS) + span, span * 2)
     code = tl.where(magnitude == 0, 0, q) | ((bits >> 6) & 0x200)  # the sign goes to bit 9
     row_bytes = slot.to(tl.int64) * ROW_BYTES
     group_bytes = row_bytes[:, None] + groups[None, :] * 256
     coded = (plain == 0) & smask[:, None] & (groups[None, :] * 128 < H)
-    tl.store(dst + row_bytes[:, None, None, None] // 2 + cols, y, mask=mask & plain[:, :, None, None])
+    tl.store(dst + row_bytes[:, None, None] // 2 + cols, y, mask=mask & plain[:, :, None])
     dst_bytes = dst.to(tl.pointer_type(tl.uint8))
-    tl.store(dst_bytes + group_bytes[:, :, None, None] + in_group, (code & 0xFF).to(tl.uint8),
-             mask=coded[:, :, None, None])
-    packed = tl.sum((code >> 8) << (2 * tl.arange(0, 4))[None, None, :, None], axis=2)
+    tl.store(dst_bytes + group_bytes[:, :, None] + chan[None, None, :], (code & 0xFF).to(tl.uint8),
+             mask=coded[:, :, None])
+    top = tl.reshape(code >> 8, (code.shape[0], G, 4, 32))
+    packed = tl.sum(top << (2 * tl.arange(0, 4))[None, None, :, None], axis=2)
     byte = tl.arange(0, 32)
     tl.store(dst_bytes + group_bytes[:, :, None] + 128 + byte[None, None, :], packed.to(tl.uint8),
              mask=coded[:, :, None])
@@ -512,33 +503,31 @@ def _logfmt_send(x_ptr, x_rows, dst, dst_meta, slot, smask, h0, H: tl.constexpr,
 @triton.jit
 def _logfmt_receive(region, region_meta, slot, valid, h0, H: tl.constexpr, ROW_BYTES: tl.constexpr,
                     META_STRIDE: tl.constexpr, BLOCK_H: tl.constexpr):
-    """[tokens, groups, 4, 32] float32 (`_chunk_columns`): columns [h0, h0 + BLOCK_H) of the rows at `slot` (one
-    per token) decoded from what `_logfmt_send` stored."""
+    """[tokens, groups, 128] float32: columns [h0, h0 + BLOCK_H) of the rows at `slot` (one per token), decoded
+    from what `_logfmt_send` stored."""
     groups = h0 // 128 + tl.arange(0, BLOCK_H // 128)
-    cols = _chunk_columns(h0, BLOCK_H)[None, :, :, :]
+    chan = tl.arange(0, 128)
+    cols = groups[None, :, None] * 128 + chan[None, None, :]
     group_ok = valid[:, None] & (groups[None, :] * 128 < H)
     meta = tl.load(region_meta + slot.to(tl.int64)[:, None] * META_STRIDE + groups[None, :], mask=group_ok,
                    other=-1, cache_modifier=".cg")
     plain = meta == -1
-    coded = group_ok & (plain == 0)
+    coded = (group_ok & (plain == 0))[:, :, None]
     row_bytes = slot.to(tl.int64) * ROW_BYTES
-    y = tl.load(region + row_bytes[:, None, None, None] // 2 + cols,
-                mask=(group_ok & plain)[:, :, None, None], other=0.0, cache_modifier=".cg")
+    y = tl.load(region + row_bytes[:, None, None] // 2 + cols, mask=(group_ok & plain)[:, :, None], other=0.0,
+                cache_modifier=".cg")
+    group_bytes = (row_bytes[:, None] + groups[None, :] * 256)[:, :, None]
     region_bytes = region.to(tl.pointer_type(tl.uint8))
-    group_bytes = row_bytes[:, None] + groups[None, :] * 256
-    low = tl.load(region_bytes + group_bytes[:, :, None, None] + cols % 128, mask=coded[:, :, None, None], other=0,
+    low = tl.load(region_bytes + group_bytes + chan[None, None, :], mask=coded, other=0, cache_modifier=".cg")
+    top = tl.load(region_bytes + group_bytes + 128 + chan[None, None, :] % 32, mask=coded, other=0,
                   cache_modifier=".cg")
-    byte = tl.arange(0, 32)
-    top = tl.load(region_bytes + group_bytes[:, :, None] + 128 + byte[None, None, :], mask=coded[:, :, None],
-                  other=0, cache_modifier=".cg")
-    shift = (2 * tl.arange(0, 4))[None, None, :, None]
-    code = low.to(tl.int32) | (((top.to(tl.int32)[:, :, None, :] >> shift) & 3) << 8)
+    code = low.to(tl.int32) | (((top.to(tl.int32) >> (chan // 32 * 2)[None, None, :]) & 3) << 8)
     q = code & 0x1FF
-    amin = (meta & 0xFFFF)[:, :, None, None]
-    span = (meta >> 16)[:, :, None, None] - amin
+    amin = (meta & 0xFFFF)[:, :, None]
+    span = (meta >> 16)[:, :, None] - amin
     magnitude = tl.where(q == 0, 0, amin + ((q - 1) * span * 2 + LOGFMT_LEVELS) // (2 * LOGFMT_LEVELS))
     decoded = ((magnitude << 16) | ((code & 0x200) << 22)).to(tl.float32, bitcast=True)
-    return tl.where(plain[:, :, None, None], y.to(tl.float32), decoded)
+    return tl.where(plain[:, :, None], y.to(tl.float32), decoded)
 
 
 @triton.jit
@@ -555,16 +544,17 @@ def _logfmt_reduce(region, region_meta, out_ptr, tokens, tmask, all_ids, all_wei
                    META_STRIDE: tl.constexpr, TILE_T: tl.constexpr, BLOCK_H: tl.constexpr,
                    EXACT_CASTS: tl.constexpr):
     """Columns [h0, h0 + BLOCK_H) of the tokens' combined rows from LogFMT slots: decode, weight, sum over k."""
-    cols = _chunk_columns(h0, BLOCK_H)[None, :, :, :]
-    acc = tl.zeros([TILE_T, BLOCK_H // 128, 4, 32], dtype=tl.float32)
+    groups = h0 // 128 + tl.arange(0, BLOCK_H // 128)
+    cols = groups[None, :, None] * 128 + tl.arange(0, 128)[None, None, :]
+    acc = tl.zeros([TILE_T, BLOCK_H // 128, 128], dtype=tl.float32)
     for k in tl.range(0, K):
         ids, w = _topk_column(all_ids, all_weights, k, K_PAD)
         valid = ids >= 0
         y = _logfmt_receive(region, region_meta, (tokens * K_CAP + k).to(tl.int64), valid, h0, H, ROW_BYTES,
                             META_STRIDE, BLOCK_H)
-        acc = tl.where(valid[:, None, None, None], acc + w[:, None, None, None] * y, acc)
-    tl.store(out_ptr + tokens[:, None, None, None].to(tl.int64) * H + cols, _to_bf16_bits(acc, EXACT_CASTS),
-             mask=tmask[:, None, None, None] & (cols < H))
+        acc = tl.where(valid[:, None, None], acc + w[:, None, None] * y, acc)
+    tl.store(out_ptr + tokens[:, None, None].to(tl.int64) * H + cols, _to_bf16_bits(acc, EXACT_CASTS),
+             mask=tmask[:, None, None] & (cols < H))
 
 
 @triton.jit
