@@ -12,7 +12,8 @@ lose about log2(span / 510) bits of mantissa.
 
 On the wire a LogFMT group takes 160 bytes (the low 8 bits of its codes, then 32 bytes where byte j holds the
 top 2 bits of channels j + 32 i in bits 2 i) instead of 256, plus 4 bytes of group metadata (amin | amax << 16,
-or -1 for a plain group) that every group carries: `1.25 H + H / 32` bytes per row when every group is LogFMT, as DeepEP counts it.
+or -1 for a plain group) that every group carries: `1.25 H + H / 32` bytes per row when every group is LogFMT,
+as DeepEP counts it.
 """
 from __future__ import annotations
 

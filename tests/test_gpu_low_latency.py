@@ -3,8 +3,8 @@ one GPU runs a group of one rank).
 
 DeepSeek-V3 decode shapes (128 tokens, hidden 7168, top-8 of 256 or 288 experts): every assertion of
 DeepEP's low-latency test (with its LogFMT inputs and bound), hooks with a large matmul between send and hook,
-CUDA-graph capture of dispatch + combine (BF16 and LogFMT) replayed with new data, 20 reruns bit-identical, 0..T_max tokens per rank against the
-oracle, and the profiler seeing one kernel name per operation.
+CUDA-graph capture of dispatch + combine (BF16 and LogFMT) replayed with new data, 20 reruns bit-identical,
+0..T_max tokens per rank against the oracle, and the profiler seeing one kernel name per operation.
 """
 import pytest
 import torch

@@ -18,10 +18,11 @@ receive phase), so that a profiler sees exactly one kernel name per operation:
   delay), else its own rank's rows first and the rest at once when every peer's data flags came.
 - `ep_ll_combine_kernel`
   send, grid R * G: program (h, g) takes chunk g of the rows this rank received from rank h (all local
-  experts, in expert order) and stores each row into h's combine region at slot (token, k), then
-  publishes its flag [half][this rank][g] on h: `tag(e) << 32 | rows`.
+  experts, in expert order) and stores each row into h's combine region at slot (token, k) (with LogFMT:
+  encoded per group of 128 channels, one metadata word per group in combine_meta), then publishes its flag
+  [half][this rank][g] on h: `tag(e) << 32 | rows`.
   receive, grid (token tiles, hidden parts): waits for every owner's flags, then per token sums
-  `w[t, k] * y[t, k]` in fp32 over k in order (entries -1 skipped) and writes bf16.
+  `w[t, k] * y[t, k]` in fp32 over k in order (entries -1 skipped; LogFMT rows decoded first) and writes bf16.
 
 Epochs: the send phase (and a fused launch) uses e = epoch + 1 and its last program stores e into `epoch`
 (`sync.end_operation`); a separate receive phase, launched after it, reads e = epoch. Regions are
@@ -726,7 +727,8 @@ def ep_ll_combine_kernel(x_ptr, x_expert_stride, x_row_stride, topk_ptr, weights
                          PHASE: tl.constexpr, H: tl.constexpr, K: tl.constexpr, K_PAD: tl.constexpr,
                          R: tl.constexpr, R_PAD: tl.constexpr, T_CAP: tl.constexpr, K_CAP: tl.constexpr,
                          G_STRIDE: tl.constexpr, G_PAD: tl.constexpr, ROW_BYTES: tl.constexpr, L_PAD: tl.constexpr,
-                         HAS_SLOTS: tl.constexpr, LOGFMT: tl.constexpr, META_STRIDE: tl.constexpr, HAS_WAIT_STATS: tl.constexpr, EXACT_CASTS: tl.constexpr,
+                         HAS_SLOTS: tl.constexpr, LOGFMT: tl.constexpr, META_STRIDE: tl.constexpr,
+                         HAS_WAIT_STATS: tl.constexpr, EXACT_CASTS: tl.constexpr,
                          USE_TIMER: tl.constexpr, TILE_T: tl.constexpr, TILE_R: tl.constexpr,
                          BLOCK_H: tl.constexpr, HIDDEN_PARTS: tl.constexpr, PHASE_CODE: tl.constexpr,
                          STAMPS: tl.constexpr):
