@@ -463,6 +463,15 @@ def _floor_div(num, den):
 
 
 @triton.jit
+def _group_columns(h0, BLOCK_H: tl.constexpr):
+    """Columns [h0, h0 + BLOCK_H) by 128-channel group: (group indices [G], channel in group [128],
+    columns [1, G, 128])."""
+    groups = h0 // 128 + tl.arange(0, BLOCK_H // 128)
+    chan = tl.arange(0, 128)
+    return groups, chan, groups[None, :, None] * 128 + chan[None, None, :]
+
+
+@triton.jit
 def _logfmt_send(x_ptr, x_rows, dst, dst_meta, slot, smask, h0, H: tl.constexpr, ROW_BYTES: tl.constexpr,
                  META_STRIDE: tl.constexpr, BLOCK_H: tl.constexpr):
     """LogFMT-encode columns [h0, h0 + BLOCK_H) of the rows at x_ptr + x_rows into their slots: per group of
@@ -470,9 +479,7 @@ def _logfmt_send(x_ptr, x_rows, dst, dst_meta, slot, smask, h0, H: tl.constexpr,
     holding the top 2 bits of channel j + 32 i in bits 2 i: the decoder reads them with contiguous vectors), and
     the group's metadata word (-1: plain; else amin | amax << 16)."""
     G: tl.constexpr = BLOCK_H // 128
-    groups = h0 // 128 + tl.arange(0, G)
-    chan = tl.arange(0, 128)
-    cols = groups[None, :, None] * 128 + chan[None, None, :]
+    groups, chan, cols = _group_columns(h0, BLOCK_H)
     mask = smask[:, None, None] & (cols < H)
     y = tl.load(x_ptr + x_rows[:, None, None] + cols, mask=mask, other=0.0)
     bits = y.to(tl.int16, bitcast=True).to(tl.int32)
@@ -506,9 +513,7 @@ def _logfmt_receive(region, region_meta, slot, valid, h0, H: tl.constexpr, ROW_B
                     META_STRIDE: tl.constexpr, BLOCK_H: tl.constexpr):
     """[tokens, groups, 128] float32: columns [h0, h0 + BLOCK_H) of the rows at `slot` (one per token), decoded
     from what `_logfmt_send` stored."""
-    groups = h0 // 128 + tl.arange(0, BLOCK_H // 128)
-    chan = tl.arange(0, 128)
-    cols = groups[None, :, None] * 128 + chan[None, None, :]
+    groups, chan, cols = _group_columns(h0, BLOCK_H)
     group_ok = valid[:, None] & (groups[None, :] * 128 < H)
     meta = tl.load(region_meta + slot.to(tl.int64)[:, None] * META_STRIDE + groups[None, :], mask=group_ok,
                    other=-1, cache_modifier=".cg")
@@ -545,8 +550,7 @@ def _logfmt_reduce(region, region_meta, out_ptr, tokens, tmask, all_ids, all_wei
                    META_STRIDE: tl.constexpr, TILE_T: tl.constexpr, BLOCK_H: tl.constexpr,
                    EXACT_CASTS: tl.constexpr):
     """Columns [h0, h0 + BLOCK_H) of the tokens' combined rows from LogFMT slots: decode, weight, sum over k."""
-    groups = h0 // 128 + tl.arange(0, BLOCK_H // 128)
-    cols = groups[None, :, None] * 128 + tl.arange(0, 128)[None, None, :]
+    _, _, cols = _group_columns(h0, BLOCK_H)
     acc = tl.zeros([TILE_T, BLOCK_H // 128, 128], dtype=tl.float32)
     for k in tl.range(0, K):
         ids, w = _topk_column(all_ids, all_weights, k, K_PAD)
