@@ -183,6 +183,18 @@ def generator(seed: int, *keys: int) -> torch.Generator:
     return torch.Generator().manual_seed(mixed)
 
 
+def logfmt_rows(rows: int, hidden: int, g: torch.Generator) -> torch.Tensor:
+    """bf16 [rows, hidden >= 384] that take every LogFMT path: rows of magnitudes 2^-29 .. 2^2 (groups below 1 are
+    encoded, the others go plain), scattered zeros, groups wider than 32 octaves, constant and all-zero groups."""
+    scale = torch.pow(2.0, -torch.randint(-2, 30, (rows, 1), generator=g).float())
+    y = torch.randn(rows, hidden, generator=g) * scale
+    y[torch.rand(y.shape, generator=g) < 0.05] = 0.0
+    y[::4, 5] *= 2.0**-60  # groups wider than 32 octaves
+    y[1::6, 128:256] = -0.375  # constant magnitude: plain
+    y[2::6, 256:384] = 0.0  # all zero: plain
+    return y.to(torch.bfloat16)
+
+
 def rank_device(group) -> torch.device:
     """The device of this rank's tensors: its GPU under NCCL, else the CPU."""
     if "nccl" in str(dist.get_backend(group)).lower():

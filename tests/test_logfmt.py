@@ -6,7 +6,7 @@ import torch
 
 from flashep import logfmt
 from flashep.fp8 import calc_diff
-from harness import generator
+from harness import generator, logfmt_rows
 
 
 def _bits(value: torch.Tensor) -> list:
@@ -33,18 +33,8 @@ def _scalar_roundtrip(group_bits: list) -> list:
     return out
 
 
-def _random_rows(g, rows=48, hidden=512) -> torch.Tensor:
-    scale = torch.pow(2.0, -torch.randint(-2, 30, (rows, 1), generator=g).float())
-    y = torch.randn(rows, hidden, generator=g) * scale
-    y[torch.rand(y.shape, generator=g) < 0.05] = 0.0
-    y[::4, 5] *= 2.0**-60  # groups wider than 32 octaves
-    y[1::6, 128:256] = -0.375  # constant magnitude: plain
-    y[2::6, 256:384] = 0.0  # all zero: plain
-    return y.to(torch.bfloat16)
-
-
 def test_roundtrip_matches_the_definition(seed):
-    y = _random_rows(generator(seed, 0))
+    y = logfmt_rows(48, 512, generator(seed, 0))
     got = logfmt.roundtrip(y)
     assert got.shape == y.shape and got.dtype == torch.bfloat16
     for row in range(y.size(0)):
@@ -67,7 +57,7 @@ def test_plain_groups_and_narrow_groups_come_back_exactly(seed):
 def test_error_is_half_a_code_step(seed):
     """Wide groups lose precision: every decoded magnitude (in bf16 bits) within half a code step of the
     input's, and the signs kept; values below the 32-octave floor go to its code."""
-    y = _random_rows(generator(seed, 2), rows=64, hidden=1024)
+    y = logfmt_rows(64, 1024, generator(seed, 2))
     got = logfmt.roundtrip(y)
     a = y.view(torch.int16).int().view(-1, 128)
     b = got.view(torch.int16).int().view(-1, 128)

@@ -15,7 +15,7 @@ import torch.distributed as dist
 
 from flashep import Buffer, reference
 from flashep.backends.triton_low_latency import heap_bytes
-from harness import TRITON_LOW_LATENCY, assert_same, generator, run_ranks, triton_available
+from harness import TRITON_LOW_LATENCY, assert_same, generator, logfmt_rows, run_ranks, triton_available
 
 pytestmark = pytest.mark.skipif(not triton_available(TRITON_LOW_LATENCY), reason="Triton low-latency backend missing")
 
@@ -166,23 +166,12 @@ def _round_trip_body(rank, world, group, seed, t_max, num_experts, topk, topk_dt
     return True
 
 
-def logfmt_rows(shape, g) -> torch.Tensor:
-    """bf16 expert outputs that take every LogFMT path: rows of magnitudes 2^-12 .. 2^1 (groups below 1 are
-    encoded, the others go plain), zeros, groups that span more than 32 octaves, all-zero and constant groups."""
-    rows = shape[0] * shape[1]
-    y = torch.randn(rows, shape[2], generator=g) * torch.pow(2.0, -torch.randint(-1, 13, (rows, 1), generator=g))
-    y[torch.rand(y.shape, generator=g) < 0.05] = 0.0
-    y[::3, 3] *= 2.0**-40
-    y[1::4, :128] = 0.0
-    y[2::5, 128:256] = -0.375
-    return y.to(torch.bfloat16).view(shape)
-
-
 def _check_logfmt_combine(backend, group, rank, world, seed, step, t_max, num_experts, idxs, weights, handle, hook):
     """Combine with use_logfmt=True equals the oracle of the decoded rows bit for bit, and differs from the
     plain combine (the rows really went through the codec)."""
     src_info, layout_range = handle[0], handle[1]
-    y = logfmt_rows((num_experts // world, world * t_max, HIDDEN), generator(seed, rank, step, 11))
+    num_local = num_experts // world
+    y = logfmt_rows(num_local * world * t_max, HIDDEN, generator(seed, rank, step, 11)).view(num_local, -1, HIDDEN)
     everyone = _gather(group, world, y, src_info, layout_range)
     owners = ([g[0] for g in everyone], [(g[1], g[2], t_max, HIDDEN, num_experts) for g in everyone])
     expect = reference.low_latency_combine(*owners, idxs, weights, num_experts, use_logfmt=True)
