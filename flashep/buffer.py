@@ -66,7 +66,7 @@ class Buffer:
         self.allow_mnnvl = allow_mnnvl
         self.explicitly_destroy = explicitly_destroy
         self.enable_shrink = enable_shrink
-        self.device = _group_device(group)
+        self.device = group_device(group)
         self.comm_stream = torch.cuda.Stream(self.device, priority=-1) if self.device.type == "cuda" else None
         self._order = OpOrder()  # the normal-mode calls of this buffer run one after another
         self._checked_ids = CheckedIds()
@@ -467,8 +467,10 @@ def _check_config(name: str, config: Config) -> None:
         raise ValueError(f"{name}.num_sms must be even and > 0, got {config.num_sms}")
 
 
-def _group_device(group) -> torch.device:
-    backend = dist.get_backend(group)
-    if "nccl" in str(backend).lower() and torch.cuda.is_available():
+def group_device(group) -> torch.device:
+    """The device of a group's tensors: the current GPU where the group's backend carries CUDA tensors (NCCL,
+    or a device map such as "cpu:gloo,cuda:gloo"), else the CPU."""
+    backend = str(dist.get_backend(group)).lower()
+    if ("nccl" in backend or "cuda:" in backend) and torch.cuda.is_available():
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")

@@ -3,6 +3,12 @@
 `run_ranks(world_size, fn, *args)` spawns one process per rank (gloo on CPU, NCCL with one GPU per rank),
 calls `fn(rank, world_size, group, *args)` in each and returns the per-rank results. A failure or a
 timeout on any rank kills the others and raises `RankFailure` with that rank's traceback.
+
+With FLASHEP_TEST_SHARED_GPU=1, a GPU world larger than the GPUs visible puts several ranks on one GPU:
+separate processes, which the GPU time-slices (a kernel spinning on a peer's flag is preempted, so the peer's
+kernel runs), over a gloo group that carries CUDA tensors (NCCL refuses two ranks on one GPU). That checks the
+multi-rank kernels for correctness on a machine with fewer GPUs; it says nothing about speed, and it runs
+only the Triton backend (gloo has no all-to-all of CUDA tensors for the portable one).
 """
 from __future__ import annotations
 
@@ -45,6 +51,13 @@ def run_ranks(world_size: int, fn: Callable, *args, backend: str = "collective",
     overrides = {"FLASHEP_BACKEND": backend}
     if backend == "triton" and device == "cpu":
         overrides["TRITON_INTERPRET"] = "1"
+    if device == "cuda" and world_size > torch.cuda.device_count():
+        if not shared_gpu():
+            raise ValueError(f"{world_size} ranks on {torch.cuda.device_count()} GPUs need FLASHEP_TEST_SHARED_GPU=1")
+        if backend != "triton":
+            pytest.skip("ranks sharing a GPU run the Triton backend only (gloo has no all-to-all of CUDA tensors)")
+        # torch symmetric memory refuses two ranks' allocations on one device unless told this is intended
+        overrides["TORCH_SYMM_MEM_ALLOW_OVERLAPPING_DEVICES"] = "1"
     overrides.update(env or {})
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
@@ -77,7 +90,11 @@ def _rank_main(rank, world_size, port, device, timeout, fn, args, results):
     # a rank that hangs prints where it is stuck shortly before the parent gives up on it
     faulthandler.dump_traceback_later(max(1.0, timeout - 5), exit=False)
     try:
-        if device == "cuda":
+        if device == "cuda" and world_size > torch.cuda.device_count():  # FLASHEP_TEST_SHARED_GPU
+            torch.cuda.set_device(rank % torch.cuda.device_count())
+            dist.init_process_group("cpu:gloo,cuda:gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                                    world_size=world_size, timeout=timedelta(seconds=timeout))
+        elif device == "cuda":
             torch.cuda.set_device(rank)
             dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
                                     timeout=timedelta(seconds=timeout), device_id=torch.device("cuda", rank))
@@ -159,11 +176,17 @@ def backend_params(*triton_modules: str) -> list:
     return [pytest.param("collective", id="collective"), pytest.param("triton", id="triton", marks=skip)]
 
 
+def shared_gpu() -> bool:
+    """FLASHEP_TEST_SHARED_GPU=1: GPU worlds larger than the GPUs visible share them (module docstring)."""
+    return os.environ.get("FLASHEP_TEST_SHARED_GPU", "0") == "1"
+
+
 def gpu_world(world_size: int):
-    """A GPU world size: marked gpu, skipped when fewer GPUs are visible."""
+    """A GPU world size: marked gpu, skipped when fewer GPUs are visible (unless ranks may share a GPU)."""
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    enough = count >= world_size or (count > 0 and shared_gpu())
     return pytest.param(world_size, id=f"gpu{world_size}", marks=[
-        pytest.mark.gpu, pytest.mark.skipif(count < world_size, reason=f"needs {world_size} GPUs, found {count}")])
+        pytest.mark.gpu, pytest.mark.skipif(not enough, reason=f"needs {world_size} GPUs, found {count}")])
 
 
 # ---- seeds and data -----------------------------------------------------------------------------------------
@@ -196,10 +219,10 @@ def logfmt_rows(rows: int, hidden: int, g: torch.Generator) -> torch.Tensor:
 
 
 def rank_device(group) -> torch.device:
-    """The device of this rank's tensors: its GPU under NCCL, else the CPU."""
-    if "nccl" in str(dist.get_backend(group)).lower():
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
+    """The device of this rank's tensors: its GPU where the group carries CUDA tensors, else the CPU."""
+    from flashep.buffer import group_device
+
+    return group_device(group)
 
 
 def as_bf16(x) -> torch.Tensor:
