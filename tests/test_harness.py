@@ -45,3 +45,14 @@ def test_crash_and_timeout_are_reported():
         run_ranks(2, crash_on_rank_zero)
     with pytest.raises(RankFailure, match=r"did not finish within 5 s"):
         run_ranks(1, hang, timeout=5)
+
+def test_more_ranks_than_gpus_need_the_shared_gpu_switch(monkeypatch):
+    import torch
+
+    too_many = torch.cuda.device_count() + 1
+    monkeypatch.delenv("FLASHEP_TEST_SHARED_GPU", raising=False)
+    with pytest.raises(ValueError, match="FLASHEP_TEST_SHARED_GPU=1"):
+        run_ranks(too_many, hang, device="cuda", backend="triton")
+    monkeypatch.setenv("FLASHEP_TEST_SHARED_GPU", "1")
+    with pytest.raises(pytest.skip.Exception, match="Triton backend only"):
+        run_ranks(too_many, hang, device="cuda", backend="collective")
