@@ -21,6 +21,7 @@ import torch
 from .. import _env
 from ..kernels import low_latency as kernels
 from ..kernels.sync import PHASE_LL_COMBINE, PHASE_LL_DISPATCH, ErrorWord, use_timer, wait_budget
+from ..launch import launch
 from ..transport.heap import HostMeeting, Layout, SymmetricHeap
 from .base import Backend, LowLatencyDispatchResult
 
@@ -322,26 +323,26 @@ class TritonLowLatencyBackend(Backend):
             self.stamps[kernel.fn.__name__] = (stamps, senders)
         args = dict(args, stamps_ptr=stamps, STAMPS=self.stamps_on)
         if fused:
-            kernel[(senders + receivers,)](PHASE=kernels.BOTH.value, num_senders=senders, **args)
+            launch(kernel, (senders + receivers,), PHASE=kernels.BOTH.value, num_senders=senders, **args)
         else:
-            kernel[(senders,)](PHASE=kernels.SEND.value, num_senders=senders, **args)
+            launch(kernel, (senders,), PHASE=kernels.SEND.value, num_senders=senders, **args)
         self._after_launch()
         if fused:
             return lambda: None
         return self._receive_on_this_stream(
-            lambda: kernel[(receivers,)](PHASE=kernels.RECEIVE.value, num_senders=senders, **args))
+            lambda: launch(kernel, (receivers,), PHASE=kernels.RECEIVE.value, num_senders=senders, **args))
 
-    def _receive_on_this_stream(self, launch: Callable[[], None]) -> Callable[[], None]:
+    def _receive_on_this_stream(self, receive_phase: Callable[[], None]) -> Callable[[], None]:
         """The receive phase runs on the stream of the send phase, whenever the hook is called."""
         stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
 
         def receive() -> None:
             if stream is None:
-                launch()
+                receive_phase()
                 self._after_launch()
             else:
                 with torch.cuda.stream(stream):
-                    launch()
+                    receive_phase()
 
         return receive
 

@@ -76,6 +76,7 @@ import triton
 from .. import _env
 from ..kernels import normal as kernels
 from ..kernels.sync import ErrorWord, use_timer, wait_budget
+from ..launch import launch
 from ..transport.copy_engine import PeerCopier
 from ..transport.heap import HostMeeting, Layout, SymmetricHeap
 from ..transport.pool import UNIT as OUTPUT_UNIT, OutputPool
@@ -193,10 +194,9 @@ class TritonNormalBackend(Backend):
         in_rank = torch.empty(num_tokens, self.num_ranks, dtype=torch.bool, device=self.device)
         if num_tokens > 0:
             grid = (triton.cdiv(num_tokens, _LAYOUT_BLOCK_T),)
-            kernels.ep_layout_kernel[grid](topk_idx, per_rank, per_expert, in_rank.view(torch.uint8), num_tokens,
-                                           num_topk, num_experts // self.num_ranks, NUM_RANKS=self.num_ranks,
-                                           R_PAD=self._rank_pad, K_PAD=_pow2(num_topk), BLOCK_T=_LAYOUT_BLOCK_T,
-                                           num_warps=4)
+            launch(kernels.ep_layout_kernel, grid, topk_idx, per_rank, per_expert, in_rank.view(torch.uint8),
+                   num_tokens, num_topk, num_experts // self.num_ranks, NUM_RANKS=self.num_ranks,
+                   R_PAD=self._rank_pad, K_PAD=_pow2(num_topk), BLOCK_T=_LAYOUT_BLOCK_T, num_warps=4)
         return per_rank, per_expert, in_rank
 
     # ---- dispatch ---------------------------------------------------------------------------------------
@@ -299,7 +299,7 @@ class TritonNormalBackend(Backend):
         send_prefix = torch.empty(num_ranks, num_channels, dtype=torch.int32, device=self.device)
         recv_prefix = summary[pairs + num_local + num_ranks:].view(num_ranks, num_channels)
         layout = self.signal_layout
-        kernels.ep_notify_kernel[(1,)](
+        launch(kernels.ep_notify_kernel, (1,),
             is_token_in_rank.view(torch.uint8), num_tokens_per_expert, self.signal_heap.peer_bases,
             layout.notify_flags, layout.slots, self.epoch, self.errors.address,
             send_prefix, rank_prefix, recv_prefix, summary[pairs:pairs + num_local],
@@ -336,7 +336,7 @@ class TritonNormalBackend(Backend):
         tokens_per_channel = _tokens_per_channel(num_tokens, num_channels)
         # a pusher moves about tokens_per_channel / pushers tokens of every channel
         publish_every = _publish_every(self.publish_tokens, tokens_per_channel / pushers, num_channels)
-        kernels.ep_dispatch_kernel[(num_programs,)](
+        launch(kernels.ep_dispatch_kernel, (num_programs,),
             words, scales, scales.stride(0) if x_scales is not None else 0,
             scales.stride(1) if x_scales is not None else 0,
             topk_idx if topk_idx is not None else int64, topk_weights if topk_weights is not None else f32,
@@ -383,7 +383,7 @@ class TritonNormalBackend(Backend):
         block_h = min(max(self.tile_hidden, 32), _pow2(hidden))
         reduce_block_h = self._reduce_block_h(hidden, bias0, bias1)
         bf16, f32 = self._dummy[torch.bfloat16], self._dummy[torch.float32]
-        kernels.ep_combine_kernel[(num_programs,)](
+        launch(kernels.ep_combine_kernel, (num_programs,),
             x, topk_weights if topk_weights is not None else f32, bias0 if bias0 is not None else bf16,
             bias1 if bias1 is not None else bf16, routing.is_token_in_rank.view(torch.uint8), routing.send_head,
             routing.rank_prefix_matrix, routing.recv_channel_prefix_matrix,
@@ -466,7 +466,7 @@ class TritonNormalBackend(Backend):
                             if topk_weights is not None else None)
         bf16, f32 = self._dummy[torch.bfloat16], self._dummy[torch.float32]
         heap = self.copy_heap
-        kernels.ep_combine_reduce_kernel[(2 * num_channels,)](
+        launch(kernels.ep_combine_reduce_kernel, (2 * num_channels,),
             x, topk_weights if topk_weights is not None else f32, bias0 if bias0 is not None else bf16,
             bias1 if bias1 is not None else bf16, routing.send_head, routing.rank_prefix_matrix, combined,
             combined_weights if combined_weights is not None else f32,
