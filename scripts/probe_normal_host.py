@@ -11,9 +11,10 @@ Per op, rank 0 prints: host us per call in a back-to-back loop (no sync), GPU us
 (events around the whole loop), the same op timed one call at a time with the benchmark's L2 flush before each
 (e2e and its host time), and the kernels' time per call (torch.profiler, the ranks lined up). Options:
 --kernels-only (only the kernel column), --breakdown (host cost of the pieces of a cached dispatch: the Triton
-launch through the JIT and through the compiled kernel's launcher, allocations, events, ...), --profile (a
-cProfile of the calls by own time). The tuning knobs of the environment (FLASHEP_NUM_WARPS, ...) apply, so a
-loop over settings at --ranks 1 compares the kernels' per-SM speed without links.
+launch through the JIT, through flashep.launch (a repeated launch, FLASHEP_FAST_LAUNCH) and through the
+compiled kernel's launcher, allocations, events, ...), --profile (a cProfile of the calls by own time). The
+tuning knobs of the environment (FLASHEP_NUM_WARPS, ...) apply, so a loop over settings at --ranks 1 compares
+the kernels' per-SM speed without links.
 """
 import cProfile
 import os
@@ -30,6 +31,7 @@ import local_ranks  # noqa: E402
 
 import flashep  # noqa: E402
 from flashep.kernels import normal as kernels  # noqa: E402
+from flashep.launch import launch  # noqa: E402
 from flashep.bench.timing import KERNEL_PATTERNS, Timer  # noqa: E402
 from flashep.bench.workload import normal_inputs  # noqa: E402
 
@@ -125,6 +127,7 @@ def breakdown(cached_fp8, rank: int) -> None:
     pieces = {
         "whole cached FP8 dispatch": cached_fp8,
         "Triton launch through the JIT": lambda: jit[grid](*args, **kwargs),
+        "Triton launch through flashep.launch": lambda: launch(jit, grid, *args, **kwargs),
         "Triton launch, compiled launcher": lambda: compiled.run(grid[0], 1, 1, stream, compiled.function,
                                                                 compiled.packed_metadata, None, None, None, *values),
         "torch.empty x3 (outputs)": lambda: [torch.empty(4096, 7168, dtype=torch.uint8, device="cuda")
