@@ -27,7 +27,6 @@ is not a compiled kernel (another Triton version's API).
 """
 from __future__ import annotations
 
-import inspect
 import operator
 
 import torch
@@ -35,7 +34,6 @@ import torch
 from . import _env
 
 MAX_ENTRIES = 256  # compiled kernels kept per launcher; past that the cache starts again
-_MISSING = inspect.Parameter.empty  # a parameter that has no default
 _Tensor = torch.Tensor
 
 try:  # how Triton's CUDA driver reads torch's current stream (the capturing stream inside graph capture)
@@ -109,7 +107,7 @@ class Launcher:
             params = kernel.params
             self.names = [p.name for p in params]
             constexpr = [i for i, p in enumerate(params) if p.is_constexpr]
-            self.defaults = [p.default for p in params]  # _MISSING where there is none
+            self.defaults = [p.default for p in params]  # inspect.Parameter.empty where there is none
         except AttributeError:  # not a JITFunction of a known shape
             self.fast = False
             return
@@ -143,7 +141,8 @@ class Launcher:
     def bind(self, args: tuple, kwargs: dict):
         """-> (every parameter's value in order, defaults filled in; the launch's key). Raises Unsupported where
         the JIT should decide (and raise if need be): an argument the key does not cover, one given twice or
-        missing (a missing constexpr stays _MISSING in the key, and the JIT raises before anything is stored)."""
+        missing (a missing constexpr stays inspect.Parameter.empty in the key, and the JIT raises before anything
+        is stored)."""
         n = len(args)
         if n > len(self.names) or (n and kwargs and not kwargs.keys().isdisjoint(self.names[:n])):
             raise Unsupported("too many arguments, or one given twice")
