@@ -248,10 +248,13 @@ def _determinism_body(rank, world, group, seed, num_experts):
     dev = _device()
     x = torch.randn(T_MAX, HIDDEN, generator=generator(seed, rank)).to(dev, torch.bfloat16)
     idx, weights = _routing(seed, rank, T_MAX, num_experts)
+    expect = reference.low_latency_dispatch(_gather(group, world, x), _gather(group, world, idx), num_experts,
+                                            *MODES["fp8"])[rank]
     first = None
     for rerun in range(20):
         hook = bool(rerun % 2)
         recv_x, recv_count, handle = _dispatch(buffer, x, idx, num_experts, "fp8", hook)
+        assert_same(recv_count, expect.recv_count, f"rerun {rerun} (hook {hook}): recv_count against the oracle")
         out = _combine(buffer, per_token_cast_back(*recv_x), idx, weights, handle, hook)
         current = (_valid(recv_x, recv_count, handle), out.clone())
         if first is None:
