@@ -3,9 +3,13 @@ one GPU runs a group of one rank).
 
 DeepSeek-V3 decode shapes (128 tokens, hidden 7168, top-8 of 256 or 288 experts): every assertion of
 DeepEP's low-latency test (with its LogFMT inputs and bound), hooks with a large matmul between send and hook,
-CUDA-graph capture of dispatch + combine (BF16 and LogFMT) replayed with new data, 20 reruns bit-identical,
+CUDA-graph capture of dispatch + combine (BF16 and LogFMT) replayed with new data, 20 reruns bit-identical
+(also with ranks sleeping at random between calls, so that they run apart),
 0..T_max tokens per rank against the oracle, and the profiler seeing one kernel name per operation.
 """
+import random
+import time
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -53,21 +57,37 @@ def _gather(group, world, tensor):
     return [t.to(_device()) for t in items]
 
 
-def _dispatch(buffer, x, idx, num_experts, mode, hook, stats=None, t_max=T_MAX):
+def _dispatch(buffer, x, idx, num_experts, mode, hook, stats=None, t_max=T_MAX, pause=None):
     use_fp8, round_scale, ue8m0 = MODES[mode]
     recv_x, recv_count, handle, event, recv_hook = buffer.low_latency_dispatch(
         x, idx, t_max, num_experts, cumulative_local_expert_recv_stats=stats, use_fp8=use_fp8,
         round_scale=round_scale, use_ue8m0=ue8m0, async_finish=not hook, return_recv_hook=hook)
-    (recv_hook if hook else event.current_stream_wait)()
+    _finish(event, recv_hook, pause)
     return recv_x, recv_count, handle
 
 
-def _combine(buffer, y, idx, weights, handle, hook, zero_copy=False, out=None, use_logfmt=False):
+def _combine(buffer, y, idx, weights, handle, hook, zero_copy=False, out=None, use_logfmt=False, pause=None):
     combined, event, recv_hook = buffer.low_latency_combine(y, idx, weights, handle, use_logfmt=use_logfmt,
                                                             zero_copy=zero_copy, async_finish=not hook,
                                                             return_recv_hook=hook, out=out)
-    (recv_hook if hook else event.current_stream_wait)()
+    _finish(event, recv_hook, pause)
     return combined
+
+
+def _finish(event, recv_hook, pause):
+    """Run the hook (after `pause`, the time a model would spend in between) or wait for the event."""
+    if recv_hook is None:
+        event.current_stream_wait()
+        return
+    if pause is not None:
+        pause()
+    recv_hook()
+
+
+def _random_pauses(seed, rank):
+    """-> a function sleeping 0, 20, 100 or 300 ms at random (half the time not at all), per (seed, rank)."""
+    rng = random.Random(seed * 1009 + rank)
+    return lambda: time.sleep(rng.choice((0, 0, 0, 0.02, 0.1, 0.3)))
 
 
 def _as_float(recv_x):
@@ -242,8 +262,11 @@ def _graph_body(rank, world, group, seed, num_experts):
     return True
 
 
-def _determinism_body(rank, world, group, seed, num_experts):
-    """20 reruns with one seed (hooks and plain alternating) are bit-identical."""
+def _determinism_body(rank, world, group, seed, num_experts, apart=False):
+    """20 reruns with one seed (hooks and plain alternating) are bit-identical and match the oracle's counts.
+    `apart`: every rank sleeps a random 0-300 ms before each call and each hook, so that ranks run apart (a
+    peer one call behind or far ahead; session 17 saw a wrong count once with ranks started seconds apart)."""
+    pause = _random_pauses(seed, rank) if apart else (lambda: None)
     buffer = _buffer(group, world, num_experts)
     dev = _device()
     x = torch.randn(T_MAX, HIDDEN, generator=generator(seed, rank)).to(dev, torch.bfloat16)
@@ -253,9 +276,11 @@ def _determinism_body(rank, world, group, seed, num_experts):
     first = None
     for rerun in range(20):
         hook = bool(rerun % 2)
-        recv_x, recv_count, handle = _dispatch(buffer, x, idx, num_experts, "fp8", hook)
+        pause()
+        recv_x, recv_count, handle = _dispatch(buffer, x, idx, num_experts, "fp8", hook, pause=pause)
         assert_same(recv_count, expect.recv_count, f"rerun {rerun} (hook {hook}): recv_count against the oracle")
-        out = _combine(buffer, per_token_cast_back(*recv_x), idx, weights, handle, hook)
+        pause()
+        out = _combine(buffer, per_token_cast_back(*recv_x), idx, weights, handle, hook, pause=pause)
         current = (_valid(recv_x, recv_count, handle), out.clone())
         if first is None:
             first = current
@@ -350,6 +375,11 @@ def test_cuda_graph_replay_with_new_data(world, seed):
 @pytest.mark.parametrize("world", WORLDS)
 def test_twenty_reruns_bit_identical(world, seed):
     assert all(run_ranks(world, _determinism_body, seed, 288, backend="triton", device="cuda"))
+
+
+@pytest.mark.parametrize("world", [gpu_world(2), gpu_world(4)])
+def test_reruns_with_ranks_apart(world, seed):
+    assert all(run_ranks(world, _determinism_body, seed, 288, True, backend="triton", device="cuda"))
 
 
 @pytest.mark.parametrize("world", WORLDS)
