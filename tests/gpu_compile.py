@@ -81,29 +81,35 @@ def _value(spec):
     raise ValueError(f"cannot rebuild argument {spec}")
 
 
-def use_hopper_target() -> None:
-    """Make Triton compile for sm_90 without a GPU: a stand-in driver that only names the target."""
-    import torch
-    from triton.backends.compiler import GPUTarget
+class FakeHopper:
+    """A stand-in Triton driver that names the sm_90 target (and device 0, stream `STREAM`); it launches nothing."""
+    STREAM = 0
+
+    def get_current_target(self):
+        from triton.backends.compiler import GPUTarget
+
+        return GPUTarget("cuda", 90, 32)
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return self.STREAM
+
+    def get_device_interface(self):
+        import torch
+
+        return torch.cuda
+
+    def is_active(self):
+        return True
+
+
+def use_hopper_target(stand_in: FakeHopper | None = None) -> None:
+    """Make Triton compile for sm_90 without a GPU, through `stand_in` (a plain FakeHopper by default)."""
     from triton.runtime import driver
 
-    class FakeHopper:
-        def get_current_target(self):
-            return GPUTarget("cuda", 90, 32)
-
-        def get_current_device(self):
-            return 0
-
-        def get_current_stream(self, device=None):
-            return 0
-
-        def get_device_interface(self):
-            return torch.cuda
-
-        def is_active(self):
-            return True
-
-    driver.set_active(FakeHopper())
+    driver.set_active(stand_in or FakeHopper())
 
 
 def compile_recorded(paths: list[str], keep_going: bool = False) -> list[str]:

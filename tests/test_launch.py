@@ -282,8 +282,8 @@ def test_fast_path_calls_the_compiled_kernel_as_tritons_jit_does(tmp_path):
 def check_against_tritons_jit() -> None:
     import triton
     import triton.language as tl
-    from triton.backends.compiler import GPUTarget
-    from triton.runtime import driver
+
+    import gpu_compile
 
     calls = []
 
@@ -294,29 +294,15 @@ def check_against_tritons_jit() -> None:
         def get_device_properties(self, device):
             return {"max_shared_mem": 232448}
 
-    class RecordingHopper:
-        """Names sm_90 and records every kernel launch instead of making it."""
+    class RecordingHopper(gpu_compile.FakeHopper):
+        """Also loads binaries (nothing) and records every kernel launch instead of making it."""
+        STREAM = 777
         utils = Utils()
 
         def launcher_cls(self, src, metadata):
             return lambda *args: calls.append(args)
 
-        def get_current_target(self):
-            return GPUTarget("cuda", 90, 32)
-
-        def get_current_device(self):
-            return 0
-
-        def get_current_stream(self, device=None):
-            return 777
-
-        def get_device_interface(self):
-            return torch.cuda
-
-        def is_active(self):
-            return True
-
-    driver.set_active(RecordingHopper())
+    gpu_compile.use_hopper_target(RecordingHopper())
     fl.current_device = lambda: 0
     fl.current_stream = lambda device: 777
 
