@@ -13,12 +13,15 @@ only the Triton backend (gloo has no all-to-all of CUDA tensors for the portable
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import faulthandler
 import importlib.util
 import os
 import pickle
 import queue
 import random
+import signal
 import socket
 import time
 import traceback
@@ -87,6 +90,7 @@ def run_ranks(world_size: int, fn: Callable, *args, backend: str = "collective",
 
 
 def _rank_main(rank, world_size, port, device, timeout, fn, args, results):
+    _die_with_parent()
     # a rank that hangs prints where it is stuck shortly before the parent gives up on it
     faulthandler.dump_traceback_later(max(1.0, timeout - 5), exit=False)
     try:
@@ -116,6 +120,19 @@ def _rank_main(rank, world_size, port, device, timeout, fn, args, results):
     results.put(("ok", rank, payload))
     dist.barrier()
     dist.destroy_process_group()
+
+
+def _die_with_parent() -> None:
+    """Linux: this rank gets SIGKILL when the test process ends. A test process killed from outside (a time
+    limit's SIGTERM) runs no cleanup, and its ranks would otherwise live on, spinning in GPU kernels that the
+    next tests' ranks share the GPU with (session 17)."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError, TypeError):  # not Linux: ranks end with their timeouts as before
+        return
+    if os.getppid() == 1:  # the parent was already gone before the prctl
+        os._exit(1)
 
 
 def _check_alive(procs, outputs, deadline, timeout):

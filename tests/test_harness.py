@@ -56,3 +56,40 @@ def test_more_ranks_than_gpus_need_the_shared_gpu_switch(monkeypatch):
     monkeypatch.setenv("FLASHEP_TEST_SHARED_GPU", "1")
     with pytest.raises(pytest.skip.Exception, match="Triton backend only"):
         run_ranks(too_many, hang, device="cuda", backend="collective")
+
+
+def record_pid_and_sleep(rank, num_ranks, group, folder):
+    with open(os.path.join(folder, f"rank{rank}"), "w") as f:
+        f.write(str(os.getpid()))
+    time.sleep(120)
+
+
+def test_ranks_end_with_a_killed_test_process(tmp_path):
+    """A test process ended by SIGTERM (a time limit) takes its ranks with it instead of leaving them running."""
+    import signal
+    import subprocess
+    import sys
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    script = ("import sys; sys.path.insert(0, sys.argv[1]); import harness, test_harness; "
+              "harness.run_ranks(2, test_harness.record_pid_and_sleep, sys.argv[2])")
+    parent = subprocess.Popen([sys.executable, "-c", script, here, str(tmp_path)])
+    deadline = time.monotonic() + 60
+    while len(os.listdir(tmp_path)) < 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    time.sleep(0.5)  # both pid files written in full
+    pids = [int((tmp_path / f"rank{r}").read_text()) for r in range(2)]
+    parent.send_signal(signal.SIGTERM)
+    parent.wait(timeout=30)
+    deadline = time.monotonic() + 10
+    while any(_running(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(_running(pid) for pid in pids), pids
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return "zombie" not in f.read()
+    except FileNotFoundError:
+        return False
