@@ -86,13 +86,17 @@ class SymmetricHeap:
         handle = symm_mem.rendezvous(local, self.group)
         if handle.multicast_ptr != 0:
             raise RuntimeError("symmetric memory mapped a multicast address although multicast must stay off")
-        # torch >= 2.11 sub-allocates from a pool: the tensor need not sit at the allocation base
+        # torch >= 2.11 sub-allocates from a pool: the tensor need not sit at the allocation base, and nothing
+        # makes every rank's offset the same (a rank whose pool holds other symmetric tensors has another one),
+        # so each rank's offset is exchanged rather than assumed equal to this rank's
         offset = local.data_ptr() - handle.buffer_ptrs[self.rank]
-        bases = [p + offset for p in handle.buffer_ptrs]
-        if any(p == offset for p in handle.buffer_ptrs):
+        offsets: list = [None] * self.world_size
+        dist.all_gather_object(offsets, offset, group=self.group)
+        if any(p == 0 for p in handle.buffer_ptrs):
             raise RuntimeError("a peer's symmetric buffer is not load/store reachable")
+        bases = [p + o for p, o in zip(handle.buffer_ptrs, offsets)]
         self._handle = handle
-        self._peer_views = [handle.get_buffer(r, (self.nbytes,), torch.uint8, storage_offset=offset)
+        self._peer_views = [handle.get_buffer(r, (self.nbytes,), torch.uint8, storage_offset=offsets[r])
                             for r in range(self.world_size)]
         if [v.data_ptr() for v in self._peer_views] != bases:
             raise RuntimeError("symmetric memory: peer views do not start at the peers' heap bases")
