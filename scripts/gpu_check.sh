@@ -4,9 +4,10 @@
 #   scripts/gpu_check.sh [PHASE ...] [-- BENCH_ARGS ...]
 #
 # Phases (default: tests bench):
-#   tests   pytest -m gpu -v -rfE (FLASHEP_TEST_SHARED_GPU=1: the 2- and 4-rank cases too where fewer GPUs are
-#           visible, several rank processes per GPU, for correctness only) (each case named as it ends, failures listed at the end); TESTS_ARGS selects (e.g.
-#           TESTS_ARGS="-k gpu4 tests/test_gpu_low_latency.py"); with 4 GPUs and no TESTS_ARGS the 2-GPU cases of
+#   tests   pytest -m gpu -v -rfE (each case named as it ends, failures listed at the end); TESTS_ARGS selects (e.g.
+#           TESTS_ARGS="-k gpu4 tests/test_gpu_low_latency.py"); FLASHEP_TEST_SHARED_GPU=1 runs the 2- and 4-rank
+#           cases too where fewer GPUs are visible (rank processes sharing a GPU: correctness only); with 4 GPUs and
+#           no TESTS_ARGS the 2-GPU cases of
 #           both suites run at once on GPUs 0-1 and 2-3, then the rest (run_tests_on_pairs)
 #   bench   python -m flashep.bench on 2 GPUs, then on 4 GPUs (where there are 4)
 #   quick   the same with --quick (few iterations)
