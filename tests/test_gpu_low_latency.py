@@ -278,7 +278,7 @@ def _determinism_body(rank, world, group, seed, num_experts, apart=False):
         hook = bool(rerun % 2)
         pause()
         recv_x, recv_count, handle = _dispatch(buffer, x, idx, num_experts, "fp8", hook, pause=pause)
-        assert_same(recv_count, expect.recv_count, f"rerun {rerun} (hook {hook}): recv_count against the oracle")
+        _check_counts(recv_count, handle[1], expect, world, f"rerun {rerun} (hook {hook})")
         pause()
         out = _combine(buffer, per_token_cast_back(*recv_x), idx, weights, handle, hook, pause=pause)
         current = (_valid(recv_x, recv_count, handle), out.clone())
@@ -289,6 +289,18 @@ def _determinism_body(rank, world, group, seed, num_experts, apart=False):
         assert_same(current[1], first[1], f"rerun {rerun}: combine")
     buffer.destroy()
     return True
+
+
+def _check_counts(recv_count, layout_range, expect, world, what):
+    """recv_count against the oracle; a mismatch names, per wrong expert, the rows per source rank as the
+    dispatch laid them out (layout_range) and as the oracle has them."""
+    wrong = (recv_count != expect.recv_count).nonzero().flatten().tolist()
+    if not wrong:
+        return
+    got = {i: (layout_range[i] & 0xFFFFFFFF).tolist() for i in wrong}
+    want = {i: torch.bincount(expect.src_rank[i].cpu(), minlength=world).tolist() for i in wrong}
+    raise AssertionError(f"{what}: recv_count of local experts {wrong}: {recv_count[wrong].tolist()}, the oracle "
+                         f"{expect.recv_count[wrong].tolist()}; rows per source rank {got}, the oracle {want}")
 
 
 def _token_counts_body(rank, world, group, seed, num_experts):
