@@ -67,10 +67,7 @@ def runtime_key(values) -> list:
     append = key.append
     for value in values:
         kind = type(value)
-        if kind is _Tensor:
-            append(value.dtype)
-            append(value.data_ptr() % 16 == 0)
-        elif kind is int:
+        if kind is int:
             append((value == 1, value % 16 == 0, -2**31 <= value < 2**31, 0 <= value < 2**32, -2**63 <= value < 2**63))
         elif isinstance(value, _Tensor):
             append(value.dtype)
