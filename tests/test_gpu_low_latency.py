@@ -4,8 +4,9 @@ one GPU runs a group of one rank).
 DeepSeek-V3 decode shapes (128 tokens, hidden 7168, top-8 of 256 or 288 experts): every assertion of
 DeepEP's low-latency test (with its LogFMT inputs and bound), hooks with a large matmul between send and hook,
 CUDA-graph capture of dispatch + combine (BF16 and LogFMT) replayed with new data, 20 reruns bit-identical
-(also with ranks sleeping at random between calls, so that they run apart),
-0..T_max tokens per rank against the oracle, and the profiler seeing one kernel name per operation.
+(also with ranks sleeping at random between calls, so that they run apart), 0..T_max tokens per rank
+against the oracle (fixed per rank, and drawn anew every call), and the profiler seeing one kernel name per
+operation.
 """
 import random
 import time
@@ -344,6 +345,43 @@ def _token_counts_body(rank, world, group, seed, num_experts):
     return True
 
 
+def _changing_counts_body(rank, world, group, seed, num_experts):
+    """Every call draws new token counts (0..T_max per rank) and new routing, so that a flag left by an earlier
+    operation carries another count than this one's (a receive once took such a count: rows of one peer went
+    missing). Each call's dispatch equals the oracle and its combine the weighted sum; the calls cycle through
+    the modes, with and without hooks."""
+    buffer = _buffer(group, world, num_experts)
+    dev = _device()
+    modes = list(MODES)
+    for call in range(16):
+        mode, hook = modes[(call // 2) % len(modes)], bool(call % 2)
+        counts = [int(torch.randint(0, T_MAX + 1, (1,), generator=generator(seed, r, call, 5))) for r in range(world)]
+        xs = [torch.randn(n, HIDDEN, generator=generator(seed, r, call, 6)).to(dev, torch.bfloat16)
+              for r, n in enumerate(counts)]
+        routes = [_routing(seed, r, n, num_experts, 100 + call) for r, n in enumerate(counts)]
+        idxs = [idx for idx, _ in routes]
+        x, (idx, weights) = xs[rank], routes[rank]
+        recv_x, recv_count, handle = _dispatch(buffer, x, idx, num_experts, mode, hook)
+        what = f"call {call} ({mode}, hook {hook}, tokens per rank {counts})"
+        expect = reference.low_latency_dispatch(xs, idxs, num_experts, *MODES[mode])[rank]
+        _check_counts(recv_count, handle[1], expect, world, what)
+        got = reference.canonical_low_latency_rows(recv_x, recv_count, handle, world)
+        for i in range(recv_count.numel()):
+            assert_same(got.src_rank[i], expect.src_rank[i], f"{what}: source ranks of expert {i}")
+            assert_same(got.src_idx[i], expect.src_idx[i], f"{what}: tokens of expert {i}")
+            assert_same(got.data[i], expect.data[i], f"{what}: data of expert {i}")
+            if MODES[mode][0]:
+                assert_same(got.scales[i], expect.scales[i], f"{what}: scales of expert {i}")
+        out = _combine(buffer, _as_float(recv_x), idx, weights, handle, hook)
+        assert out.shape == (counts[rank], HIDDEN), f"{what}: combine shape"
+        if counts[rank]:
+            x_seen = _as_float(reference.quantize_low_latency(x, *MODES[mode][1:])) if MODES[mode][0] else x
+            ref = x_seen.float() * weights.masked_fill(idx == -1, 0).sum(dim=1, keepdim=True)
+            assert calc_diff(ref, out.float()) < 1e-5, f"{what}: combine"
+    buffer.destroy()
+    return True
+
+
 def _kernel_names_body(rank, world, group, seed, num_experts):
     """Profilers find each operation by substring: one kernel name holds "dispatch", one "combine"."""
     buffer = _buffer(group, world, num_experts)
@@ -397,6 +435,11 @@ def test_reruns_with_ranks_apart(world, seed):
 @pytest.mark.parametrize("world", WORLDS)
 def test_token_counts_zero_to_t_max(world, seed):
     assert all(run_ranks(world, _token_counts_body, seed, 256, backend="triton", device="cuda"))
+
+
+@pytest.mark.parametrize("world", WORLDS)
+def test_token_counts_change_every_call(world, seed):
+    assert all(run_ranks(world, _changing_counts_body, seed, 256, backend="triton", device="cuda"))
 
 
 @pytest.mark.parametrize("world", WORLDS)

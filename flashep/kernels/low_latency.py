@@ -78,19 +78,26 @@ def _stamp_row(stamps_ptr, num_senders, PHASE: tl.constexpr):
 
 @triton.jit
 def _wait_flags(flags, num_rows, num_cols, wanted, other, budget, error_address, phase, rank, first_peer,
-                ROWS: tl.constexpr, COLS: tl.constexpr, ROW_STRIDE: tl.constexpr, USE_TIMER: tl.constexpr):
+                ROWS: tl.constexpr, COLS: tl.constexpr, ROW_STRIDE: tl.constexpr, USE_TIMER: tl.constexpr,
+                VALUES: tl.constexpr = False):
     """Spin until the tag (high 32 bits) of flags[r * ROW_STRIDE + c] is `wanted` or `other` for every
     r < num_rows, c < num_cols; row r is the flags of peer first_peer + r. -> (ok, per-row wait in ns,
-    per-row sum of the flags' low 32 bits, per row: every flag already held `other` when acquired). On
-    timeout records (phase, rank, first missing peer) in the error word."""
+    per-row sum of the flags' low 32 bits, per row: every flag already held `other` when acquired); the
+    last two only with VALUES (else zeros). On timeout records (phase, rank, first missing peer) in the
+    error word.
+
+    VALUES reads the flags once more after the wait. The flag tile is replicated over threads (more threads
+    than flags), each copy loaded on its own, and a reduction takes each row from one copy: in the poll where
+    a row arrives, the copy that says "arrived" and the copy whose low bits are summed may differ (one read
+    before the store, one after), which gave a count of a previous operation, or 0, for one peer (seen on
+    the GPU). A read after the barrier that follows the wait comes after every copy's observation, so every
+    copy then holds this operation's tag and count (a flag goes no further before this receive is done)."""
     rows = tl.arange(0, ROWS)
     cols = tl.arange(0, COLS)
     mask = (rows[:, None] < num_rows) & (cols[None, :] < num_cols)
     ptrs = flags + rows[:, None] * ROW_STRIDE + cols[None, :]
     start = now_ns(USE_TIMER)
     waited = tl.zeros([ROWS], dtype=tl.int64)
-    counts = tl.zeros([ROWS], dtype=tl.int32)
-    values = tl.zeros([ROWS, COLS], dtype=tl.int64)
     done = rows >= num_rows
     spins = 0
     alive = True
@@ -100,10 +107,8 @@ def _wait_flags(flags, num_rows, num_cols, wanted, other, budget, error_address,
         flag_tags = values >> 32
         hit = ((flag_tags == wanted) | (flag_tags == other)).to(tl.int32)
         row_done = tl.min(tl.where(mask, hit, 1), axis=1) > 0
-        arrived = row_done & (done == 0)
         elapsed = now_ns(USE_TIMER) - start
-        waited = tl.where(arrived, elapsed, waited)
-        counts = tl.where(arrived, tl.sum(tl.where(mask, values & 0xFFFFFFFF, 0), axis=1).to(tl.int32), counts)
+        waited = tl.where(row_done & (done == 0), elapsed, waited)
         done = done | row_done
         spins += 1
         if USE_TIMER:
@@ -111,12 +116,16 @@ def _wait_flags(flags, num_rows, num_cols, wanted, other, budget, error_address,
         else:
             alive = spins < budget
     tl.debug_barrier()  # threads that did not acquire a flag read the data only after those that did
-    # what the last poll read may already be a later stage's tag
-    at_other = tl.min(tl.where(mask, ((values >> 32) == other).to(tl.int32), 1), axis=1) > 0
     ok = tl.min(done.to(tl.int32), axis=0) == 1
+    counts = tl.zeros([ROWS], dtype=tl.int32)
+    at_other = rows < 0
     if ok == 0:
         missing = tl.min(tl.where(done, ROWS, rows), axis=0)
         record_timeout(error_address, phase, rank, first_peer + missing)
+    elif VALUES:
+        values = acquire_flags(ptrs, mask, USE_TIMER)
+        counts = tl.sum(tl.where(mask, values & 0xFFFFFFFF, 0), axis=1).to(tl.int32)
+        at_other = tl.min(tl.where(mask, ((values >> 32) == other).to(tl.int32), 1), axis=1) > 0
     return ok, waited, counts, at_other
 
 
@@ -343,7 +352,7 @@ def _dispatch_receive(pid, e, recv_x, recv_scales, recv_count, src_info, topk_sl
     start = now_ns(USE_TIMER)
     # the top-k rows of every source (a source whose data already came counts too)
     ok, _, num_msgs, data_came = _wait_flags(flags, R, num_groups, meta_tag, data_tag, budget, error_address,
-                                             PHASE_CODE, rank, 0, R_PAD, G_PAD, G_STRIDE, USE_TIMER)
+                                             PHASE_CODE, rank, 0, R_PAD, G_PAD, G_STRIDE, USE_TIMER, VALUES=True)
     _stamp(stamps, 1, STAMPS)
     if ok:
         sources = tl.arange(0, R_PAD)

@@ -530,6 +530,11 @@ def _direct_outputs(slot_ptrs, out_bases_ptr, rank_prefix_ptr, e, num_scales, nu
         if tl.max(behind.to(tl.int32), axis=0) > 0:
             record_timeout(err_addr_ptr, _phase_dispatch_outputs, rank, tl.min(tl.where(behind, ranks, R_PAD), axis=0))
             failed = 1
+    if failed == 0:
+        # the slots once more, after a barrier: each thread's copy of them was loaded on its own, so a copy
+        # may predate the one the wait decided on (see low_latency._wait_flags); this read follows them all
+        tl.debug_barrier()
+        values = acquire_flags(slot_ptrs, peer_ok, USE_TIMER)
     state = values & 0xFFFFFFFF
     direct = (peer_ok & (state != 0)).to(tl.int32)
     x = tl.load(out_bases_ptr + ranks, mask=rank_ok, other=0) + tl.maximum(state - 1, 0) * _output_unit
