@@ -16,10 +16,13 @@
 #
 # Needs torch and triton installed (no network, no pip install: the repository is put on PYTHONPATH).
 # Triton cache: kernels compile into ./.triton_cache; the GPU suites spend most of their time compiling
-# (~40 s per test when cold). A tarball .devcache/triton-cache.tar.xz (git-ignored; carry it with the device
-# tool's `carry: [".devcache"]`) is unpacked first, and SAVE_TRITON_CACHE=1 writes the cache back as
-# $OUT/triton-cache.tar.xz (one of the 8 files that come back) for the next call. Entries are keyed by kernel
-# source, so a cache stays valid until the kernels change.
+# (~40 s per test when cold). Every tarball .devcache/triton-cache*.tar.xz (git-ignored; carry it with the device
+# tool's `carry: [".devcache"]`), and every one split into parts (NAME.part-aa, -ab, ...), is unpacked first.
+# SAVE_TRITON_CACHE=1 writes the entries this call compiled (not those unpacked) as
+# $OUT/triton-cache-new.tar.xz, split into 15 MiB parts when larger (a file that comes back holds at most
+# 16 MiB); copy them into .devcache under a new name (e.g. triton-cache-<date>-<call>.tar.xz[.part-aa]) for
+# the next call. Entries are keyed by kernel source, so a cache stays valid until the kernels change; stale
+# tarballs only cost room in the 64 MiB that travel with a call.
 # RECORD_LAUNCHES=1 records every distinct kernel launch of the test ranks (FLASHEP_RECORD_LAUNCHES) and returns
 # them as $OUT/launches.tar.xz: commit them under tests/gpu_launches/, and a later session compiles them on a
 # machine without a GPU (scripts/warm_triton_cache.py) into the cache tarball above, before its first device call
@@ -40,7 +43,12 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 export TRITON_CACHE_DIR="${TRITON_CACHE_DIR:-$PWD/.triton_cache}"
-[ -f .devcache/triton-cache.tar.xz ] && tar xf .devcache/triton-cache.tar.xz -C "$(dirname "$TRITON_CACHE_DIR")"
+cache_parent="$(dirname "$TRITON_CACHE_DIR")"
+for tarball in .devcache/triton-cache*.tar.xz; do [ -f "$tarball" ] && tar xf "$tarball" -C "$cache_parent"; done
+for first in .devcache/triton-cache*.tar.xz.part-aa; do
+  [ -f "$first" ] && cat "${first%aa}"* | tar xJf - -C "$cache_parent"
+done
+touch /tmp/flashep-cache-start  # entries newer than this were compiled by this call
 launches_dir=/tmp/flashep-launches
 [ "${RECORD_LAUNCHES:-0}" = 1 ] && export FLASHEP_RECORD_LAUNCHES="$launches_dir"
 # never NVLink multicast: it can take a shared host's GPUs out of service
@@ -158,7 +166,13 @@ if [ "${RECORD_LAUNCHES:-0}" = 1 ] && [ -d "$launches_dir" ]; then
   XZ_OPT=-T0 tar cJf "$OUT/launches.tar.xz" -C /tmp launches.jsonl
 fi
 if [ "${SAVE_TRITON_CACHE:-0}" = 1 ]; then
-  XZ_OPT=-T0 tar cJf "$OUT/triton-cache.tar.xz" -C "$(dirname "$TRITON_CACHE_DIR")" "$(basename "$TRITON_CACHE_DIR")"
+  (cd "$cache_parent" && find "$(basename "$TRITON_CACHE_DIR")" -mindepth 1 -maxdepth 1 -newer /tmp/flashep-cache-start \
+     | XZ_OPT=-T0 tar cJf /tmp/triton-cache-new.tar.xz -T -)
+  if [ "$(stat -c %s /tmp/triton-cache-new.tar.xz)" -gt $((15 << 20)) ]; then
+    split -b 15M /tmp/triton-cache-new.tar.xz "$OUT/triton-cache-new.tar.xz.part-"
+  else
+    cp /tmp/triton-cache-new.tar.xz "$OUT/"
+  fi
 fi
 
 echo
