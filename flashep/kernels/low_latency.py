@@ -82,16 +82,18 @@ def _wait_flags(flags, num_rows, num_cols, wanted, other, budget, error_address,
                 VALUES: tl.constexpr = False):
     """Spin until the tag (high 32 bits) of flags[r * ROW_STRIDE + c] is `wanted` or `other` for every
     r < num_rows, c < num_cols; row r is the flags of peer first_peer + r. -> (ok, per-row wait in ns,
-    per-row sum of the flags' low 32 bits, per row: every flag already held `other` when acquired); the
-    last two only with VALUES (else zeros). On timeout records (phase, rank, first missing peer) in the
-    error word.
+    per-row sum of the flags' low 32 bits: only with VALUES, else zeros). On timeout records (phase, rank,
+    first missing peer) in the error word.
 
     VALUES reads the flags once more after the wait. The flag tile is replicated over threads (more threads
     than flags), each copy loaded on its own, and a reduction takes each row from one copy: in the poll where
     a row arrives, the copy that says "arrived" and the copy whose low bits are summed may differ (one read
     before the store, one after), which gave a count of a previous operation, or 0, for one peer (seen on
     the GPU). A read after the barrier that follows the wait comes after every copy's observation, so every
-    copy then holds this operation's tag and count (a flag goes no further before this receive is done)."""
+    copy then holds this operation's tag and count (a flag goes no further before this receive is done).
+    For the same reason the callers branch on nothing the flags say: where each warp polls its own copy
+    (small tiles: the reductions stay inside a warp), warps would take different branches, and a barrier in
+    one branch would pair with another barrier of the other warps."""
     rows = tl.arange(0, ROWS)
     cols = tl.arange(0, COLS)
     mask = (rows[:, None] < num_rows) & (cols[None, :] < num_cols)
@@ -118,15 +120,13 @@ def _wait_flags(flags, num_rows, num_cols, wanted, other, budget, error_address,
     tl.debug_barrier()  # threads that did not acquire a flag read the data only after those that did
     ok = tl.min(done.to(tl.int32), axis=0) == 1
     counts = tl.zeros([ROWS], dtype=tl.int32)
-    at_other = rows < 0
     if ok == 0:
         missing = tl.min(tl.where(done, ROWS, rows), axis=0)
         record_timeout(error_address, phase, rank, first_peer + missing)
     elif VALUES:
         values = acquire_flags(ptrs, mask, USE_TIMER)
         counts = tl.sum(tl.where(mask, values & 0xFFFFFFFF, 0), axis=1).to(tl.int32)
-        at_other = tl.min(tl.where(mask, ((values >> 32) == other).to(tl.int32), 1), axis=1) > 0
-    return ok, waited, counts, at_other
+    return ok, waited, counts
 
 
 @triton.jit
@@ -337,8 +337,8 @@ def _dispatch_receive(pid, e, recv_x, recv_scales, recv_count, src_info, topk_sl
                       G_PAD: tl.constexpr, ROW_BYTES: tl.constexpr, NUM_SCALES: tl.constexpr,
                       SCALES_PAD: tl.constexpr, USE_FP8: tl.constexpr, HAS_EXPERT_STATS: tl.constexpr,
                       HAS_WAIT_STATS: tl.constexpr, USE_TIMER: tl.constexpr, TILE_R: tl.constexpr,
-                      BLOCK_H: tl.constexpr, SCAN: tl.constexpr, PHASE_CODE: tl.constexpr, stamps,
-                      STAMPS: tl.constexpr):
+                      BLOCK_H: tl.constexpr, SCAN: tl.constexpr, PHASE: tl.constexpr, PHASE_CODE: tl.constexpr,
+                      stamps, STAMPS: tl.constexpr):
     _stamp(stamps, 0, STAMPS)
     local_expert = pid // num_parts
     part = pid % num_parts
@@ -350,9 +350,16 @@ def _dispatch_receive(pid, e, recv_x, recv_scales, recv_count, src_info, topk_sl
     meta_tag = tag(2 * e)
     data_tag = tag(2 * e + 1)
     start = now_ns(USE_TIMER)
-    # the top-k rows of every source (a source whose data already came counts too)
-    ok, _, num_msgs, data_came = _wait_flags(flags, R, num_groups, meta_tag, data_tag, budget, error_address,
-                                             PHASE_CODE, rank, 0, R_PAD, G_PAD, G_STRIDE, USE_TIMER, VALUES=True)
+    # the top-k rows of every source. A receive launched on its own (a hook, called once the data is there as a
+    # rule) waits for the data stage at once and then copies every row in one pass; a launch of both phases
+    # takes the top-k stage (or the data stage, which implies it), lays out the rows while the data is on its
+    # way and copies in two passes (below). The choice is the launch's, not the flags': see _wait_flags
+    if PHASE == RECEIVE:
+        first_tag = data_tag
+    else:
+        first_tag = meta_tag
+    ok, first_wait, num_msgs = _wait_flags(flags, R, num_groups, first_tag, data_tag, budget, error_address,
+                                           PHASE_CODE, rank, 0, R_PAD, G_PAD, G_STRIDE, USE_TIMER, VALUES=True)
     _stamp(stamps, 1, STAMPS)
     if ok:
         sources = tl.arange(0, R_PAD)
@@ -402,26 +409,26 @@ def _dispatch_receive(pid, e, recv_x, recv_scales, recv_count, src_info, topk_sl
         tl.debug_barrier()  # this program's row_msg stores are read back by its copy
         _stamp(stamps, 2, STAMPS)
         # then the rows, in as few dependent passes as possible (each pass is a chain of loads and stores):
-        # after a hook's delay every source's data came with the wait above, so one pass copies everything;
-        # otherwise this rank's own rows (stored first in a launch of both phases) are copied while the
-        # peers' data is on its way, and the rest in one pass once every peer's data came
-        came = tl.min(tl.where(sources < R, data_came.to(tl.int32), 1), axis=0) > 0
-        waited = tl.zeros([R_PAD], dtype=tl.int64) + (now_ns(USE_TIMER) - start)
+        # a receive on its own has every source's data already and copies everything in one pass; a launch
+        # of both phases copies this rank's own rows (stored first) while the peers' data is on its way, and
+        # the rest in one pass once every peer's data came
+        waited = first_wait  # ns per source until its data came
         own_begin = tl.sum(tl.where(sources == rank, begins, 0), axis=0)
-        own_end = tl.where(came, own_begin, tl.sum(tl.where(sources == rank, ends, 0), axis=0))
-        if came == 0:
-            ok, _own_wait, _own_count, _own_done = _wait_flags(flags + rank * G_STRIDE, 1, num_groups, data_tag,
-                                                               data_tag, budget, error_address, PHASE_CODE, rank,
-                                                               rank, 1, G_PAD, G_STRIDE, USE_TIMER)
+        own_end = own_begin
+        if PHASE != RECEIVE:
+            own_end = tl.sum(tl.where(sources == rank, ends, 0), axis=0)
+            ok, _own_wait, _own_count = _wait_flags(flags + rank * G_STRIDE, 1, num_groups, data_tag, data_tag,
+                                                    budget, error_address, PHASE_CODE, rank, rank, 1, G_PAD,
+                                                    G_STRIDE, USE_TIMER)
             if ok:
                 _copy_rows(recv_x, recv_scales, row_msg, data_src, local_expert, own_begin, own_end, 0, 0, part,
                            num_parts, rows_per_expert, H, ROW_BYTES, NUM_SCALES, SCALES_PAD, USE_FP8, TILE_R,
                            BLOCK_H)
                 since = now_ns(USE_TIMER) - start
-                ok, arrival, _all_counts, _all_done = _wait_flags(flags, R, num_groups, data_tag, data_tag, budget,
-                                                                  error_address, PHASE_CODE, rank, 0, R_PAD, G_PAD,
-                                                                  G_STRIDE, USE_TIMER)
-                waited = tl.where(data_came, waited, since + arrival)
+                ok, arrival, _all_counts = _wait_flags(flags, R, num_groups, data_tag, data_tag, budget,
+                                                       error_address, PHASE_CODE, rank, 0, R_PAD, G_PAD, G_STRIDE,
+                                                       USE_TIMER)
+                waited = since + arrival
         _stamp(stamps, 3, STAMPS)
         if ok:
             _copy_rows(recv_x, recv_scales, row_msg, data_src, local_expert, 0, num_rows, own_begin, own_end, part,
@@ -457,7 +464,7 @@ def ep_ll_dispatch_kernel(x_ptr, topk_ptr, num_tokens, recv_x, recv_scales, recv
                           rank, num_local, rows_per_expert, num_parts, num_groups, budget, off_data, off_meta,
                           off_flags, H, K, K_PAD, R, R_PAD, T_CAP, META, G_STRIDE, G_PAD, ROW_BYTES,
                           NUM_SCALES, SCALES_PAD, USE_FP8, HAS_EXPERT_STATS, HAS_WAIT_STATS, USE_TIMER, TILE_R,
-                          BLOCK_H, SCAN, PHASE_CODE, stamps, STAMPS)
+                          BLOCK_H, SCAN, PHASE, PHASE_CODE, stamps, STAMPS)
     _end(epoch_ptr, arrivals_ptr, e, PHASE)
 
 
@@ -638,7 +645,7 @@ def _combine_send(pid, e, x_ptr, x_expert_stride, x_row_stride, topk_ptr, num_to
     ok = True
     if not HAS_SLOTS:
         publish_flag = _heap_ptr(heap_bases, home, off_publish_flags, tl.int64) + half
-        ok, _, _, _ = _wait_flags(publish_flag, 1, 1, tag(e), tag(e), budget, error_address, PHASE_CODE, rank,
+        ok, _, _ = _wait_flags(publish_flag, 1, 1, tag(e), tag(e), budget, error_address, PHASE_CODE, rank,
                                   home, 1, 1, 1, USE_TIMER)
         home_topk = _heap_ptr(heap_bases, home, off_publish + half * T_CAP * K_CAP * 4, tl.int32)
     if ok:
@@ -689,7 +696,7 @@ def _combine_receive(pid_t, pid_h, e, out_ptr, topk_ptr, weights_ptr, num_tokens
     _stamp(stamps, 0, STAMPS)
     half = e % 2
     flags = _heap_ptr(heap_bases, rank, off_flags, tl.int64) + half * R * G_STRIDE
-    ok, waited, _, _ = _wait_flags(flags, R, num_groups, tag(e), tag(e), budget, error_address, PHASE_CODE, rank,
+    ok, waited, _ = _wait_flags(flags, R, num_groups, tag(e), tag(e), budget, error_address, PHASE_CODE, rank,
                                    0, R_PAD, G_PAD, G_STRIDE, USE_TIMER)
     _stamp(stamps, 1, STAMPS)
     if ok:

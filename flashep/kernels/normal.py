@@ -122,10 +122,14 @@ def _wait_channels(flag_ptrs, flag_ok, needed, channel, ready, e, num_channels, 
             behind = needed & (ready <= channel)
             spins += 1
             alive = within_budget(start, spins, budget, USE_TIMER)
-        tl.debug_barrier()  # threads that did not acquire read the rows only after those that did
         if tl.max(behind.to(tl.int32), axis=0) > 0:
             record_timeout(err_addr_ptr, phase, rank, tl.min(tl.where(behind, ranks, R_PAD), axis=0))
             failed = 1
+    # threads that did not acquire read the rows only after those that did. Outside the `if`: where the flag
+    # tile is replicated over warps, each warp polls its own copy and keeps its own `ready`, so one warp may
+    # still wait where another has seen the flags already (sm_90 PTX: the test above is a per-warp shuffle
+    # reduction), and a barrier inside would pair with a later barrier of the other warps
+    tl.debug_barrier()
     return ready, failed
 
 
@@ -530,10 +534,11 @@ def _direct_outputs(slot_ptrs, out_bases_ptr, rank_prefix_ptr, e, num_scales, nu
         if tl.max(behind.to(tl.int32), axis=0) > 0:
             record_timeout(err_addr_ptr, _phase_dispatch_outputs, rank, tl.min(tl.where(behind, ranks, R_PAD), axis=0))
             failed = 1
+    # the slots once more, after a barrier (unconditional: see _wait_channels): each thread's copy of them was
+    # loaded on its own, so a copy may predate the one the wait decided on (see low_latency._wait_flags); this
+    # read follows them all
+    tl.debug_barrier()
     if failed == 0:
-        # the slots once more, after a barrier: each thread's copy of them was loaded on its own, so a copy
-        # may predate the one the wait decided on (see low_latency._wait_flags); this read follows them all
-        tl.debug_barrier()
         values = acquire_flags(slot_ptrs, peer_ok, USE_TIMER)
     state = values & 0xFFFFFFFF
     direct = (peer_ok & (state != 0)).to(tl.int32)
