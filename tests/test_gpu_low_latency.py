@@ -304,6 +304,31 @@ def _check_counts(recv_count, layout_range, expect, world, what):
                          f"{expect.recv_count[wrong].tolist()}; rows per source rank {got}, the oracle {want}")
 
 
+def _check_dispatch(recv_x, recv_count, handle, all_x, all_idx, rank, world, num_experts, mode, what):
+    """This rank's dispatch exactly as the oracle's: counts (per source rank), rows, tokens, data, scales."""
+    expect = reference.low_latency_dispatch(all_x, all_idx, num_experts, *MODES[mode])[rank]
+    _check_counts(recv_count, handle[1], expect, world, what)
+    got = reference.canonical_low_latency_rows(recv_x, recv_count, handle, world)
+    for i in range(recv_count.numel()):
+        assert_same(got.src_rank[i], expect.src_rank[i], f"{what}: source ranks of expert {i}")
+        assert_same(got.src_idx[i], expect.src_idx[i], f"{what}: tokens of expert {i}")
+        assert_same(got.data[i], expect.data[i], f"{what}: data of expert {i}")
+        if MODES[mode][0]:
+            assert_same(got.scales[i], expect.scales[i], f"{what}: scales of expert {i}")
+
+
+def _check_combine(out, x, idx, weights, mode, what):
+    """The combine of the dispatched rows sent back unchanged: each token's row as the dispatch carried it
+    (quantised in the FP8 modes) times its summed weights. -> that row (x as the experts saw it)."""
+    assert out.shape == x.shape, f"{what}: combine shape {tuple(out.shape)}"
+    x_seen = _as_float(reference.quantize_low_latency(x, *MODES[mode][1:])) if MODES[mode][0] else x
+    if x.size(0):
+        ref = x_seen.float() * weights.masked_fill(idx == -1, 0).sum(dim=1, keepdim=True)
+        assert calc_diff(ref, out.float()) < 1e-5, f"{what}: combine"
+        assert (ref - out.float()).abs().max() <= 0.02 * ref.abs().max() + 1e-3, f"{what}: combine max error"
+    return x_seen
+
+
 def _token_counts_body(rank, world, group, seed, num_experts):
     """0, 1, T_max / 2 and T_max tokens on the ranks: dispatch exact against the oracle in every mode,
     combine (BF16 and LogFMT) close to the oracle's weighted sum."""
@@ -313,25 +338,13 @@ def _token_counts_body(rank, world, group, seed, num_experts):
     x = torch.randn(num_tokens, HIDDEN, generator=generator(seed, rank)).to(dev, torch.bfloat16)
     idx, weights = _routing(seed, rank, num_tokens, num_experts)
     all_x, all_idx = _gather(group, world, x), _gather(group, world, idx)
-    for mode, (use_fp8, _, _) in MODES.items():
+    for mode in MODES:
         for hook in (False, True):
             recv_x, recv_count, handle = _dispatch(buffer, x, idx, num_experts, mode, hook)
-            expect = reference.low_latency_dispatch(all_x, all_idx, num_experts, *MODES[mode])[rank]
-            got = reference.canonical_low_latency_rows(recv_x, recv_count, handle, world)
-            assert_same(recv_count, expect.recv_count, f"{mode}: recv_count")
-            for i in range(recv_count.numel()):
-                assert_same(got.src_idx[i], expect.src_idx[i], f"{mode}: tokens of expert {i}")
-                assert_same(got.data[i], expect.data[i], f"{mode}: data of expert {i}")
-                if use_fp8:
-                    assert_same(got.scales[i], expect.scales[i], f"{mode}: scales of expert {i}")
+            _check_dispatch(recv_x, recv_count, handle, all_x, all_idx, rank, world, num_experts, mode, mode)
             y = _as_float(recv_x)
             out = _combine(buffer, y, idx, weights, handle, hook)
-            assert out.shape == (num_tokens, HIDDEN)
-            if num_tokens:
-                x_seen = _as_float(reference.quantize_low_latency(x, *MODES[mode][1:])) if use_fp8 else x
-                ref = x_seen.float() * weights.masked_fill(idx == -1, 0).sum(dim=1, keepdim=True)
-                assert calc_diff(ref, out.float()) < 1e-5, f"{mode}: combine"
-                assert (ref - out.float()).abs().max() <= 0.02 * ref.abs().max() + 1e-3, f"{mode}: combine max error"
+            x_seen = _check_combine(out, x, idx, weights, mode, mode)
             # LogFMT: every expert returns its row times 0.1 (every group encoded); each output element is the
             # codec's decoded value times the summed weights, up to one bf16 rounding and the fp32 sum
             small = (y.float() * 0.1).to(torch.bfloat16)
@@ -363,21 +376,9 @@ def _changing_counts_body(rank, world, group, seed, num_experts):
         x, (idx, weights) = xs[rank], routes[rank]
         recv_x, recv_count, handle = _dispatch(buffer, x, idx, num_experts, mode, hook)
         what = f"call {call} ({mode}, hook {hook}, tokens per rank {counts})"
-        expect = reference.low_latency_dispatch(xs, idxs, num_experts, *MODES[mode])[rank]
-        _check_counts(recv_count, handle[1], expect, world, what)
-        got = reference.canonical_low_latency_rows(recv_x, recv_count, handle, world)
-        for i in range(recv_count.numel()):
-            assert_same(got.src_rank[i], expect.src_rank[i], f"{what}: source ranks of expert {i}")
-            assert_same(got.src_idx[i], expect.src_idx[i], f"{what}: tokens of expert {i}")
-            assert_same(got.data[i], expect.data[i], f"{what}: data of expert {i}")
-            if MODES[mode][0]:
-                assert_same(got.scales[i], expect.scales[i], f"{what}: scales of expert {i}")
+        _check_dispatch(recv_x, recv_count, handle, xs, idxs, rank, world, num_experts, mode, what)
         out = _combine(buffer, _as_float(recv_x), idx, weights, handle, hook)
-        assert out.shape == (counts[rank], HIDDEN), f"{what}: combine shape"
-        if counts[rank]:
-            x_seen = _as_float(reference.quantize_low_latency(x, *MODES[mode][1:])) if MODES[mode][0] else x
-            ref = x_seen.float() * weights.masked_fill(idx == -1, 0).sum(dim=1, keepdim=True)
-            assert calc_diff(ref, out.float()) < 1e-5, f"{what}: combine"
+        _check_combine(out, x, idx, weights, mode, what)
     buffer.destroy()
     return True
 
