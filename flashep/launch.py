@@ -21,6 +21,12 @@ The key costs time too (Python, per argument): on a 2-core CPU host with a stand
 arguments and 17 constexprs took ~40-50 us per launch through the JIT, ~22-30 us per hit here, ~5 us through
 its compiled kernel alone.
 
+A caller that launches the same kernel again and again with the same arguments but a few new tensors (a
+cached dispatch: new inputs and outputs, the same handle and buffers) can keep a `Replay` of a launch
+(`launch_replayable`): it skips the key and the caller's own argument building, and checks only what the key
+would have checked of the new tensors (dtype, 16-byte alignment). Which other arguments the replay stands for
+is the caller's business: it keys its replays by everything else it would have passed.
+
 Always the JIT path: under the interpreter (TRITON_INTERPRET=1), with FLASHEP_FAST_LAUNCH=0 (both read at a
 kernel's first launch), while the kernel has pre-run hooks, and for good once the JIT returned something that
 is not a compiled kernel (another Triton version's API).
@@ -28,6 +34,7 @@ is not a compiled kernel (another Triton version's API).
 from __future__ import annotations
 
 import operator
+from typing import Optional
 
 import torch
 
@@ -151,12 +158,67 @@ class Launcher:
         return values, tuple(key)
 
 
+class Replay:
+    """A launch to repeat with the tensors of some parameters (`slots`) replaced: `replay(*tensors)` launches
+    the same compiled kernel on the same grid with every other argument as it was, on the current stream, and
+    returns True; False (nothing launched) when a new tensor differs from the first launch's in what the kernel
+    was specialised on (dtype, 16-byte alignment) or another device is current: the caller then launches in
+    full. The first launch's tensors at `slots` are not kept (they would keep its outputs alive)."""
+
+    __slots__ = ("compiled", "grid", "values", "slots", "expected", "device")
+
+    def __init__(self, compiled, grid: tuple, values: list, slots: list, device: int):
+        self.compiled = compiled
+        self.grid = grid
+        self.slots = slots
+        self.expected = [(values[i].dtype, values[i].data_ptr() % 16 == 0) for i in slots]
+        self.values = list(values)
+        for i in slots:
+            self.values[i] = None
+        self.device = device
+
+    def __call__(self, *tensors) -> bool:
+        values = self.values.copy()
+        for slot, (dtype, aligned), tensor in zip(self.slots, self.expected, tensors):
+            if tensor.dtype != dtype or (tensor.data_ptr() % 16 == 0) != aligned:
+                return False
+            values[slot] = tensor
+        if current_device() != self.device:
+            return False
+        self.compiled[self.grid](*values, stream=current_stream(self.device))
+        return True
+
+
 _launchers: dict = {}  # id(kernel) -> Launcher (kernels are module globals: their ids stay taken)
+
+
+def _launcher(kernel) -> Launcher:
+    launcher = _launchers.get(id(kernel))
+    if launcher is None or launcher.kernel is not kernel:
+        launcher = _launchers[id(kernel)] = Launcher(kernel)
+    return launcher
 
 
 def launch(kernel, grid, *args, **kwargs):
     """`kernel[grid](*args, **kwargs)`, through the kernel's Launcher."""
-    launcher = _launchers.get(id(kernel))
-    if launcher is None or launcher.kernel is not kernel:
-        launcher = _launchers[id(kernel)] = Launcher(kernel)
-    return launcher(grid, *args, **kwargs)
+    return _launcher(kernel)(grid, *args, **kwargs)
+
+
+def launch_replayable(kernel, grid, swap: tuple, *args, **kwargs) -> Optional[Replay]:
+    """`launch(kernel, grid, *args, **kwargs)`, and a Replay of it whose tensors of the parameters named in
+    `swap` are replaced at each replay (in that order); None where the launch took the JIT path (interpreter,
+    FLASHEP_FAST_LAUNCH=0, an argument the key does not cover)."""
+    launcher = _launcher(kernel)
+    compiled = launcher(grid, *args, **kwargs)
+    if not launcher.fast or callable(grid) or not looks_compiled(compiled):
+        return None
+    try:
+        values, key = launcher.bind(args, kwargs)
+    except (Unsupported, TypeError):
+        return None
+    if launcher.compiled.get(key) is not compiled:
+        return None
+    slots = [launcher.names.index(name) for name in swap]
+    if not all(isinstance(values[i], _Tensor) for i in slots):
+        return None
+    return Replay(compiled, tuple(grid) + (1,) * (3 - len(grid)), values, slots, key[-1])
