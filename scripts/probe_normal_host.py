@@ -11,8 +11,8 @@ Per op, rank 0 prints: host us per call in a back-to-back loop (no sync), GPU us
 (events around the whole loop), the same op timed one call at a time with the benchmark's L2 flush before each
 (e2e and its host time), and the kernels' time per call (torch.profiler, the ranks lined up). Options:
 --kernels-only (only the kernel column), --breakdown (host cost of the pieces of a cached dispatch: the Triton
-launch through the JIT, through flashep.launch (a repeated launch, FLASHEP_FAST_LAUNCH) and through the
-compiled kernel's launcher, allocations, events, ...), --profile (a cProfile of the calls by own time). The
+launch through the JIT, through flashep.launch (a repeated launch, FLASHEP_FAST_LAUNCH), through the replay
+the backend keeps of it, and through the compiled kernel's launcher, allocations, events, ...), --profile (a cProfile of the calls by own time). The
 tuning knobs of the environment (FLASHEP_NUM_WARPS, ...) apply, so a loop over settings at --ranks 1 compares
 the kernels' per-SM speed without links.
 """
@@ -100,10 +100,11 @@ def host_us(fn, calls: int = 200) -> float:
     return statistics.median(samples)
 
 
-def breakdown(cached_fp8, rank: int) -> None:
+def breakdown(buffer, cached_fp8, rank: int) -> None:
     """Host cost of the pieces of one cached FP8 dispatch, each timed alone."""
     seen = {}
     jit = kernels.ep_dispatch_kernel
+    buffer._normal._replays.clear()  # the spy below sees a launch only where no replay of it is kept
 
     class Spy:  # records the launch arguments of one dispatch
         def __getitem__(self, grid):
@@ -121,6 +122,8 @@ def breakdown(cached_fp8, rank: int) -> None:
     compiled = jit[grid](*args, **kwargs)
     names = list(jit.signature.parameters)
     values = list(args) + [kwargs[n] for n in names[len(args):]]
+    cached_fp8()  # keeps a replay of the launch (FLASHEP_FAST_LAUNCH=1)
+    replay = next(iter(buffer._normal._replays.values()), None)
     stream = torch.cuda.current_stream().cuda_stream
     epoch = torch.zeros(1, dtype=torch.int64, device="cuda")
     event = torch.cuda.Event()
@@ -128,6 +131,8 @@ def breakdown(cached_fp8, rank: int) -> None:
         "whole cached FP8 dispatch": cached_fp8,
         "Triton launch through the JIT": lambda: jit[grid](*args, **kwargs),
         "Triton launch through flashep.launch": lambda: launch(jit, grid, *args, **kwargs),
+        "Triton launch through its replay": (lambda: replay(*[values[i] for i in replay.slots])) if replay
+        else (lambda: None),
         "Triton launch, compiled launcher": lambda: compiled.run(grid[0], 1, 1, stream, compiled.function,
                                                                 compiled.packed_metadata, None, None, None, *values),
         "torch.empty x3 (outputs)": lambda: [torch.empty(4096, 7168, dtype=torch.uint8, device="cuda")
@@ -167,7 +172,7 @@ def worker(rank, num_ranks, args):
         if rank == 0:
             print(f"{name:22s} {host:10.1f} {gpu:10.1f} {e2e:10.1f} {e2e_host:10.1f} {kernel or 0:10.1f}", flush=True)
     if args.breakdown:
-        breakdown(table["cached FP8"], rank)
+        breakdown(buffer, table["cached FP8"], rank)
     for name in ("cached FP8", "combine") if args.profile else ():
         dist.barrier()
         profiler = cProfile.Profile()

@@ -6,6 +6,7 @@ and phase, and the bf16 rounding helper. Shapes stay tiny: the interpreter runs 
 """
 from __future__ import annotations
 
+import inspect
 import re
 from dataclasses import dataclass
 from typing import Optional
@@ -157,6 +158,85 @@ def test_combine_by_copy_engine_matches_the_oracle(world_size, seed):
     the copy heap); the worst-token handle's combine still goes through the SM pushers."""
     run_ranks(world_size, _run_cases, seed, CASES, 2, backend="triton",
               env={"FLASHEP_COPY_ENGINE": "1", "FLASHEP_COPY_PARTS": "3"})
+
+
+def _replay_under_interpreter() -> list:
+    """Make the backend keep replays of its launches under the interpreter, as it does with compiled kernels
+    on a GPU (there `flashep.launch` returns them; the interpreter has no compiled kernel): a replay runs the
+    JIT function with the stored arguments and the swapped tensors. -> the list of kernels each replay ran."""
+    from flashep import launch as fl
+    from flashep.backends import triton_normal
+
+    replayed = []
+
+    class Interpreted:  # stands in for a compiled kernel
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            def run(*values, stream=None):
+                replayed.append(self.kernel.fn.__name__)
+                self.kernel[grid](*values)
+            return run
+
+    def launch_replayable(kernel, grid, swap, *args, **kwargs):
+        triton_normal.launch(kernel, grid, *args, **kwargs)
+        params = list(inspect.signature(kernel.fn).parameters.values())
+        names = [p.name for p in params]
+        values = [*args, *(kwargs.get(p.name, p.default) for p in params[len(args):])]
+        return fl.Replay(Interpreted(kernel), tuple(grid) + (1,) * (3 - len(grid)), values,
+                         [names.index(name) for name in swap], 0)
+
+    fl.current_device = lambda: 0
+    fl.current_stream = lambda device: 0
+    triton_normal.launch_replayable = launch_replayable
+    return replayed
+
+
+def _one_handle_many_calls(rank: int, num_ranks: int, group, seed: int) -> None:
+    """Cached dispatches and combines of one handle, new inputs every call (FP8 and BF16 alternating; combines
+    with and without weights and biases), every call against the oracle; later calls of a kind replay the
+    first one's launch with the new tensors swapped in."""
+    replayed = _replay_under_interpreter()
+    case = CASES[2]  # FP8 with three strided scale columns
+    buffer = flashep.Buffer(group, 0)
+    num_experts = case.experts_per_rank * num_ranks
+    config = flashep.Config(case.num_sms, 8, 256)
+    everyone = [_inputs(case, seed, 0, r, num_ranks) for r in range(num_ranks)]
+    topks = [e[1] for e in everyone]
+    x, topk_idx, topk_weights, _ = everyone[rank]
+    per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(topk_idx, num_experts)
+    out = buffer.dispatch(x, topk_idx=topk_idx, topk_weights=topk_weights, num_tokens_per_rank=per_rank,
+                          is_token_in_rank=in_rank, num_tokens_per_expert=per_expert, config=config)
+    handle, recv_weights = out[4], out[2]
+    received = [reference.dispatch([e[0] for e in everyone], topks, [e[2] for e in everyone], num_experts)[r]
+                for r in range(num_ranks)]
+    for call in range(6):
+        fresh = [_inputs(case, seed, 1 + call, r, num_ranks) for r in range(num_ranks)]
+        # odd calls dispatch the BF16 rows of the same tokens (same hidden size, another launch key)
+        xs = [f[0] if call % 2 == 0 else torch.randn(f[1].size(0), case.hidden, generator=generator(seed, call, r))
+              .to(torch.bfloat16) for r, f in enumerate(fresh)]
+        expect = reference.dispatch(xs, topks, None, num_experts)[rank]
+        _check_dispatch(buffer.dispatch(xs[rank], handle=handle, config=config), expect, False,
+                        f"cached dispatch #{call}")
+        with_weights, biases = call % 3 != 1, [f[3] if call % 3 == 0 else (f[3][0], None) for f in fresh]
+        if call % 3 == 1:
+            biases = [None] * num_ranks
+        rows = [torch.randn(received[r].recv_x.size(0), case.hidden, generator=generator(seed, 100 + call, r))
+                .to(torch.bfloat16) for r in range(num_ranks)]
+        weights = [e.recv_topk_weights for e in received] if with_weights else None
+        expect_x, expect_w = reference.combine(rows, topks, num_experts, topk_weights=weights, biases=biases)[rank]
+        combined, combined_w, _ = buffer.combine(rows[rank], handle, topk_weights=recv_weights if with_weights
+                                                 else None, bias=biases[rank], config=config)
+        assert_same(combined, expect_x, f"combine #{call}: combined_x")
+        if with_weights:
+            assert_same(combined_w, expect_w, f"combine #{call}: combined weights")
+    # calls 2-5 of each kind repeat an earlier call's key (dispatch: FP8 / BF16; combine: 3 bias variants)
+    assert replayed.count("ep_dispatch_kernel") == 4 and replayed.count("ep_combine_kernel") == 3, replayed
+
+
+def test_one_handle_many_calls_replay_their_launches(seed):
+    run_ranks(2, _one_handle_many_calls, seed, backend="triton")
 
 
 ROLES = (

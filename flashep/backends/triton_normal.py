@@ -40,10 +40,9 @@ Tuning knobs (environment at construction; they must be equal on every rank):
   for every chunk); FLASHEP_REDUCE_TILE_TOKENS: tokens per tile of that reduction (power of two, default 32;
   `scripts/probe_reduce.py`, 1x H200: 16 -> 32 tokens 283 -> 262 us for 4 ranks' rows on 13 programs);
 - FLASHEP_RECEIVER_SHARE: share of a dispatch's programs that receive (default 1/3; rounded, at least 1,
-  at most num_sms - 1); FLASHEP_COMBINE_RECEIVER_SHARE: the same for a combine (default 1/3; it was 0.55,
-  measured on 2x H200 while the reduction moved ~28 GB/s per program; since the reduction reads send_head
-  once per tile it moves ~70 GB/s per program (scripts/probe_reduce.py), so the NVLink pushers, ~12-15 GB/s
-  each, need the programs more: a model from those rates, not yet measured at 2 or 4 GPUs);
+  at most num_sms - 1); FLASHEP_COMBINE_RECEIVER_SHARE: the same for a combine (default 0.45: 11 of 24
+  programs; on 2x H200, session 19, combine e2e 249 us at 0.45 against 332-348 at 1/3, the share that a
+  one-GPU model had chosen; not yet measured at 4 GPUs);
   FLASHEP_RECEIVERS / FLASHEP_COMBINE_RECEIVERS: an exact count instead of a share;
 - FLASHEP_PUBLISH_TOKENS: tokens (combine: rows) a pusher moves between two progress flags, rounded to
   whole channels (default 32); the first and each of the last channels get a flag too.
@@ -76,7 +75,7 @@ import triton
 from .. import _env
 from ..kernels import normal as kernels
 from ..kernels.sync import ErrorWord, use_timer, wait_budget
-from ..launch import launch
+from ..launch import launch, launch_replayable
 from ..transport.copy_engine import PeerCopier
 from ..transport.heap import HostMeeting, Layout, SymmetricHeap
 from ..transport.pool import UNIT as OUTPUT_UNIT, OutputPool
@@ -108,7 +107,7 @@ class TritonNormalBackend(Backend):
         self.receivers = _env.integer("FLASHEP_RECEIVERS", None, minimum=1)
         self.combine_receivers = _env.integer("FLASHEP_COMBINE_RECEIVERS", self.receivers, minimum=1)
         self.receiver_share = _env.share("FLASHEP_RECEIVER_SHARE", 1 / 3)
-        self.combine_receiver_share = _env.share("FLASHEP_COMBINE_RECEIVER_SHARE", 1 / 3)
+        self.combine_receiver_share = _env.share("FLASHEP_COMBINE_RECEIVER_SHARE", 0.45)
         self.publish_tokens = _env.integer("FLASHEP_PUBLISH_TOKENS", 32, minimum=1)
         # off by default: on H200 (docs/perf.md) a combine by copy engine was no faster than the SM pushers at
         # 2 ranks once the reduction was tuned, slower at 4 (host work per copy and flag), and noisier
@@ -135,6 +134,10 @@ class TritonNormalBackend(Backend):
         self._unmapped_buffer: Optional[torch.Tensor] = None
         self._dummy = {dtype: torch.empty(1, dtype=dtype, device=self.device)
                        for dtype in (torch.int32, torch.int64, torch.float32, torch.bfloat16)}
+        # launches repeated with new inputs and outputs (cached dispatches, combines), keyed by everything else
+        # they pass (a handle by its tensors' ids: a replay holds them, so the ids stay theirs); emptied when the
+        # data heap is mapped again
+        self._replays: dict = {}
 
     # ---- memory -----------------------------------------------------------------------------------------
     @property
@@ -179,6 +182,7 @@ class TritonNormalBackend(Backend):
                 torch.cuda.synchronize(self.device)
             self.meeting("normal-mode buffer growth")
             self.data_heap = None
+            self._replays.clear()
             old.close()
         self.data_heap = SymmetricHeap(self.group, nbytes, self.device, self.meeting, "normal-mode buffer allocation")
 
@@ -279,12 +283,33 @@ class TritonNormalBackend(Backend):
         self._reserve(num_rows * record, agreed=False, what="cached dispatch")
         block = self._carve(_output_block_bytes(num_rows, x, x_scales, None)) if self.direct else None
         out = _DispatchOutputs(x, x_scales, None, num_rows, self.device, block)
+        replay_key = None
+        if not self.direct:  # a direct-write launch depends on this call's carving
+            replay_key = ("dispatch", _handle_ids(routing), num_channels, x.dtype, x.shape,
+                          None if x_scales is None else (x_scales.dtype, x_scales.shape, x_scales.stride()))
+            replay = self._replays.get(replay_key)
+            if replay is not None and replay(*self._dispatch_swaps(x, x_scales, out)):
+                return DispatchResult(out.x, out.scales, None, None, None, None)
         num_local = 1  # no top-k to rewrite
         self._launch_dispatch(x, x_scales, None, None, routing.is_token_in_rank, routing.rank_prefix_matrix,
                               routing.channel_prefix_matrix, routing.recv_channel_prefix_matrix, out,
                               routing.send_head, num_local, num_channels, record, write_send_head=False, worst=False,
-                              may_write_directly=self.direct, block=block)
+                              may_write_directly=self.direct, block=block, replay_key=replay_key)
         return DispatchResult(out.x, out.scales, None, None, None, None)
+
+    def _dispatch_swaps(self, x, x_scales, out: "_DispatchOutputs") -> tuple:
+        """The tensors of a dispatch launch that change from call to call, in _DISPATCH_SWAPS order."""
+        no_scales = self._dummy[torch.int32]
+        return (x.view(torch.int32), x_scales.view(torch.int32) if x_scales is not None else no_scales,
+                out.x.view(torch.int32), out.scales.view(torch.int32) if out.scales is not None else no_scales,
+                out.src_idx)
+
+    def _remember(self, key, replay) -> None:
+        if replay is None:
+            return
+        if len(self._replays) >= _MAX_REPLAYS:
+            self._replays.clear()
+        self._replays[key] = replay
 
     def _notify(self, is_token_in_rank, num_tokens_per_expert, num_channels):
         """-> rank_prefix_matrix, channel_prefix_matrix, recv_channel_prefix_matrix, and `summary`: the rank
@@ -314,14 +339,14 @@ class TritonNormalBackend(Backend):
     def _launch_dispatch(self, x, x_scales, topk_idx, topk_weights, is_token_in_rank, rank_prefix, send_prefix,
                          recv_prefix, out: "_DispatchOutputs", send_head, num_local, num_channels, record_bytes,
                          write_send_head: bool, worst: bool, may_write_directly: bool = False,
-                         block=None) -> None:
+                         block=None, replay_key=None) -> None:
         """`may_write_directly`: the kernel's DIRECT (the same on every rank); `block`: (offset, tensor) of this
-        rank's outputs in its output pool (direct state), or None (records)."""
+        rank's outputs in its output pool (direct state), or None (records). `replay_key`: keep a replay of
+        this launch under that key (its _DISPATCH_SWAPS tensors change from call to call)."""
         num_tokens = x.size(0)
-        words = x.view(torch.int32)
+        words, scales, recv_x, recv_scales, recv_src = self._dispatch_swaps(x, x_scales, out)
         row_words = words.size(1)
         num_scales = x_scales.size(1) if x_scales is not None else 0
-        scales = x_scales.view(torch.int32) if x_scales is not None else self._dummy[torch.int32]
         num_topk = topk_idx.size(1) if topk_idx is not None else 0
         int32, int64, f32 = (self._dummy[d] for d in (torch.int32, torch.int64, torch.float32))
         num_programs = 2 * num_channels
@@ -336,14 +361,13 @@ class TritonNormalBackend(Backend):
         tokens_per_channel = _tokens_per_channel(num_tokens, num_channels)
         # a pusher moves about tokens_per_channel / pushers tokens of every channel
         publish_every = _publish_every(self.publish_tokens, tokens_per_channel / pushers, num_channels)
-        launch(kernels.ep_dispatch_kernel, (num_programs,),
+        replay = launch_replayable(kernels.ep_dispatch_kernel, (num_programs,), _DISPATCH_SWAPS,
             words, scales, scales.stride(0) if x_scales is not None else 0,
             scales.stride(1) if x_scales is not None else 0,
             topk_idx if topk_idx is not None else int64, topk_weights if topk_weights is not None else f32,
             is_token_in_rank.view(torch.uint8), rank_prefix, send_prefix, recv_prefix,
-            out.x.view(torch.int32), out.scales.view(torch.int32) if out.scales is not None else int32,
-            out.topk_idx if out.topk_idx is not None else int64,
-            out.topk_weights if out.topk_weights is not None else f32, out.src_idx, send_head,
+            recv_x, recv_scales, out.topk_idx if out.topk_idx is not None else int64,
+            out.topk_weights if out.topk_weights is not None else f32, recv_src, send_head,
             self.data_heap.peer_bases, self._half(), self.signal_heap.peer_bases, self.signal_layout.dispatch_flags,
             self.epoch, self.arrivals, self.errors.address,
             self.rank, num_tokens, num_channels, tokens_per_channel, pushers, publish_every, num_local,
@@ -357,6 +381,8 @@ class TritonNormalBackend(Backend):
             TOPK_BYTES=topk_idx.element_size() if topk_idx is not None else 8, WRITE_SEND_HEAD=write_send_head,
             WORST=worst, DIRECT=may_write_directly, USE_TIMER=self.use_timer, STAGES=self.stages,
             num_warps=self.num_warps)
+        if replay_key is not None:
+            self._remember(replay_key, replay)
 
     # ---- combine ----------------------------------------------------------------------------------------
     def combine(self, x, routing, topk_weights, bias0, bias1):
@@ -375,6 +401,12 @@ class TritonNormalBackend(Backend):
         combined = torch.empty(num_tokens, hidden, dtype=torch.bfloat16, device=self.device)
         combined_weights = (torch.empty(num_tokens, num_topk, dtype=torch.float32, device=self.device)
                             if topk_weights is not None else None)
+        swaps = self._combine_swaps(x, topk_weights, bias0, bias1, combined, combined_weights)
+        replay_key = ("combine", _handle_ids(routing), num_channels, x.shape, num_topk,
+                      bias0 is not None, bias1 is not None)
+        replay = self._replays.get(replay_key)
+        if replay is not None and replay(*swaps):
+            return combined, combined_weights
         num_programs = 2 * num_channels
         pushers = num_programs - _receivers(self.combine_receivers, self.combine_receiver_share, num_programs)
         # a pusher moves about (rows from peers) / (channels * pushers) rows of every channel
@@ -382,12 +414,9 @@ class TritonNormalBackend(Backend):
         publish_every = _publish_every(self.publish_tokens, peer_rows / (num_channels * pushers), num_channels)
         block_h = min(max(self.tile_hidden, 32), _pow2(hidden))
         reduce_block_h = self._reduce_block_h(hidden, bias0, bias1)
-        bf16, f32 = self._dummy[torch.bfloat16], self._dummy[torch.float32]
-        launch(kernels.ep_combine_kernel, (num_programs,),
-            x, topk_weights if topk_weights is not None else f32, bias0 if bias0 is not None else bf16,
-            bias1 if bias1 is not None else bf16, routing.is_token_in_rank.view(torch.uint8), routing.send_head,
-            routing.rank_prefix_matrix, routing.recv_channel_prefix_matrix,
-            combined, combined_weights if combined_weights is not None else f32,
+        replay = launch_replayable(kernels.ep_combine_kernel, (num_programs,), _COMBINE_SWAPS,
+            swaps[0], swaps[1], swaps[2], swaps[3], routing.is_token_in_rank.view(torch.uint8), routing.send_head,
+            routing.rank_prefix_matrix, routing.recv_channel_prefix_matrix, swaps[4], swaps[5],
             self.data_heap.peer_bases, self._half(), self.signal_heap.peer_bases, self.signal_layout.combine_flags,
             self.epoch, self.arrivals, self.errors.address,
             self.rank, num_tokens, num_channels, _tokens_per_channel(num_tokens, num_channels), pushers,
@@ -397,7 +426,15 @@ class TritonNormalBackend(Backend):
             REDUCE_BLOCK_T=self.reduce_tile_tokens, REDUCE_BLOCK_H=reduce_block_h,
             HAS_WEIGHTS=topk_weights is not None, HAS_BIAS0=bias0 is not None, HAS_BIAS1=bias1 is not None,
             USE_TIMER=self.use_timer, STAGES=self.stages, REDUCE_STAGES=self.reduce_stages, num_warps=self.num_warps)
+        self._remember(replay_key, replay)
         return combined, combined_weights
+
+    def _combine_swaps(self, x, topk_weights, bias0, bias1, combined, combined_weights) -> tuple:
+        """The tensors of a combine launch that change from call to call, in _COMBINE_SWAPS order."""
+        bf16, f32 = self._dummy[torch.bfloat16], self._dummy[torch.float32]
+        return (x, topk_weights if topk_weights is not None else f32, bias0 if bias0 is not None else bf16,
+                bias1 if bias1 is not None else bf16, combined,
+                combined_weights if combined_weights is not None else f32)
 
     def _reduce_block_h(self, hidden: int, bias0, bias1) -> int:
         """Row chunk of the combine's reduction: it loads a tile per rank and per bias each chunk, and its
@@ -637,6 +674,18 @@ class _DispatchOutputs:
             self.topk_idx = field(topk_idx.size(1), topk_idx.dtype)
             self.topk_weights = field(topk_idx.size(1), torch.float32)
         self.src_idx = field(1, torch.int32).view(num_rows)
+
+
+# parameters of the kernels whose tensors a replay replaces (see TritonNormalBackend._replays)
+_DISPATCH_SWAPS = ("x_ptr", "scales_ptr", "recv_x_ptr", "recv_scales_ptr", "recv_src_ptr")
+_COMBINE_SWAPS = ("x_ptr", "weights_ptr", "bias0_ptr", "bias1_ptr", "out_ptr", "out_weights_ptr")
+_MAX_REPLAYS = 8
+
+
+def _handle_ids(routing: Routing) -> tuple:
+    """A handle's tensors by identity (a launch passes them all, or values derived from their shapes)."""
+    return (id(routing.rank_prefix_matrix), id(routing.channel_prefix_matrix), id(routing.recv_channel_prefix_matrix),
+            id(routing.recv_src_idx), id(routing.is_token_in_rank), id(routing.send_head))
 
 
 def _dispatch_record_bytes(x: torch.Tensor, x_scales: Optional[torch.Tensor], num_topk: int) -> int:
