@@ -230,8 +230,10 @@ def _one_handle(rank: int, num_ranks: int, group, seed: int) -> None:
                                                  config=config)
         assert_same(combined, expect_x, f"combine #{call}: combined_x")
         assert_same(combined_w, expect_w, f"combine #{call}: combined weights")
-    # FP8 and BF16 dispatches, combines with and without a bias: four launches kept for replays
-    assert len(buffer._normal._replays) == 4, list(buffer._normal._replays)
+    # FP8 and BF16 dispatches, combines with and without a bias: four launches kept for replays (none where
+    # every launch goes through Triton's JIT: FLASHEP_FAST_LAUNCH=0)
+    expected = 4 if flashep.launch.enabled() else 0
+    assert len(buffer._normal._replays) == expected, list(buffer._normal._replays)
 
 
 @pytest.mark.parametrize("world_size", WORLDS)
