@@ -24,8 +24,8 @@ its compiled kernel alone.
 A caller that launches the same kernel again and again with the same arguments but a few new tensors (a
 cached dispatch: new inputs and outputs, the same handle and buffers) can keep a `Replay` of a launch
 (`launch_replayable`): it skips the key and the caller's own argument building, and checks only what the key
-would have checked of the new tensors (dtype, 16-byte alignment). Which other arguments the replay stands for
-is the caller's business: it keys its replays by everything else it would have passed.
+would have checked of the swapped values (a tensor's dtype and alignment, an int's class). Which other
+arguments the replay stands for is the caller's business: it keys its replays by everything else it passes.
 
 Always the JIT path: under the interpreter (TRITON_INTERPRET=1), with FLASHEP_FAST_LAUNCH=0 (both read at a
 kernel's first launch), while the kernel has pre-run hooks, and for good once the JIT returned something that
@@ -111,6 +111,7 @@ class Launcher:
             params = kernel.params
             self.names = [p.name for p in params]
             constexpr = [i for i, p in enumerate(params) if p.is_constexpr]
+            self.constexpr_indices = frozenset(constexpr)
             self.defaults = [p.default for p in params]  # inspect.Parameter.empty where there is none
         except AttributeError:  # not a JITFunction of a known shape
             self.fast = False
@@ -120,27 +121,32 @@ class Launcher:
         self.runtime_args = _picker([i for i in range(len(self.names)) if i not in constexpr])
 
     def __call__(self, grid, *args, **kwargs):
+        return self.run(grid, args, kwargs)[0]
+
+    def run(self, grid, args: tuple, kwargs: dict):
+        """Launch -> (what the launch returned, every parameter's value in order, the key); the last two are None
+        where the launch went through the JIT for good (no compiled kernel is kept for it)."""
         if not self.fast or callable(grid) or getattr(self.kernel, "pre_run_hooks", None):
-            return self.kernel[grid](*args, **kwargs)
+            return self.kernel[grid](*args, **kwargs), None, None
         try:
             values, key = self.bind(args, kwargs)
             compiled = self.compiled.get(key)
         except (Unsupported, TypeError):  # TypeError: an unhashable constexpr or option
-            return self.kernel[grid](*args, **kwargs)
+            return self.kernel[grid](*args, **kwargs), None, None
         if compiled is not None:
             # as JITFunction.run: every parameter in order, constexprs and defaults included, on the 3-d grid
             grid = tuple(grid) + (1,) * (3 - len(grid))
             compiled[grid](*values, stream=current_stream(key[-1]))
-            return compiled
+            return compiled, values, key
         compiled = self.kernel[grid](*args, **kwargs)  # compiles or fetches; raises on bad arguments
         if not looks_compiled(compiled):
             self.fast = False
             self.compiled.clear()
-            return compiled
+            return compiled, None, None
         if len(self.compiled) >= MAX_ENTRIES:
             self.compiled.clear()
         self.compiled[key] = compiled
-        return compiled
+        return compiled, values, key
 
     def bind(self, args: tuple, kwargs: dict):
         """-> (every parameter's value in order, defaults filled in; the launch's key). Raises Unsupported where
@@ -159,11 +165,12 @@ class Launcher:
 
 
 class Replay:
-    """A launch to repeat with the tensors of some parameters (`slots`) replaced: `replay(*tensors)` launches
-    the same compiled kernel on the same grid with every other argument as it was, on the current stream, and
-    returns True; False (nothing launched) when a new tensor differs from the first launch's in what the kernel
-    was specialised on (dtype, 16-byte alignment) or another device is current: the caller then launches in
-    full. The first launch's tensors at `slots` are not kept (they would keep its outputs alive)."""
+    """A launch to repeat with the values of some non-constexpr parameters (`slots`: tensors or ints) replaced:
+    `replay(*values)` launches the same compiled kernel on the same grid with every other argument as it was,
+    on the current stream, and returns True; False (nothing launched) when the new values differ from the first
+    launch's in what the kernel was specialised on (`runtime_key`: a tensor's dtype and 16-byte alignment, an
+    int's class) or another device is current: the caller then launches in full. The first launch's values at
+    `slots` are not kept (its tensors would stay alive)."""
 
     __slots__ = ("compiled", "grid", "values", "slots", "expected", "device")
 
@@ -171,20 +178,21 @@ class Replay:
         self.compiled = compiled
         self.grid = grid
         self.slots = slots
-        self.expected = [(values[i].dtype, values[i].data_ptr() % 16 == 0) for i in slots]
+        self.expected = runtime_key([values[i] for i in slots])
         self.values = list(values)
         for i in slots:
             self.values[i] = None
         self.device = device
 
-    def __call__(self, *tensors) -> bool:
-        values = self.values.copy()
-        for slot, (dtype, aligned), tensor in zip(self.slots, self.expected, tensors):
-            if tensor.dtype != dtype or (tensor.data_ptr() % 16 == 0) != aligned:
+    def __call__(self, *swapped) -> bool:
+        try:
+            if runtime_key(swapped) != self.expected or current_device() != self.device:
                 return False
-            values[slot] = tensor
-        if current_device() != self.device:
+        except Unsupported:
             return False
+        values = self.values.copy()
+        for slot, value in zip(self.slots, swapped):
+            values[slot] = value
         self.compiled[self.grid](*values, stream=current_stream(self.device))
         return True
 
@@ -205,20 +213,14 @@ def launch(kernel, grid, *args, **kwargs):
 
 
 def launch_replayable(kernel, grid, swap: tuple, *args, **kwargs) -> Optional[Replay]:
-    """`launch(kernel, grid, *args, **kwargs)`, and a Replay of it whose tensors of the parameters named in
-    `swap` are replaced at each replay (in that order); None where the launch took the JIT path (interpreter,
-    FLASHEP_FAST_LAUNCH=0, an argument the key does not cover)."""
+    """`launch(kernel, grid, *args, **kwargs)`, and a Replay of it whose values of the parameters named in
+    `swap` (non-constexpr) are replaced at each replay (in that order); None where the launch took the JIT path
+    (interpreter, FLASHEP_FAST_LAUNCH=0, an argument the key does not cover)."""
     launcher = _launcher(kernel)
-    compiled = launcher(grid, *args, **kwargs)
-    if not launcher.fast or callable(grid) or not looks_compiled(compiled):
-        return None
-    try:
-        values, key = launcher.bind(args, kwargs)
-    except (Unsupported, TypeError):
-        return None
-    if launcher.compiled.get(key) is not compiled:
+    compiled, values, key = launcher.run(grid, args, kwargs)
+    if values is None:
         return None
     slots = [launcher.names.index(name) for name in swap]
-    if not all(isinstance(values[i], _Tensor) for i in slots):
-        return None
+    if not launcher.constexpr_indices.isdisjoint(slots):
+        raise ValueError(f"launch_replayable: a constexpr cannot be swapped ({swap})")
     return Replay(compiled, tuple(grid) + (1,) * (3 - len(grid)), values, slots, key[-1])

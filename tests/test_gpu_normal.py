@@ -206,7 +206,8 @@ def test_cuda_graph_replays_with_new_data(world_size, env, seed):
 def _one_handle(rank: int, num_ranks: int, group, seed: int) -> None:
     """Cached dispatches (FP8 and BF16 alternating) and combines (with and without a bias) of one handle, new
     data every call, each call against the oracle: from the second call of a kind on, the backend replays the
-    first one's launch with the new tensors swapped in (the benchmark's loops time those replays)."""
+    first one's launch with the new tensors swapped in (the benchmark's loops time those replays); then a
+    second handle of the same shapes, whose calls replay the same launches with its tensors."""
     shape, device = DEEPSEEK, rank_device(group)
     buffer = flashep.Buffer(group, 0)
     config = flashep.Config(24, 8, 256)
@@ -230,8 +231,23 @@ def _one_handle(rank: int, num_ranks: int, group, seed: int) -> None:
                                                  config=config)
         assert_same(combined, expect_x, f"combine #{call}: combined_x")
         assert_same(combined_w, expect_w, f"combine #{call}: combined weights")
+    # another routing of the same shapes (the next training step): its handle goes into the same replays
+    everyone = [_inputs(shape, seed + 100, r, num_ranks, True, device) for r in range(num_ranks)]
+    topks = [e[1] for e in everyone]
+    x, topk_idx, weights, bias = everyone[rank]
+    out = _dispatch(buffer, x, topk_idx, weights, shape.num_experts, config)
+    received = reference.dispatch([e[0] for e in everyone], topks, [e[2] for e in everyone], shape.num_experts)
+    _check_dispatch(buffer.dispatch(x, handle=out[4], config=config), received[rank], "second handle: cached")
+    rows = [torch.randn(received[r].recv_x.size(0), shape.hidden, generator=generator(seed, 100, r))
+            .to(torch.bfloat16).to(device) for r in range(num_ranks)]
+    expect_x, expect_w = reference.combine(rows, topks, shape.num_experts,
+                                           topk_weights=[e.recv_topk_weights for e in received],
+                                           biases=[(e[3], None) for e in everyone])[rank]
+    combined, combined_w, _ = buffer.combine(rows[rank], out[4], topk_weights=out[2], bias=bias, config=config)
+    assert_same(combined, expect_x, "second handle: combined_x")
+    assert_same(combined_w, expect_w, "second handle: combined weights")
     # FP8 and BF16 dispatches, combines with and without a bias: four launches kept for replays (none where
-    # every launch goes through Triton's JIT: FLASHEP_FAST_LAUNCH=0)
+    # every launch goes through Triton's JIT: FLASHEP_FAST_LAUNCH=0); the second handle's calls replayed them
     expected = 4 if flashep.launch.enabled() else 0
     assert len(buffer._normal._replays) == expected, list(buffer._normal._replays)
 

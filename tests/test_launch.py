@@ -201,32 +201,34 @@ def test_uncovered_arguments_and_errors_go_through_the_jit(device):
     assert kinds(jit)[-1] == "compiled"
 
 
-def test_a_replay_swaps_the_named_tensors_and_keeps_every_other_argument(device):
+def test_a_replay_swaps_the_named_values_and_keeps_every_other_argument(device):
     jit = FakeJit(_kernel)
     x, first_out = aligned(), aligned(torch.int32)
-    replay = fl.launch_replayable(jit, (4,), ("x_ptr", "extra"), x, 32, 0.5, True, BLOCK=16, extra=first_out)
+    replay = fl.launch_replayable(jit, (4,), ("x_ptr", "extra", "n"), x, 32, 0.5, True, BLOCK=16, extra=first_out)
     assert kinds(jit) == ["jit"] and None in replay.values  # the first launch's swapped tensors are not kept
     y, out = aligned(), aligned(torch.int32)
-    assert replay(y, out)
-    assert jit.log[-1] == ("compiled", 1, (4, 1, 1), (y, 32, 0.5, True, 16, 3, out), 1000)
+    assert replay(y, out, 48)  # 48: the same class of int as 32 (a multiple of 16, not 1)
+    assert jit.log[-1] == ("compiled", 1, (4, 1, 1), (y, 48, 0.5, True, 16, 3, out), 1000)
     assert fl.launch_replayable(jit, (4,), ("x_ptr",), x, 32, 0.5, True, BLOCK=16, extra=first_out) is not None
     assert kinds(jit) == ["jit", "compiled", "compiled"]  # a known key: the compiled kernel launches
 
 
-@pytest.mark.parametrize("change", ["misaligned", "dtype", "device"])
+@pytest.mark.parametrize("change", ["misaligned", "dtype", "int_class", "not_a_tensor", "device"])
 def test_a_replay_refuses_what_the_kernel_was_not_specialised_for(device, change):
     jit = FakeJit(_kernel)
-    replay = fl.launch_replayable(jit, (4,), ("x_ptr",), aligned(), 32, 0.5, True, BLOCK=16)
-    y = {"misaligned": misaligned(), "dtype": aligned(torch.bfloat16)}.get(change, aligned())
+    replay = fl.launch_replayable(jit, (4,), ("x_ptr", "n"), aligned(), 32, 0.5, True, BLOCK=16)
+    x, n = {"misaligned": (misaligned(), 32), "dtype": (aligned(torch.bfloat16), 32), "int_class": (aligned(), 17),
+            "not_a_tensor": ((1, 2), 32)}.get(change, (aligned(), 32))
     if change == "device":
         device["device"] = 1
-    assert not replay(y) and kinds(jit) == ["jit"]
+    assert not replay(x, n) and kinds(jit) == ["jit"]
 
 
 def test_no_replay_where_the_jit_decides(device, monkeypatch):
     jit = FakeJit(_kernel)
     assert fl.launch_replayable(jit, (1,), ("x_ptr",), aligned(), 32, 0.5, True, BLOCK=16, extra=(1, 2)) is None
-    assert fl.launch_replayable(jit, (1,), ("n",), aligned(), 32, 0.5, True, BLOCK=16) is None  # not a tensor
+    with pytest.raises(ValueError, match="constexpr"):
+        fl.launch_replayable(jit, (1,), ("BLOCK",), aligned(), 32, 0.5, True, BLOCK=16)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert fl.launch_replayable(FakeJit(_kernel), (1,), ("x_ptr",), aligned(), 32, 0.5, True, BLOCK=16) is None
 

@@ -234,6 +234,25 @@ def _one_handle_many_calls(rank: int, num_ranks: int, group, seed: int) -> None:
     # calls 2-5 of each kind repeat an earlier call's key (dispatch: FP8 / BF16; combine: 3 bias variants)
     assert replayed.count("ep_dispatch_kernel") == 4 and replayed.count("ep_combine_kernel") == 3, replayed
 
+    # another routing of the same shapes (the next training step): its handle is swapped into the same replays
+    everyone = [_inputs(case, seed, 50, r, num_ranks) for r in range(num_ranks)]
+    topks = [e[1] for e in everyone]
+    x, topk_idx, topk_weights, bias = everyone[rank]
+    per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(topk_idx, num_experts)
+    out = buffer.dispatch(x, topk_idx=topk_idx, topk_weights=topk_weights, num_tokens_per_rank=per_rank,
+                          is_token_in_rank=in_rank, num_tokens_per_expert=per_expert, config=config)
+    received = reference.dispatch([e[0] for e in everyone], topks, [e[2] for e in everyone], num_experts)
+    _check_dispatch(buffer.dispatch(x, handle=out[4], config=config), received[rank], False,
+                    "cached dispatch of a second handle")
+    rows = [torch.randn(received[r].recv_x.size(0), case.hidden, generator=generator(seed, 200, r))
+            .to(torch.bfloat16) for r in range(num_ranks)]
+    expect_x, expect_w = reference.combine(rows, topks, num_experts, topk_weights=[e.recv_topk_weights for e in received],
+                                           biases=[e[3] for e in everyone])[rank]
+    combined, combined_w, _ = buffer.combine(rows[rank], out[4], topk_weights=out[2], bias=bias, config=config)
+    assert_same(combined, expect_x, "combine of a second handle: combined_x")
+    assert_same(combined_w, expect_w, "combine of a second handle: combined weights")
+    assert replayed.count("ep_dispatch_kernel") == 5 and replayed.count("ep_combine_kernel") == 4, replayed
+
 
 def test_one_handle_many_calls_replay_their_launches(seed):
     run_ranks(2, _one_handle_many_calls, seed, backend="triton")

@@ -134,9 +134,8 @@ class TritonNormalBackend(Backend):
         self._unmapped_buffer: Optional[torch.Tensor] = None
         self._dummy = {dtype: torch.empty(1, dtype=dtype, device=self.device)
                        for dtype in (torch.int32, torch.int64, torch.float32, torch.bfloat16)}
-        # launches repeated with new inputs and outputs (cached dispatches, combines), keyed by everything else
-        # they pass (a handle by its tensors' ids: a replay holds them, so the ids stay theirs); emptied when the
-        # data heap is mapped again
+        # launches of cached dispatches and combines, replayed with a call's inputs, outputs and handle swapped in,
+        # keyed by everything else they pass; emptied when the data heap is mapped again
         self._replays: dict = {}
 
     # ---- memory -----------------------------------------------------------------------------------------
@@ -285,10 +284,11 @@ class TritonNormalBackend(Backend):
         out = _DispatchOutputs(x, x_scales, None, num_rows, self.device, block)
         replay_key = None
         if not self.direct:  # a direct-write launch depends on this call's carving
-            replay_key = ("dispatch", _handle_ids(routing), num_channels, x.dtype, x.shape,
+            replay_key = ("dispatch", num_channels, x.dtype, x.shape,
                           None if x_scales is None else (x_scales.dtype, x_scales.shape, x_scales.stride()))
             replay = self._replays.get(replay_key)
-            if replay is not None and replay(*self._dispatch_swaps(x, x_scales, out)):
+            if replay is not None and replay(*self._dispatch_swaps(x, x_scales, out), *_handle_swaps(routing),
+                                             num_rows):
                 return DispatchResult(out.x, out.scales, None, None, None, None)
         num_local = 1  # no top-k to rewrite
         self._launch_dispatch(x, x_scales, None, None, routing.is_token_in_rank, routing.rank_prefix_matrix,
@@ -342,7 +342,7 @@ class TritonNormalBackend(Backend):
                          block=None, replay_key=None) -> None:
         """`may_write_directly`: the kernel's DIRECT (the same on every rank); `block`: (offset, tensor) of this
         rank's outputs in its output pool (direct state), or None (records). `replay_key`: keep a replay of
-        this launch under that key (its _DISPATCH_SWAPS tensors change from call to call)."""
+        this launch under that key (a cached dispatch's: what _DISPATCH_SWAPS names changes from call to call)."""
         num_tokens = x.size(0)
         words, scales, recv_x, recv_scales, recv_src = self._dispatch_swaps(x, x_scales, out)
         row_words = words.size(1)
@@ -361,7 +361,7 @@ class TritonNormalBackend(Backend):
         tokens_per_channel = _tokens_per_channel(num_tokens, num_channels)
         # a pusher moves about tokens_per_channel / pushers tokens of every channel
         publish_every = _publish_every(self.publish_tokens, tokens_per_channel / pushers, num_channels)
-        replay = launch_replayable(kernels.ep_dispatch_kernel, (num_programs,), _DISPATCH_SWAPS,
+        replay = launch_replayable(kernels.ep_dispatch_kernel, (num_programs,), _DISPATCH_SWAPS if replay_key else (),
             words, scales, scales.stride(0) if x_scales is not None else 0,
             scales.stride(1) if x_scales is not None else 0,
             topk_idx if topk_idx is not None else int64, topk_weights if topk_weights is not None else f32,
@@ -401,22 +401,22 @@ class TritonNormalBackend(Backend):
         combined = torch.empty(num_tokens, hidden, dtype=torch.bfloat16, device=self.device)
         combined_weights = (torch.empty(num_tokens, num_topk, dtype=torch.float32, device=self.device)
                             if topk_weights is not None else None)
-        swaps = self._combine_swaps(x, topk_weights, bias0, bias1, combined, combined_weights)
-        replay_key = ("combine", _handle_ids(routing), num_channels, x.shape, num_topk,
-                      bias0 is not None, bias1 is not None)
-        replay = self._replays.get(replay_key)
-        if replay is not None and replay(*swaps):
-            return combined, combined_weights
         num_programs = 2 * num_channels
         pushers = num_programs - _receivers(self.combine_receivers, self.combine_receiver_share, num_programs)
         # a pusher moves about (rows from peers) / (channels * pushers) rows of every channel
         peer_rows = x.size(0) * (self.num_ranks - 1) / self.num_ranks
         publish_every = _publish_every(self.publish_tokens, peer_rows / (num_channels * pushers), num_channels)
+        swaps = self._combine_swaps(x, topk_weights, bias0, bias1, combined, combined_weights)
+        in_rank, send_head, rank_prefix, recv_prefix = _handle_swaps(routing)[:4]
+        replay_key = ("combine", num_channels, hidden, num_tokens, num_topk, bias0 is not None, bias1 is not None,
+                      publish_every)
+        replay = self._replays.get(replay_key)
+        if replay is not None and replay(*swaps, in_rank, send_head, rank_prefix, recv_prefix):
+            return combined, combined_weights
         block_h = min(max(self.tile_hidden, 32), _pow2(hidden))
         reduce_block_h = self._reduce_block_h(hidden, bias0, bias1)
         replay = launch_replayable(kernels.ep_combine_kernel, (num_programs,), _COMBINE_SWAPS,
-            swaps[0], swaps[1], swaps[2], swaps[3], routing.is_token_in_rank.view(torch.uint8), routing.send_head,
-            routing.rank_prefix_matrix, routing.recv_channel_prefix_matrix, swaps[4], swaps[5],
+            swaps[0], swaps[1], swaps[2], swaps[3], in_rank, send_head, rank_prefix, recv_prefix, swaps[4], swaps[5],
             self.data_heap.peer_bases, self._half(), self.signal_heap.peer_bases, self.signal_layout.combine_flags,
             self.epoch, self.arrivals, self.errors.address,
             self.rank, num_tokens, num_channels, _tokens_per_channel(num_tokens, num_channels), pushers,
@@ -676,16 +676,21 @@ class _DispatchOutputs:
         self.src_idx = field(1, torch.int32).view(num_rows)
 
 
-# parameters of the kernels whose tensors a replay replaces (see TritonNormalBackend._replays)
-_DISPATCH_SWAPS = ("x_ptr", "scales_ptr", "recv_x_ptr", "recv_scales_ptr", "recv_src_ptr")
-_COMBINE_SWAPS = ("x_ptr", "weights_ptr", "bias0_ptr", "bias1_ptr", "out_ptr", "out_weights_ptr")
+# parameters whose values a replay replaces (see TritonNormalBackend._replays), in the order of
+# (_dispatch_swaps / _combine_swaps, then _handle_swaps, then for a dispatch its row count)
+_DISPATCH_SWAPS = ("x_ptr", "scales_ptr", "recv_x_ptr", "recv_scales_ptr", "recv_src_ptr",
+                   "in_rank_ptr", "send_head_ptr", "rank_prefix_ptr", "recv_prefix_ptr", "send_prefix_ptr",
+                   "num_out_rows")
+_COMBINE_SWAPS = ("x_ptr", "weights_ptr", "bias0_ptr", "bias1_ptr", "out_ptr", "out_weights_ptr",
+                  "in_rank_ptr", "send_head_ptr", "rank_prefix_ptr", "recv_prefix_ptr")
 _MAX_REPLAYS = 8
 
 
-def _handle_ids(routing: Routing) -> tuple:
-    """A handle's tensors by identity (a launch passes them all, or values derived from their shapes)."""
-    return (id(routing.rank_prefix_matrix), id(routing.channel_prefix_matrix), id(routing.recv_channel_prefix_matrix),
-            id(routing.recv_src_idx), id(routing.is_token_in_rank), id(routing.send_head))
+def _handle_swaps(routing: Routing) -> tuple:
+    """The handle's tensors as the kernels take them: is_token_in_rank (bytes), send_head, the rank prefix
+    matrix, the receive channel prefix matrix, the send channel prefix matrix (dispatch only)."""
+    return (routing.is_token_in_rank.view(torch.uint8), routing.send_head, routing.rank_prefix_matrix,
+            routing.recv_channel_prefix_matrix, routing.channel_prefix_matrix)
 
 
 def _dispatch_record_bytes(x: torch.Tensor, x_scales: Optional[torch.Tensor], num_topk: int) -> int:
