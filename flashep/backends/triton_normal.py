@@ -557,6 +557,7 @@ class TritonNormalBackend(Backend):
 
     # ---- lifetime ---------------------------------------------------------------------------------------
     def destroy(self) -> None:
+        self._replays.clear()  # they hold the heaps' pointer tables
         if self.output_pool is not None:  # unmapped once the last output carved from it is gone
             self.output_pool.retire()
             self.output_pool = None
