@@ -234,8 +234,10 @@ def _one_handle_many_calls(rank: int, num_ranks: int, group, seed: int) -> None:
     # calls 2-5 of each kind repeat an earlier call's key (dispatch: FP8 / BF16; combine: 3 bias variants)
     assert replayed.count("ep_dispatch_kernel") == 4 and replayed.count("ep_combine_kernel") == 3, replayed
 
-    # another routing of the same shapes (the next training step): its handle is swapped into the same replays
-    everyone = [_inputs(case, seed, 50, r, num_ranks) for r in range(num_ranks)]
+    # another routing of the same shapes (the next training step): the same tokens in another order on every
+    # rank, so every rank receives as many rows as before (the swapped row count keeps its specialisation class)
+    # while every tensor of the handle changes; the whole step replays
+    everyone = [_permuted(e, generator(seed, 50, r)) for r, e in enumerate(everyone)]
     topks = [e[1] for e in everyone]
     x, topk_idx, topk_weights, bias = everyone[rank]
     per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(topk_idx, num_experts)
@@ -251,7 +253,22 @@ def _one_handle_many_calls(rank: int, num_ranks: int, group, seed: int) -> None:
     combined, combined_w, _ = buffer.combine(rows[rank], out[4], topk_weights=out[2], bias=bias, config=config)
     assert_same(combined, expect_x, "combine of a second handle: combined_x")
     assert_same(combined_w, expect_w, "combine of a second handle: combined weights")
-    assert replayed.count("ep_dispatch_kernel") == 5 and replayed.count("ep_combine_kernel") == 4, replayed
+    # the non-cached dispatch of the same shapes replayed the first handle's one too
+    assert replayed.count("ep_dispatch_kernel") == 6 and replayed.count("ep_combine_kernel") == 4, replayed
+
+
+def _permuted(inputs, g):
+    """One rank's (x, topk_idx, weights, bias) with its tokens in a random order; FP8 scales keep their strides."""
+    x, topk_idx, weights, bias = inputs
+    order = torch.randperm(topk_idx.size(0), generator=g)
+    if isinstance(x, tuple):
+        data, scales = x
+        words = torch.zeros(scales.size(0), 2 * scales.size(1), dtype=scales.dtype)
+        words[:, ::2] = scales[order]
+        x = (data[order], words[:, ::2])
+    else:
+        x = x[order]
+    return x, topk_idx[order], weights[order], (bias[0][order], bias[1][order])
 
 
 def test_one_handle_many_calls_replay_their_launches(seed):

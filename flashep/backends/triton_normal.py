@@ -215,7 +215,7 @@ class TritonNormalBackend(Backend):
         num_local = num_tokens_per_expert.size(0) // num_ranks
         record = _dispatch_record_bytes(x, x_scales, num_topk)
         # the same rows may come back through a bf16 combine or be re-sent in bf16 with the handle
-        bf16_record = _dispatch_record_bytes(torch.empty(0, hidden, dtype=torch.bfloat16), None, num_topk)
+        bf16_record = _record_bytes(2 * hidden, 0, num_topk)
         combine_record = _combine_record_bytes(hidden, num_topk)
         if num_worst_tokens > 0:  # checked before any kernel runs, so that an error leaves no peer waiting
             home_bound = x.size(0) * num_ranks  # rows this rank's combine can receive at most
@@ -223,6 +223,7 @@ class TritonNormalBackend(Backend):
                           agreed=False, what="dispatch with num_worst_tokens")
         rank_prefix, send_prefix, recv_prefix, summary = self._notify(is_token_in_rank, num_tokens_per_expert,
                                                                       num_channels)
+        send_head = torch.empty(x.size(0), num_ranks, dtype=torch.int32, device=self.device)  # before the sync
         block = None  # this rank's outputs in its output pool: (offset, tensor)
         if num_worst_tokens > 0:
             num_rows, counts, per_expert_list = num_worst_tokens, None, []
@@ -243,11 +244,16 @@ class TritonNormalBackend(Backend):
                                         for r in range(num_ranks)])
                 block = self._carve(_output_block_bytes(num_rows, x, x_scales, topk_idx))
         out = _DispatchOutputs(x, x_scales, topk_idx, num_rows, self.device, block)
-        send_head = torch.empty(x.size(0), num_ranks, dtype=torch.int32, device=self.device)
-        self._launch_dispatch(x, x_scales, topk_idx, topk_weights, is_token_in_rank, rank_prefix, send_prefix,
-                              recv_prefix, out, send_head, num_local, num_channels, record,
-                              write_send_head=True, worst=num_worst_tokens > 0,
-                              may_write_directly=self.direct and num_worst_tokens == 0, block=block)
+        swaps = self._dispatch_swaps(x, x_scales, topk_idx, topk_weights, out, is_token_in_rank.view(torch.uint8),
+                                     send_head, rank_prefix, recv_prefix, send_prefix, num_rows)
+        worst = num_worst_tokens > 0
+        replay_key = None
+        if not self.direct:  # a direct-write launch depends on this call's carving
+            replay_key = self._dispatch_key(x, x_scales, topk_idx, num_local, num_channels, True, worst)
+        if not self._replayed(replay_key, swaps):
+            self._launch_dispatch(swaps, x, x_scales, topk_idx, num_local, num_channels, record,
+                                  write_send_head=True, worst=worst,
+                                  may_write_directly=self.direct and not worst, block=block, replay_key=replay_key)
         rank_prefix._flashep_full = True  # read back by handles.from_tuple
         rank_prefix._flashep_counts = counts  # the routing's counts on the host, when known (a combine uses them)
         routing = Routing(rank_prefix, send_prefix, recv_prefix, out.src_idx, is_token_in_rank, send_head,
@@ -282,27 +288,40 @@ class TritonNormalBackend(Backend):
         self._reserve(num_rows * record, agreed=False, what="cached dispatch")
         block = self._carve(_output_block_bytes(num_rows, x, x_scales, None)) if self.direct else None
         out = _DispatchOutputs(x, x_scales, None, num_rows, self.device, block)
+        swaps = self._dispatch_swaps(x, x_scales, None, None, out, *_handle_swaps(routing), num_rows)
+        num_local = 1  # no top-k to rewrite
         replay_key = None
         if not self.direct:  # a direct-write launch depends on this call's carving
-            replay_key = ("dispatch", num_channels, x.dtype, x.shape,
-                          None if x_scales is None else (x_scales.dtype, x_scales.shape, x_scales.stride()))
-            replay = self._replays.get(replay_key)
-            if replay is not None and replay(*self._dispatch_swaps(x, x_scales, out), *_handle_swaps(routing),
-                                             num_rows):
-                return DispatchResult(out.x, out.scales, None, None, None, None)
-        num_local = 1  # no top-k to rewrite
-        self._launch_dispatch(x, x_scales, None, None, routing.is_token_in_rank, routing.rank_prefix_matrix,
-                              routing.channel_prefix_matrix, routing.recv_channel_prefix_matrix, out,
-                              routing.send_head, num_local, num_channels, record, write_send_head=False, worst=False,
-                              may_write_directly=self.direct, block=block, replay_key=replay_key)
+            replay_key = self._dispatch_key(x, x_scales, None, num_local, num_channels, False, False)
+        if not self._replayed(replay_key, swaps):
+            self._launch_dispatch(swaps, x, x_scales, None, num_local, num_channels, record, write_send_head=False,
+                                  worst=False, may_write_directly=self.direct, block=block, replay_key=replay_key)
         return DispatchResult(out.x, out.scales, None, None, None, None)
 
-    def _dispatch_swaps(self, x, x_scales, out: "_DispatchOutputs") -> tuple:
-        """The tensors of a dispatch launch that change from call to call, in _DISPATCH_SWAPS order."""
-        no_scales = self._dummy[torch.int32]
-        return (x.view(torch.int32), x_scales.view(torch.int32) if x_scales is not None else no_scales,
-                out.x.view(torch.int32), out.scales.view(torch.int32) if out.scales is not None else no_scales,
-                out.src_idx)
+    def _dispatch_swaps(self, x, x_scales, topk_idx, topk_weights, out: "_DispatchOutputs", in_rank, send_head,
+                        rank_prefix, recv_prefix, send_prefix, num_rows: int) -> tuple:
+        """The values of a dispatch launch that change from call to call, in _DISPATCH_SWAPS order (absent
+        tensors as the backend's stand-ins)."""
+        int32, int64, f32 = (self._dummy[d] for d in (torch.int32, torch.int64, torch.float32))
+        return (x.view(torch.int32), x_scales.view(torch.int32) if x_scales is not None else int32,
+                topk_idx if topk_idx is not None else int64, topk_weights if topk_weights is not None else f32,
+                out.x.view(torch.int32), out.scales.view(torch.int32) if out.scales is not None else int32,
+                out.topk_idx if out.topk_idx is not None else int64,
+                out.topk_weights if out.topk_weights is not None else f32, out.src_idx,
+                in_rank, send_head, rank_prefix, recv_prefix, send_prefix, num_rows)
+
+    @staticmethod
+    def _dispatch_key(x, x_scales, topk_idx, num_local: int, num_channels: int, write_send_head: bool,
+                      worst: bool) -> tuple:
+        """What a dispatch launch depends on besides its _DISPATCH_SWAPS values (the backend's own state aside)."""
+        return ("dispatch", num_channels, x.dtype, x.shape,
+                None if x_scales is None else (x_scales.dtype, x_scales.shape, x_scales.stride()),
+                None if topk_idx is None else (topk_idx.dtype, topk_idx.shape), num_local, write_send_head, worst)
+
+    def _replayed(self, key, swaps: tuple) -> bool:
+        """Launch the replay kept under `key` with `swaps`; False where there is none or it refused."""
+        replay = self._replays.get(key) if key is not None else None
+        return replay is not None and replay(*swaps)
 
     def _remember(self, key, replay) -> None:
         if replay is None:
@@ -336,19 +355,18 @@ class TritonNormalBackend(Backend):
             USE_TIMER=self.use_timer, num_warps=4)
         return rank_prefix, send_prefix, recv_prefix, summary
 
-    def _launch_dispatch(self, x, x_scales, topk_idx, topk_weights, is_token_in_rank, rank_prefix, send_prefix,
-                         recv_prefix, out: "_DispatchOutputs", send_head, num_local, num_channels, record_bytes,
+    def _launch_dispatch(self, swaps: tuple, x, x_scales, topk_idx, num_local, num_channels, record_bytes,
                          write_send_head: bool, worst: bool, may_write_directly: bool = False,
                          block=None, replay_key=None) -> None:
-        """`may_write_directly`: the kernel's DIRECT (the same on every rank); `block`: (offset, tensor) of this
-        rank's outputs in its output pool (direct state), or None (records). `replay_key`: keep a replay of
-        this launch under that key (a cached dispatch's: what _DISPATCH_SWAPS names changes from call to call)."""
+        """`swaps`: from _dispatch_swaps; `may_write_directly`: the kernel's DIRECT (the same on every rank);
+        `block`: (offset, tensor) of this rank's outputs in its output pool (direct state), or None (records).
+        `replay_key`: keep a replay of this launch under that key (None: none)."""
+        (words, scales, topk, weights, recv_x, recv_scales, recv_topk, recv_weights, recv_src, in_rank, send_head,
+         rank_prefix, recv_prefix, send_prefix, num_rows) = swaps
         num_tokens = x.size(0)
-        words, scales, recv_x, recv_scales, recv_src = self._dispatch_swaps(x, x_scales, out)
         row_words = words.size(1)
         num_scales = x_scales.size(1) if x_scales is not None else 0
         num_topk = topk_idx.size(1) if topk_idx is not None else 0
-        int32, int64, f32 = (self._dummy[d] for d in (torch.int32, torch.int64, torch.float32))
         num_programs = 2 * num_channels
         pushers = num_programs - _receivers(self.receivers, self.receiver_share, num_programs)
         # every rank's output pool (any symmetric heap when there is none: no peer is then in the direct state)
@@ -363,15 +381,12 @@ class TritonNormalBackend(Backend):
         publish_every = _publish_every(self.publish_tokens, tokens_per_channel / pushers, num_channels)
         replay = launch_replayable(kernels.ep_dispatch_kernel, (num_programs,), _DISPATCH_SWAPS if replay_key else (),
             words, scales, scales.stride(0) if x_scales is not None else 0,
-            scales.stride(1) if x_scales is not None else 0,
-            topk_idx if topk_idx is not None else int64, topk_weights if topk_weights is not None else f32,
-            is_token_in_rank.view(torch.uint8), rank_prefix, send_prefix, recv_prefix,
-            recv_x, recv_scales, out.topk_idx if out.topk_idx is not None else int64,
-            out.topk_weights if out.topk_weights is not None else f32, recv_src, send_head,
+            scales.stride(1) if x_scales is not None else 0, topk, weights, in_rank, rank_prefix, send_prefix,
+            recv_prefix, recv_x, recv_scales, recv_topk, recv_weights, recv_src, send_head,
             self.data_heap.peer_bases, self._half(), self.signal_heap.peer_bases, self.signal_layout.dispatch_flags,
             self.epoch, self.arrivals, self.errors.address,
             self.rank, num_tokens, num_channels, tokens_per_channel, pushers, publish_every, num_local,
-            num_scales, num_topk, self._half() // record_bytes, out.x.size(0), out_bases,
+            num_scales, num_topk, self._half() // record_bytes, num_rows, out_bases,
             self.signal_layout.output_slots, out_state, self.budget,
             NUM_RANKS=self.num_ranks, R_PAD=self._rank_pad,
             P_PAD=_pow2(num_programs if may_write_directly else pushers), ROW_WORDS=row_words,
@@ -406,17 +421,15 @@ class TritonNormalBackend(Backend):
         # a pusher moves about (rows from peers) / (channels * pushers) rows of every channel
         peer_rows = x.size(0) * (self.num_ranks - 1) / self.num_ranks
         publish_every = _publish_every(self.publish_tokens, peer_rows / (num_channels * pushers), num_channels)
-        swaps = self._combine_swaps(x, topk_weights, bias0, bias1, combined, combined_weights)
-        in_rank, send_head, rank_prefix, recv_prefix = _handle_swaps(routing)[:4]
+        swaps = self._combine_swaps(x, topk_weights, bias0, bias1, combined, combined_weights, routing)
         replay_key = ("combine", num_channels, hidden, num_tokens, num_topk, bias0 is not None, bias1 is not None,
                       publish_every)
-        replay = self._replays.get(replay_key)
-        if replay is not None and replay(*swaps, in_rank, send_head, rank_prefix, recv_prefix):
+        if self._replayed(replay_key, swaps):
             return combined, combined_weights
         block_h = min(max(self.tile_hidden, 32), _pow2(hidden))
         reduce_block_h = self._reduce_block_h(hidden, bias0, bias1)
         replay = launch_replayable(kernels.ep_combine_kernel, (num_programs,), _COMBINE_SWAPS,
-            swaps[0], swaps[1], swaps[2], swaps[3], in_rank, send_head, rank_prefix, recv_prefix, swaps[4], swaps[5],
+            *swaps,
             self.data_heap.peer_bases, self._half(), self.signal_heap.peer_bases, self.signal_layout.combine_flags,
             self.epoch, self.arrivals, self.errors.address,
             self.rank, num_tokens, num_channels, _tokens_per_channel(num_tokens, num_channels), pushers,
@@ -429,11 +442,12 @@ class TritonNormalBackend(Backend):
         self._remember(replay_key, replay)
         return combined, combined_weights
 
-    def _combine_swaps(self, x, topk_weights, bias0, bias1, combined, combined_weights) -> tuple:
-        """The tensors of a combine launch that change from call to call, in _COMBINE_SWAPS order."""
+    def _combine_swaps(self, x, topk_weights, bias0, bias1, combined, combined_weights, routing: Routing) -> tuple:
+        """The values of a combine launch that change from call to call, in _COMBINE_SWAPS order, which is the
+        kernel's (absent tensors as the backend's stand-ins)."""
         bf16, f32 = self._dummy[torch.bfloat16], self._dummy[torch.float32]
         return (x, topk_weights if topk_weights is not None else f32, bias0 if bias0 is not None else bf16,
-                bias1 if bias1 is not None else bf16, combined,
+                bias1 if bias1 is not None else bf16, *_handle_swaps(routing)[:4], combined,
                 combined_weights if combined_weights is not None else f32)
 
     def _reduce_block_h(self, hidden: int, bias0, bias1) -> int:
@@ -678,26 +692,29 @@ class _DispatchOutputs:
 
 
 # parameters whose values a replay replaces (see TritonNormalBackend._replays), in the order of
-# (_dispatch_swaps / _combine_swaps, then _handle_swaps, then for a dispatch its row count)
-_DISPATCH_SWAPS = ("x_ptr", "scales_ptr", "recv_x_ptr", "recv_scales_ptr", "recv_src_ptr",
-                   "in_rank_ptr", "send_head_ptr", "rank_prefix_ptr", "recv_prefix_ptr", "send_prefix_ptr",
-                   "num_out_rows")
-_COMBINE_SWAPS = ("x_ptr", "weights_ptr", "bias0_ptr", "bias1_ptr", "out_ptr", "out_weights_ptr",
-                  "in_rank_ptr", "send_head_ptr", "rank_prefix_ptr", "recv_prefix_ptr")
+# _dispatch_swaps / _combine_swaps
+_DISPATCH_SWAPS = ("x_ptr", "scales_ptr", "topk_ptr", "weights_ptr", "recv_x_ptr", "recv_scales_ptr",
+                   "recv_topk_ptr", "recv_weights_ptr", "recv_src_ptr", "in_rank_ptr", "send_head_ptr",
+                   "rank_prefix_ptr", "recv_prefix_ptr", "send_prefix_ptr", "num_out_rows")
+_COMBINE_SWAPS = ("x_ptr", "weights_ptr", "bias0_ptr", "bias1_ptr", "in_rank_ptr", "send_head_ptr",
+                  "rank_prefix_ptr", "recv_prefix_ptr", "out_ptr", "out_weights_ptr")
 _MAX_REPLAYS = 8
 
 
 def _handle_swaps(routing: Routing) -> tuple:
-    """The handle's tensors as the kernels take them: is_token_in_rank (bytes), send_head, the rank prefix
-    matrix, the receive channel prefix matrix, the send channel prefix matrix (dispatch only)."""
+    """The handle's tensors as the kernels take them, in _DISPATCH_SWAPS order: is_token_in_rank (bytes),
+    send_head, the rank prefix matrix, the receive and the send channel prefix matrices (a combine takes the
+    first four, in the same order)."""
     return (routing.is_token_in_rank.view(torch.uint8), routing.send_head, routing.rank_prefix_matrix,
             routing.recv_channel_prefix_matrix, routing.channel_prefix_matrix)
 
 
 def _dispatch_record_bytes(x: torch.Tensor, x_scales: Optional[torch.Tensor], num_topk: int) -> int:
+    return _record_bytes(x.size(1) * x.element_size(), x_scales.size(1) if x_scales is not None else 0, num_topk)
+
+
+def _record_bytes(row_bytes: int, num_scales: int, num_topk: int) -> int:
     """Row, scales, top-k ids, top-k weights, source index: all 4-byte words."""
-    row_bytes = x.size(1) * x.element_size()
-    num_scales = x_scales.size(1) if x_scales is not None else 0
     return _round_up(row_bytes + 4 * (num_scales + 2 * num_topk + 1), kernels.RECORD_ALIGN)
 
 
