@@ -247,9 +247,9 @@ def _one_handle(rank: int, num_ranks: int, group, seed: int) -> None:
     assert_same(combined, expect_x, "second handle: combined_x")
     assert_same(combined_w, expect_w, "second handle: combined weights")
     # launches kept for replays (none where every launch goes through Triton's JIT: FLASHEP_FAST_LAUNCH=0): the
-    # BF16 and the FP8 non-cached dispatch, the FP8 and the BF16 cached dispatch, combines with and without a
-    # bias; the second handle's cached dispatch and combine found theirs
-    expected = 6 if flashep.launch.enabled() else 0
+    # count exchange, the BF16 and the FP8 non-cached dispatch, the FP8 and the BF16 cached dispatch, combines
+    # with and without a bias; the second handle's count exchange, cached dispatch and combine found theirs
+    expected = 7 if flashep.launch.enabled() else 0
     assert len(buffer._normal._replays) == expected, list(buffer._normal._replays)
 
 

@@ -253,8 +253,9 @@ def _one_handle_many_calls(rank: int, num_ranks: int, group, seed: int) -> None:
     combined, combined_w, _ = buffer.combine(rows[rank], out[4], topk_weights=out[2], bias=bias, config=config)
     assert_same(combined, expect_x, "combine of a second handle: combined_x")
     assert_same(combined_w, expect_w, "combine of a second handle: combined weights")
-    # the non-cached dispatch of the same shapes replayed the first handle's one too
+    # the non-cached dispatch of the same shapes (count exchange included) replayed the first handle's one too
     assert replayed.count("ep_dispatch_kernel") == 6 and replayed.count("ep_combine_kernel") == 4, replayed
+    assert replayed.count("ep_notify_kernel") == 1, replayed
 
 
 def _permuted(inputs, g):

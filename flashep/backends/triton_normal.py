@@ -342,17 +342,19 @@ class TritonNormalBackend(Backend):
         rank_prefix = summary[:pairs].view(num_ranks, num_ranks)
         send_prefix = torch.empty(num_ranks, num_channels, dtype=torch.int32, device=self.device)
         recv_prefix = summary[pairs + num_local + num_ranks:].view(num_ranks, num_channels)
-        layout = self.signal_layout
-        launch(kernels.ep_notify_kernel, (1,),
-            is_token_in_rank.view(torch.uint8), num_tokens_per_expert, self.signal_heap.peer_bases,
-            layout.notify_flags, layout.slots, self.epoch, self.errors.address,
-            send_prefix, rank_prefix, recv_prefix, summary[pairs:pairs + num_local],
-            summary[pairs + num_local:pairs + num_local + num_ranks],
-            self.rank, num_tokens, num_channels, _tokens_per_channel(num_tokens, num_channels), num_local,
-            self.budget,
-            NUM_RANKS=num_ranks, R_PAD=self._rank_pad, L_BLOCK=min(1024, _pow2(num_local)),
-            BLOCK_T=_NOTIFY_BLOCK_T, MAX_C=kernels.MAX_CHANNELS, MAX_L=kernels.MAX_LOCAL_EXPERTS,
-            USE_TIMER=self.use_timer, num_warps=4)
+        swaps = (is_token_in_rank.view(torch.uint8), num_tokens_per_expert, send_prefix, rank_prefix, recv_prefix,
+                 summary[pairs:pairs + num_local], summary[pairs + num_local:pairs + num_local + num_ranks])
+        replay_key = ("notify", num_tokens, num_channels, num_local)
+        if not self._replayed(replay_key, swaps):
+            layout = self.signal_layout
+            self._remember(replay_key, launch_replayable(kernels.ep_notify_kernel, (1,), _NOTIFY_SWAPS,
+                swaps[0], swaps[1], self.signal_heap.peer_bases, layout.notify_flags, layout.slots, self.epoch,
+                self.errors.address, *swaps[2:],
+                self.rank, num_tokens, num_channels, _tokens_per_channel(num_tokens, num_channels), num_local,
+                self.budget,
+                NUM_RANKS=num_ranks, R_PAD=self._rank_pad, L_BLOCK=min(1024, _pow2(num_local)),
+                BLOCK_T=_NOTIFY_BLOCK_T, MAX_C=kernels.MAX_CHANNELS, MAX_L=kernels.MAX_LOCAL_EXPERTS,
+                USE_TIMER=self.use_timer, num_warps=4))
         return rank_prefix, send_prefix, recv_prefix, summary
 
     def _launch_dispatch(self, swaps: tuple, x, x_scales, topk_idx, num_local, num_channels, record_bytes,
@@ -696,9 +698,11 @@ class _DispatchOutputs:
 _DISPATCH_SWAPS = ("x_ptr", "scales_ptr", "topk_ptr", "weights_ptr", "recv_x_ptr", "recv_scales_ptr",
                    "recv_topk_ptr", "recv_weights_ptr", "recv_src_ptr", "in_rank_ptr", "send_head_ptr",
                    "rank_prefix_ptr", "recv_prefix_ptr", "send_prefix_ptr", "num_out_rows")
+_NOTIFY_SWAPS = ("in_rank_ptr", "expert_counts_ptr", "send_prefix_ptr", "rank_prefix_ptr", "recv_prefix_ptr",
+                 "recv_expert_ptr", "tokens_ptr")
 _COMBINE_SWAPS = ("x_ptr", "weights_ptr", "bias0_ptr", "bias1_ptr", "in_rank_ptr", "send_head_ptr",
                   "rank_prefix_ptr", "recv_prefix_ptr", "out_ptr", "out_weights_ptr")
-_MAX_REPLAYS = 8
+_MAX_REPLAYS = 16
 
 
 def _handle_swaps(routing: Routing) -> tuple:
