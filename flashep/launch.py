@@ -135,8 +135,7 @@ class Launcher:
             return self.kernel[grid](*args, **kwargs), None, None
         if compiled is not None:
             # as JITFunction.run: every parameter in order, constexprs and defaults included, on the 3-d grid
-            grid = tuple(grid) + (1,) * (3 - len(grid))
-            compiled[grid](*values, stream=current_stream(key[-1]))
+            compiled[_grid3(grid)](*values, stream=current_stream(key[-1]))
             return compiled, values, key
         compiled = self.kernel[grid](*args, **kwargs)  # compiles or fetches; raises on bad arguments
         if not looks_compiled(compiled):
@@ -223,4 +222,8 @@ def launch_replayable(kernel, grid, swap: tuple, *args, **kwargs) -> Optional[Re
     slots = [launcher.names.index(name) for name in swap]
     if not launcher.constexpr_indices.isdisjoint(slots):
         raise ValueError(f"launch_replayable: a constexpr cannot be swapped ({swap})")
-    return Replay(compiled, tuple(grid) + (1,) * (3 - len(grid)), values, slots, key[-1])
+    return Replay(compiled, _grid3(grid), values, slots, key[-1])
+
+
+def _grid3(grid) -> tuple:
+    return tuple(grid) + (1,) * (3 - len(grid))

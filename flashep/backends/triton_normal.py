@@ -247,9 +247,7 @@ class TritonNormalBackend(Backend):
         swaps = self._dispatch_swaps(x, x_scales, topk_idx, topk_weights, out, is_token_in_rank.view(torch.uint8),
                                      send_head, rank_prefix, recv_prefix, send_prefix, num_rows)
         worst = num_worst_tokens > 0
-        replay_key = None
-        if not self.direct:  # a direct-write launch depends on this call's carving
-            replay_key = self._dispatch_key(x, x_scales, topk_idx, num_local, num_channels, True, worst)
+        replay_key = self._dispatch_key(x, x_scales, topk_idx, num_local, num_channels, True, worst)
         if not self._replayed(replay_key, swaps):
             self._launch_dispatch(swaps, x, x_scales, topk_idx, num_local, num_channels, record,
                                   write_send_head=True, worst=worst,
@@ -290,9 +288,7 @@ class TritonNormalBackend(Backend):
         out = _DispatchOutputs(x, x_scales, None, num_rows, self.device, block)
         swaps = self._dispatch_swaps(x, x_scales, None, None, out, *_handle_swaps(routing), num_rows)
         num_local = 1  # no top-k to rewrite
-        replay_key = None
-        if not self.direct:  # a direct-write launch depends on this call's carving
-            replay_key = self._dispatch_key(x, x_scales, None, num_local, num_channels, False, False)
+        replay_key = self._dispatch_key(x, x_scales, None, num_local, num_channels, False, False)
         if not self._replayed(replay_key, swaps):
             self._launch_dispatch(swaps, x, x_scales, None, num_local, num_channels, record, write_send_head=False,
                                   worst=False, may_write_directly=self.direct, block=block, replay_key=replay_key)
@@ -310,10 +306,12 @@ class TritonNormalBackend(Backend):
                 out.topk_weights if out.topk_weights is not None else f32, out.src_idx,
                 in_rank, send_head, rank_prefix, recv_prefix, send_prefix, num_rows)
 
-    @staticmethod
-    def _dispatch_key(x, x_scales, topk_idx, num_local: int, num_channels: int, write_send_head: bool,
-                      worst: bool) -> tuple:
-        """What a dispatch launch depends on besides its _DISPATCH_SWAPS values (the backend's own state aside)."""
+    def _dispatch_key(self, x, x_scales, topk_idx, num_local: int, num_channels: int, write_send_head: bool,
+                      worst: bool) -> Optional[tuple]:
+        """What a dispatch launch depends on besides its _DISPATCH_SWAPS values (the backend's own state aside);
+        None with direct writes (the launch depends on this call's carving): not replayed."""
+        if self.direct:
+            return None
         return ("dispatch", num_channels, x.dtype, x.shape,
                 None if x_scales is None else (x_scales.dtype, x_scales.shape, x_scales.stride()),
                 None if topk_idx is None else (topk_idx.dtype, topk_idx.shape), num_local, write_send_head, worst)
