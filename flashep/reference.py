@@ -228,13 +228,17 @@ def low_latency_dispatch(xs: Sequence[torch.Tensor], topk_idxs: Sequence[torch.T
 
 def low_latency_combine(expert_outputs: Sequence[torch.Tensor], handles: Sequence[tuple],
                         topk_idxs: Sequence[torch.Tensor], topk_weights: Sequence[torch.Tensor],
-                        num_experts: int, use_logfmt: bool = False) -> list[torch.Tensor]:
+                        num_experts: int, use_logfmt: bool = False, prereduce: bool = False) -> list[torch.Tensor]:
     """Low-latency combine of every rank -> bf16 [T_r, H]: per token, in fp32, 0 + w[k] * y_k for
     k = 0 .. K-1 with topk_idx >= 0 (a product then a sum, no fused multiply-add), then bf16. With
-    `use_logfmt` each row y_k is first replaced by `logfmt.roundtrip(y_k)` (the decoded wire format).
+    `use_logfmt` each row y_k is first replaced by `logfmt.roundtrip(y_k)` (the decoded wire format). With
+    `prereduce` (the expert side sums first) each owner rank's terms are summed alone, in k order, and
+    rounded to bf16, and the token's result is 0 + the partials of the owners it chose, in owner order.
 
     expert_outputs[d] is owner d's [L, R * T_max, H]; handles[d] its low-latency handle, used only to find
     which row holds (expert, source rank, source token)."""
+    if use_logfmt and prereduce:
+        raise ValueError("a pre-reducing combine sends no LogFMT rows")
     num_ranks = len(topk_idxs)
     experts_per_rank = num_experts // num_ranks
     rows = _expert_rows(handles, topk_idxs, num_experts)
@@ -244,11 +248,12 @@ def low_latency_combine(expert_outputs: Sequence[torch.Tensor], handles: Sequenc
     for home in range(num_ranks):
         idx, weights = topk_idxs[home].cpu(), topk_weights[home].to(device)
         num_tokens, num_topk = idx.shape
+        owner_of = torch.where(idx >= 0, torch.div(idx, experts_per_rank, rounding_mode="floor"), -1)
         acc = torch.zeros(num_tokens, hidden, dtype=torch.float32, device=device)
+        partials = [torch.zeros_like(acc) for _ in range(num_ranks)] if prereduce else [acc] * num_ranks
         for k in range(num_topk):
             for owner in range(num_ranks):
-                tokens = ((idx[:, k] >= owner * experts_per_rank) & (idx[:, k] < (owner + 1) * experts_per_rank))
-                tokens = tokens.nonzero().flatten()
+                tokens = (owner_of[:, k] == owner).nonzero().flatten()
                 if tokens.numel() == 0:
                     continue
                 experts = idx[tokens, k]
@@ -257,7 +262,11 @@ def low_latency_combine(expert_outputs: Sequence[torch.Tensor], handles: Sequenc
                 y = expert_outputs[owner][local, row]
                 y = (logfmt.roundtrip(y) if use_logfmt else y).float()
                 tokens = tokens.to(device)
-                acc[tokens] = acc[tokens] + weights[tokens, k:k + 1] * y
+                partials[owner][tokens] = partials[owner][tokens] + weights[tokens, k:k + 1] * y
+        if prereduce:
+            for owner in range(num_ranks):
+                chosen = (owner_of == owner).any(dim=1).nonzero().flatten().to(device)
+                acc[chosen] = acc[chosen] + partials[owner][chosen].to(torch.bfloat16).float()
         results.append(acc.to(torch.bfloat16))
     return results
 

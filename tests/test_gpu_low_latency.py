@@ -6,8 +6,10 @@ DeepEP's low-latency test (with its LogFMT inputs and bound), hooks with a large
 CUDA-graph capture of dispatch + combine (BF16 and LogFMT) replayed with new data, 20 reruns bit-identical
 (also with ranks sleeping at random between calls, so that they run apart), 0..T_max tokens per rank
 against the oracle (fixed per rank, and drawn anew every call), and the profiler seeing one kernel name per
-operation.
+operation. The pre-reducing combine (FLASHEP_LL_PREREDUCE=1) against its oracle, and under DeepEP's
+assertions, CUDA graphs and the reruns.
 """
+import os
 import random
 import time
 
@@ -28,6 +30,8 @@ T_MAX, HIDDEN, TOPK = 128, 7168, 8
 MATMUL = 8192  # the compute between a send and its hook (as DeepEP's benchmark: an 8192^2 fp32 matmul)
 MODES = {"bf16": (False, False, False), "fp8": (True, False, False), "fp8_round": (True, True, False),
          "fp8_ue8m0": (True, True, True)}
+PREREDUCE = {"FLASHEP_LL_PREREDUCE": "1"}
+COMBINES = [pytest.param({}, id="plain"), pytest.param(PREREDUCE, id="prereduce")]
 
 
 def _buffer(group, world, num_experts, t_max=T_MAX, hidden=HIDDEN):
@@ -274,7 +278,9 @@ def _determinism_body(rank, world, group, seed, num_experts, apart=False):
     idx, weights = _routing(seed, rank, T_MAX, num_experts)
     expect = reference.low_latency_dispatch(_gather(group, world, x), _gather(group, world, idx), num_experts,
                                             *MODES["fp8"])[rank]
-    first = None
+    # a pre-reducing combine (no hook) rounds its partial sums: compare each kind of call with its own first
+    prereduce = os.environ.get("FLASHEP_LL_PREREDUCE") == "1"
+    firsts = {}
     for rerun in range(20):
         hook = bool(rerun % 2)
         pause()
@@ -283,11 +289,51 @@ def _determinism_body(rank, world, group, seed, num_experts, apart=False):
         pause()
         out = _combine(buffer, per_token_cast_back(*recv_x), idx, weights, handle, hook, pause=pause)
         current = (_valid(recv_x, recv_count, handle), out.clone())
-        if first is None:
-            first = current
+        first = firsts.setdefault(hook if prereduce else None, current)
+        if first is current:
             continue
         _assert_same_valid(current[0], first[0], f"rerun {rerun}")
         assert_same(current[1], first[1], f"rerun {rerun}: combine")
+    buffer.destroy()
+    return True
+
+
+def _prereduce_oracle_body(rank, world, group, seed, num_experts):
+    """FLASHEP_LL_PREREDUCE=1, small shapes (the oracle needs every rank's expert outputs): combines without a
+    hook sum on the expert side and match the pre-reducing oracle in all but fused multiply-add roundings
+    (under 1% of the elements, against well over that for the plain oracle, whose sums are not rounded per
+    owner), and DeepEP's bound against the plain weighted sum; the same from the zero-copy buffer; a combine
+    with a hook is the plain one."""
+    t_max, hidden = 32, 1024
+    buffer = _buffer(group, world, num_experts, t_max, hidden)
+    dev = _device()
+    for step in range(3):
+        g = generator(seed, rank, step, 3)
+        num_tokens = int(torch.randint(1, t_max + 1, (1,), generator=g))
+        x = torch.randn(num_tokens, hidden, generator=g).to(dev, torch.bfloat16)
+        idx, weights = _routing(seed, rank, num_tokens, num_experts, step)
+        recv_x, recv_count, handle = _dispatch(buffer, x, idx, num_experts, "bf16", hook=False, t_max=t_max)
+        y = torch.randn(recv_x.shape, generator=g).to(dev, torch.bfloat16)
+        handles = [(s, lr, t_max, hidden, num_experts) for s, lr in
+                   zip(_gather(group, world, handle[0]), _gather(group, world, handle[1]))]
+        owners = (_gather(group, world, y), handles, _gather(group, world, idx), _gather(group, world, weights))
+        pre = reference.low_latency_combine(*owners, num_experts, prereduce=True)[rank]
+        plain = reference.low_latency_combine(*owners, num_experts)[rank]
+        for zero_copy in (False, True):
+            if zero_copy:
+                buffer.get_next_low_latency_combine_buffer(handle).copy_(y)
+            out = _combine(buffer, y, idx, weights, handle, hook=False, zero_copy=zero_copy)
+            what = f"step {step}, zero_copy={zero_copy}"
+            off_pre = (out != pre).float().mean().item()
+            off_plain = (out != plain).float().mean().item()
+            # one rank: one partial per token, so the two oracles agree
+            assert off_pre < 0.01 and (off_pre < off_plain or torch.equal(pre, plain)), \
+                f"{what}: {off_pre:.4f} off the pre-reducing oracle, {off_plain:.4f} off the plain one"
+            assert calc_diff(plain.float(), out.float()) < 1e-5, f"{what}: DeepEP's bound"
+        hooked = _combine(buffer, y, idx, weights, handle, hook=True)
+        off_plain = (hooked != plain).float().mean().item()
+        assert off_plain < 0.01 and (off_plain < (hooked != pre).float().mean().item() or torch.equal(pre, plain)), \
+            f"step {step}: a combine with a hook, {off_plain:.4f} off the plain oracle"
     buffer.destroy()
     return True
 
@@ -407,10 +453,17 @@ def _kernel_names_body(rank, world, group, seed, num_experts):
 
 
 # ---- tests ------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("num_experts", [256, 288])
+@pytest.mark.parametrize("num_experts, env", [pytest.param(256, {}, id="256"), pytest.param(288, {}, id="288"),
+                                              pytest.param(256, PREREDUCE, id="256-prereduce")])
 @pytest.mark.parametrize("world", WORLDS)
-def test_deepep_assertions(world, num_experts, seed):
-    assert all(run_ranks(world, _deepep_body, seed, num_experts, backend="triton", device="cuda"))
+def test_deepep_assertions(world, num_experts, env, seed):
+    assert all(run_ranks(world, _deepep_body, seed, num_experts, backend="triton", device="cuda", env=env))
+
+
+@pytest.mark.parametrize("world", WORLDS)
+def test_prereduced_combine_matches_oracle(world, seed):
+    assert all(run_ranks(world, _prereduce_oracle_body, seed, 8 * world, backend="triton", device="cuda",
+                         env=PREREDUCE))
 
 
 @pytest.mark.parametrize("world", WORLDS)
@@ -418,14 +471,16 @@ def test_hooks_around_a_large_matmul(world, seed):
     assert all(run_ranks(world, _hook_overlap_body, seed, 256, backend="triton", device="cuda"))
 
 
+@pytest.mark.parametrize("env", COMBINES)
 @pytest.mark.parametrize("world", WORLDS)
-def test_cuda_graph_replay_with_new_data(world, seed):
-    assert all(run_ranks(world, _graph_body, seed, 256, backend="triton", device="cuda"))
+def test_cuda_graph_replay_with_new_data(world, env, seed):
+    assert all(run_ranks(world, _graph_body, seed, 256, backend="triton", device="cuda", env=env))
 
 
+@pytest.mark.parametrize("env", COMBINES)
 @pytest.mark.parametrize("world", WORLDS)
-def test_twenty_reruns_bit_identical(world, seed):
-    assert all(run_ranks(world, _determinism_body, seed, 288, backend="triton", device="cuda"))
+def test_twenty_reruns_bit_identical(world, env, seed):
+    assert all(run_ranks(world, _determinism_body, seed, 288, backend="triton", device="cuda", env=env))
 
 
 @pytest.mark.parametrize("world", [gpu_world(2), gpu_world(4)])

@@ -2,10 +2,12 @@
 
 The backend is driven directly (not through Buffer), so these tests cover the kernels and their protocol:
 exact FP8/BF16 payloads and scales, the packed layout in canonical (source rank, token, k) order,
-statistics, the weighted combine (bit-exact here: the interpreter does not fuse multiply-adds), both
-halves of the double buffer with ranks out of step, the combine fallback without the per-row top-k slot,
-zero-copy combine, heap growth, timeouts and recovery with clean_low_latency_buffer.
+statistics, the weighted combine (bit-exact here: the interpreter does not fuse multiply-adds), the
+pre-reducing combine (FLASHEP_LL_PREREDUCE=1: partial sums per owner rank), both halves of the double buffer
+with ranks out of step, the combine fallback without the per-row top-k slot, zero-copy combine, heap growth,
+timeouts and recovery with clean_low_latency_buffer.
 """
+import os
 import time
 import types
 
@@ -28,6 +30,12 @@ MODES = {"bf16": (False, False, False), "fp8": (True, False, False), "fp8_round"
 MANY_PROGRAMS = {"FLASHEP_LL_SEND_PROGRAMS": "8", "FLASHEP_LL_RECV_PROGRAMS": "8", "FLASHEP_LL_TILE_TOKENS": "2",
                  "FLASHEP_LL_COMBINE_RECV_PROGRAMS": "8", "FLASHEP_LL_TILE_ROWS": "2",
                  "FLASHEP_LL_COMBINE_TILE_ROWS": "2"}
+PREREDUCE = {"FLASHEP_LL_PREREDUCE": "1"}
+
+
+def _prereduces(hook: bool) -> bool:
+    """Whether the backend pre-reduces this combine: switched on, and no receive hook (LogFMT never does)."""
+    return os.environ.get("FLASHEP_LL_PREREDUCE") == "1" and not hook
 
 
 def _backend(rank, world, group):
@@ -87,9 +95,10 @@ def _check_dispatch(result, xs, idxs, rank, world, t_max, num_experts, mode):
                 f"{mode}: layout_range[{i}][{src}] = ({begins[src]}, {sizes[src]}), expected ({first}, {want})"
 
 
-def _expected_combine(world, t_max, num_experts, handles, ys, idxs, weights):
+def _expected_combine(world, t_max, num_experts, handles, ys, idxs, weights, prereduce=False):
     """Combine from first principles: the n-th row of (expert, source, token) in the owner's canonical
-    block answers the n-th k of that token that selects the expert."""
+    block answers the n-th k of that token that selects the expert. With `prereduce`, each owner's terms
+    are summed apart (k order), rounded to bf16, and the partials summed in owner order."""
     num_local = num_experts // world
     rows = {}
     for owner, (src_info, layout_range) in enumerate(handles):
@@ -103,6 +112,7 @@ def _expected_combine(world, t_max, num_experts, handles, ys, idxs, weights):
         acc = torch.zeros(idx.size(0), HIDDEN)
         for t in range(idx.size(0)):
             seen = {}
+            partials = {}
             for k in range(idx.size(1)):
                 e = int(idx[t, k])
                 if e < 0:
@@ -110,7 +120,13 @@ def _expected_combine(world, t_max, num_experts, handles, ys, idxs, weights):
                 n = seen.get(e, 0)
                 seen[e] = n + 1
                 owner = e // num_local
-                acc[t] = acc[t] + w[t, k] * ys[owner][e % num_local, rows[(e, home, t)][n]].float()
+                term = w[t, k] * ys[owner][e % num_local, rows[(e, home, t)][n]].float()
+                if prereduce:
+                    partials[owner] = partials.get(owner, torch.zeros(HIDDEN)) + term
+                else:
+                    acc[t] = acc[t] + term
+            for owner in sorted(partials):
+                acc[t] = acc[t] + partials[owner].to(torch.bfloat16).float()
         outs.append(acc.to(torch.bfloat16))
     return outs
 
@@ -144,9 +160,12 @@ def _round_trip_body(rank, world, group, seed, t_max, num_experts, topk, topk_dt
         handle = (result.src_info, result.layout_range, t_max, HIDDEN, num_experts)
         y = torch.randn(num_local, world * t_max, HIDDEN, generator=generator(seed, rank, step, 7)).to(torch.bfloat16)
         everyone = _gather(group, world, y, result.src_info, result.layout_range)
-        expect = reference.low_latency_combine([g[0] for g in everyone],
-                                               [(g[1], g[2], t_max, HIDDEN, num_experts) for g in everyone],
-                                               idxs, weights, num_experts)[rank]
+        owners = ([g[0] for g in everyone], [(g[1], g[2], t_max, HIDDEN, num_experts) for g in everyone])
+        expect_all = reference.low_latency_combine(*owners, idxs, weights, num_experts, prereduce=_prereduces(hook))
+        expect = expect_all[rank]
+        if _prereduces(hook):  # the partial sums' rounding shows: the test tells the two combines apart
+            plain = reference.low_latency_combine(*owners, idxs, weights, num_experts)
+            assert any(not torch.equal(a, b) for a, b in zip(expect_all, plain)), "pre-reduced = plain combine"
         out = torch.full((idxs[rank].size(0), HIDDEN), float("nan"), dtype=torch.bfloat16)
         combine_wait = torch.zeros(world, dtype=torch.int64)
         backend.low_latency_combine(y, idxs[rank], weights[rank], handle, False, out, combine_wait, hook)()
@@ -239,15 +258,16 @@ def _fallback_body(rank, world, group, seed, t_max, num_experts, topk):
     _check_dispatch(result, xs, idxs, rank, world, t_max, num_experts, "bf16")
     y = torch.randn(num_experts // world, world * t_max, HIDDEN, generator=generator(seed, rank, 5)).to(torch.bfloat16)
     everyone = _gather(group, world, y, result.src_info, result.layout_range)
-    expect = _expected_combine(world, t_max, num_experts, [(g[1], g[2]) for g in everyone], [g[0] for g in everyone],
-                               idxs, weights)[rank]
+    owners = ([(g[1], g[2]) for g in everyone], [g[0] for g in everyone])
     for src_info in (result.src_info, result.src_info.clone()):
+        fallback = src_info is not result.src_info  # a copy lost the slots and the row map: never pre-reduced
+        expect = _expected_combine(world, t_max, num_experts, *owners, idxs, weights,
+                                   prereduce=_prereduces(False) and not fallback)[rank]
         out = torch.empty(idxs[rank].size(0), HIDDEN, dtype=torch.bfloat16)
         backend.low_latency_combine(y, idxs[rank], weights[rank],
                                     (src_info, result.layout_range, t_max, HIDDEN, num_experts), False, out, None,
                                     False)()
-        assert_same(out, expect, "combine with duplicate experts" + (" (fallback)" if src_info is not result.src_info
-                                                                     else ""))
+        assert_same(out, expect, "combine with duplicate experts" + (" (fallback)" if fallback else ""))
     return True
 
 
@@ -284,7 +304,7 @@ def _epoch_wrap_body(rank, world, group, seed, t_max, num_experts, topk):
             everyone = _gather(group, world, y, result.src_info, result.layout_range)
             expect = reference.low_latency_combine([g[0] for g in everyone],
                                                    [(g[1], g[2], t_max, HIDDEN, num_experts) for g in everyone],
-                                                   idxs, weights, num_experts)[rank]
+                                                   idxs, weights, num_experts, prereduce=_prereduces(step == 2))[rank]
             out = torch.empty(idxs[rank].size(0), HIDDEN, dtype=torch.bfloat16)
             backend.low_latency_combine(y, idxs[rank], weights[rank],
                                         (result.src_info, result.layout_range, t_max, HIDDEN, num_experts),
@@ -317,8 +337,9 @@ def _timeout_body(rank, world, group, seed, t_max, num_experts, topk, with_hook)
 
 
 def _combine_timeout_body(rank, world, group, seed, t_max, num_experts, topk):
-    """Rank 1 skips a combine whose handle lost its top-k slots (a copy): rank 0's send waits for rank 1's
-    published top-k rows and raises PeerTimeoutError naming rank 1, not itself."""
+    """Rank 1 skips a combine whose send must wait for it: a handle that lost its top-k slots (a copy:
+    rank 0's send waits for rank 1's published top-k rows), or a pre-reducing combine (rank 0's send waits
+    for rank 1's weights). Rank 0 raises PeerTimeoutError naming rank 1, not itself."""
     from flashep.kernels.sync import PeerTimeoutError
 
     backend = _backend(rank, world, group)
@@ -329,9 +350,11 @@ def _combine_timeout_body(rank, world, group, seed, t_max, num_experts, topk):
     message = ""
     if rank == 0:
         out = torch.empty(idxs[rank].size(0), HIDDEN, dtype=torch.bfloat16)
-        handle = (result.src_info.clone(), result.layout_range, t_max, HIDDEN, num_experts)
+        src_info = result.src_info if _prereduces(False) else result.src_info.clone()
+        handle = (src_info, result.layout_range, t_max, HIDDEN, num_experts)
         with pytest.raises(PeerTimeoutError) as error:
-            backend.low_latency_combine(y, idxs[rank], weights[rank], handle, False, out, None, True)()
+            backend.low_latency_combine(y, idxs[rank], weights[rank], handle, False, out, None,
+                                        not _prereduces(False))()
         message = str(error.value)
     dist.barrier(group)
     return message
@@ -343,6 +366,15 @@ def _combine_timeout_body(rank, world, group, seed, t_max, num_experts, topk):
 def test_round_trip_matches_oracle(seed, world, num_experts, topk, topk_dtype):
     assert all(run_ranks(world, _round_trip_body, seed, 6, num_experts, topk, topk_dtype, list(MODES),
                          backend="triton"))
+
+
+@pytest.mark.parametrize("world, num_experts, topk, env", [
+    (2, 8, 3, PREREDUCE), (3, 12, 4, dict(PREREDUCE, **MANY_PROGRAMS)), (4, 16, 5, PREREDUCE)])
+def test_prereduced_combine_matches_oracle(seed, world, num_experts, topk, env):
+    """FLASHEP_LL_PREREDUCE=1: the combines without a hook (steps 0 and 2) sum on the expert side and equal
+    the pre-reducing oracle bit for bit (and differ from the plain one); the hook steps stay plain."""
+    assert all(run_ranks(world, _round_trip_body, seed, 6, num_experts, topk, torch.int64,
+                         ["bf16", "fp8", "fp8_ue8m0"], backend="triton", env=env))
 
 
 def test_round_trip_other_launch_shapes(seed):
@@ -363,16 +395,18 @@ def test_dispatch_with_late_peers(seed):
     assert all(run_ranks(3, _late_peers_body, seed, 6, 6, 3, backend="triton", env=MANY_PROGRAMS))
 
 
-def test_combine_fallback_and_duplicate_experts(seed):
-    assert all(run_ranks(3, _fallback_body, seed, 6, 6, 3, backend="triton", env=MANY_PROGRAMS))
+@pytest.mark.parametrize("env", [MANY_PROGRAMS, dict(MANY_PROGRAMS, **PREREDUCE)], ids=["plain", "prereduce"])
+def test_combine_fallback_and_duplicate_experts(seed, env):
+    assert all(run_ranks(3, _fallback_body, seed, 6, 6, 3, backend="triton", env=env))
 
 
 def test_heap_grows_collectively(seed):
     assert all(run_ranks(2, _growth_body, seed, 8, 3, backend="triton"))
 
 
-def test_flag_tags_wrap(seed):
-    assert all(run_ranks(2, _epoch_wrap_body, seed, 4, 4, 2, backend="triton", env=MANY_PROGRAMS))
+@pytest.mark.parametrize("env", [MANY_PROGRAMS, dict(MANY_PROGRAMS, **PREREDUCE)], ids=["plain", "prereduce"])
+def test_flag_tags_wrap(seed, env):
+    assert all(run_ranks(2, _epoch_wrap_body, seed, 4, 4, 2, backend="triton", env=env))
 
 
 @pytest.mark.parametrize("with_hook", [False, True])
@@ -383,8 +417,10 @@ def test_timeout_names_rank_peer_and_phase(seed, with_hook):
     assert "low-latency dispatch receive" in messages[0], messages[0]
 
 
-def test_combine_timeout_names_the_missing_home(seed):
-    messages = run_ranks(2, _combine_timeout_body, seed, 4, 4, 2, backend="triton", env={"FLASHEP_TIMEOUT_S": "0.3"})
+@pytest.mark.parametrize("env", [{}, PREREDUCE], ids=["published_topk", "prereduce"])
+def test_combine_timeout_names_the_missing_home(seed, env):
+    messages = run_ranks(2, _combine_timeout_body, seed, 4, 4, 2, backend="triton",
+                         env=dict(env, FLASHEP_TIMEOUT_S="0.3"))
     assert "rank 0 timed out" in messages[0] and "waiting for rank 1" in messages[0], messages[0]
     assert "low-latency combine receive" in messages[0], messages[0]
 

@@ -28,13 +28,16 @@ from .base import Backend, LowLatencyDispatchResult
 TOPK_LIMIT = 32  # largest top-k the message slots hold
 MAX_GROUPS = kernels.MAX_GROUPS.value  # flags per (half, source rank): upper bound of programs per peer
 SLOT_ATTR = "_flashep_topk_slot"  # int8 [L, R * T_max] attached to src_info: k of each received row
+# int32 [R + R * T_max * K] attached to src_info: tokens per source, then per (source, token, k) the received
+# row (local expert * R * T_max + row) or -1: what a pre-reducing combine sums per token
+ROW_MAP_ATTR = "_flashep_row_map"
 
 
 @dataclass(frozen=True)
 class Tuning:
     """Launch shapes. Env: FLASHEP_LL_SEND_PROGRAMS, FLASHEP_LL_RECV_PROGRAMS, FLASHEP_LL_COMBINE_RECV_PROGRAMS,
     FLASHEP_LL_BLOCK_H, FLASHEP_LL_TILE_TOKENS, FLASHEP_LL_TILE_ROWS, FLASHEP_LL_COMBINE_TILE_ROWS,
-    FLASHEP_LL_SCAN_ROWS, FLASHEP_LL_NUM_WARPS, FLASHEP_LL_FUSED.
+    FLASHEP_LL_SCAN_ROWS, FLASHEP_LL_NUM_WARPS, FLASHEP_LL_FUSED, FLASHEP_LL_PREREDUCE.
     Every rank must use the same FLASHEP_LL_SEND_PROGRAMS (it fixes how many flags a receiver waits for)."""
 
     send_programs: int  # programs of each send kernel, spread over the destination ranks
@@ -47,19 +50,23 @@ class Tuning:
     scan_rows: int  # received top-k rows the dispatch receive reads per step when it packs the rows
     num_warps: int
     fused: int  # 1: a call without a hook launches both phases at once; 0: two launches, as with a hook
+    # 1: a combine without a hook sums on the expert side, one bf16 row per (token, rank) instead of one per
+    # (token, k) (fewer bytes over the links; the partial sums are rounded to bf16)
+    prereduce: int
 
     # GPU: spread the stores over many SMs. Interpreter: programs run one after another, so few programs
     # with large tiles are fastest.
     GPU_DEFAULTS = dict(send_programs=128, recv_programs=128, combine_recv_programs=128, block_h=1024,
-                        tile_tokens=4, tile_rows=16, combine_tile_rows=4, scan_rows=256, num_warps=8, fused=1)
+                        tile_tokens=4, tile_rows=16, combine_tile_rows=4, scan_rows=256, num_warps=8, fused=1,
+                        prereduce=0)
     INTERPRETER_DEFAULTS = dict(send_programs=1, recv_programs=1, combine_recv_programs=1, block_h=1024,
                                 tile_tokens=16, tile_rows=16, combine_tile_rows=16, scan_rows=128, num_warps=4,
-                                fused=1)
+                                fused=1, prereduce=0)
     ENV = dict(send_programs="FLASHEP_LL_SEND_PROGRAMS", recv_programs="FLASHEP_LL_RECV_PROGRAMS",
                combine_recv_programs="FLASHEP_LL_COMBINE_RECV_PROGRAMS",
                block_h="FLASHEP_LL_BLOCK_H", tile_tokens="FLASHEP_LL_TILE_TOKENS", tile_rows="FLASHEP_LL_TILE_ROWS",
                combine_tile_rows="FLASHEP_LL_COMBINE_TILE_ROWS", scan_rows="FLASHEP_LL_SCAN_ROWS",
-               num_warps="FLASHEP_LL_NUM_WARPS", fused="FLASHEP_LL_FUSED")
+               num_warps="FLASHEP_LL_NUM_WARPS", fused="FLASHEP_LL_FUSED", prereduce="FLASHEP_LL_PREREDUCE")
 
     POWERS_OF_TWO = ("block_h", "tile_tokens", "tile_rows", "combine_tile_rows", "scan_rows", "num_warps")
 
@@ -75,8 +82,9 @@ class Tuning:
         tuning = Tuning(**values)
         if tuning.block_h < 512:
             raise ValueError(f"FLASHEP_LL_BLOCK_H must be >= 512, got {tuning.block_h}")
-        if tuning.fused not in (0, 1):
-            raise ValueError(f"FLASHEP_LL_FUSED must be 0 or 1, got {tuning.fused}")
+        for field in ("fused", "prereduce"):
+            if getattr(tuning, field) not in (0, 1):
+                raise ValueError(f"{Tuning.ENV[field]} must be 0 or 1, got {getattr(tuning, field)}")
         return tuning
 
 
@@ -98,12 +106,17 @@ class Capacity:
 class Regions:
     """Byte offsets inside the heap. Every region but the flags holds two halves (operation epoch % 2).
 
-    flags: int64 [2, R, G] for dispatch and for combine (G = flags per source rank), int64 [2] publish.
+    flags: int64 [2, R, G] for dispatch and for combine (G = flags per source rank), int64 [2] publish,
+    int64 [2, R] weights (one per home rank).
     data: per dispatch message (source rank, token < T) a record of 2 * hidden bytes: the BF16 row, or the
     FP8 row followed by its 4-byte scales. meta: per message `meta` int32: the top-k expert ids. combine: per
     (token, k) a BF16 row, or with LogFMT per group of 128 channels its plain BF16 or its codes (see
-    flashep/logfmt.py). combine_meta: per (token, k) one int32 per 128-channel group (LogFMT only). publish: per
-    (token, k) this rank's expert ids, read by the owners when a handle lost its per-row top-k slots.
+    flashep/logfmt.py); a pre-reducing combine uses the slots (token, r < R), one partial sum per owner rank r.
+    combine_aux, for a combine's side data: with LogFMT per (token, k) one int32 per 128-channel group; in a
+    pre-reducing combine per (home rank, token, k) an int64 the home pushed: bit 32 says the top-k id is valid,
+    the low half holds the float32 weight (blocks of T * K words rounded up to even per home). A combine uses
+    one of the two, so they share the region. publish: per (token, k) this rank's expert ids, read by the
+    owners when a handle lost its per-row top-k slots.
     """
 
     def __init__(self, num_ranks: int, capacity: Capacity):
@@ -114,17 +127,20 @@ class Regions:
         self.meta = -(-capacity.topk // 4) * 4
         flag_bytes = 2 * num_ranks * self.groups * 8
         layout = Layout()
-        self.dispatch_flags = layout.add("flags", 2 * flag_bytes + 2 * 8)
+        self.dispatch_flags = layout.add("flags", 2 * flag_bytes + 2 * 8 + 2 * num_ranks * 8)
         self.combine_flags = self.dispatch_flags + flag_bytes
         self.publish_flags = self.combine_flags + flag_bytes
+        self.weights_flags = self.publish_flags + 2 * 8
         self.flags_end = layout.size
         self.data = layout.add("data", 2 * slots * self.row_bytes)
         self.meta_records = layout.add("meta", 2 * slots * self.meta * 4)
         self.combine = layout.add("combine", 2 * capacity.num_max_tokens * capacity.topk * self.row_bytes)
-        self.meta_stride = capacity.hidden // 128  # int32 words per combine row in combine_meta
-        self.combine_meta = layout.add("combine_meta",
-                                       2 * capacity.num_max_tokens * capacity.topk * self.meta_stride * 4)
-        self.publish = layout.add("publish", 2 * capacity.num_max_tokens * capacity.topk * 4)
+        self.meta_stride = capacity.hidden // 128  # int32 words per combine row in combine_aux (LogFMT)
+        records = capacity.num_max_tokens * capacity.topk
+        aux_half = max(records * self.meta_stride * 4, num_ranks * (records + records % 2) * 8)
+        self.aux_half = -(-aux_half // 16) * 16  # each half 16-byte aligned (the kernels' vector accesses)
+        self.combine_aux = layout.add("combine_aux", 2 * self.aux_half)
+        self.publish = layout.add("publish", 2 * records * 4)
         self.nbytes = layout.size
 
 
@@ -224,7 +240,9 @@ class TritonLowLatencyBackend(Backend):
         layout_range = torch.empty((num_local, num_ranks), dtype=torch.int64, device=dev)
         topk_slot = torch.empty((num_local, rows), dtype=torch.int8, device=dev)
         row_msg = torch.empty((num_local, rows), dtype=torch.int32, device=dev)  # receive-phase scratch
+        row_map = torch.empty(num_ranks + rows * topk, dtype=torch.int32, device=dev)
         setattr(src_info, SLOT_ATTR, topk_slot)
+        setattr(src_info, ROW_MAP_ATTR, row_map)
 
         groups, tokens_per_group = self._dispatch_groups(num_max_tokens, regions)
         parts = max(1, min(8, -(-self.tuning.recv_programs // num_local)))  # receive programs per local expert
@@ -233,6 +251,7 @@ class TritonLowLatencyBackend(Backend):
             recv_x=recv_x.view(torch.uint8) if use_fp8 else recv_x,
             recv_scales=scales.view(torch.int32) if use_fp8 else self._no_i32,
             recv_count=recv_count, src_info=src_info, topk_slot=topk_slot, layout_range=layout_range, row_msg=row_msg,
+            row_map=row_map,
             expert_stats=_or(cumulative_local_expert_recv_stats, self._no_i32),
             wait_stats=_or(dispatch_wait_recv_cost_stats, self._no_i64),
             num_local=num_local, rows_per_expert=rows, tokens_per_group=tokens_per_group, num_groups=groups,
@@ -269,6 +288,9 @@ class TritonLowLatencyBackend(Backend):
         topk_slot = getattr(src_info, SLOT_ATTR, None)
         if topk_slot is not None and tuple(topk_slot.shape) != tuple(src_info.shape):
             topk_slot = None
+        row_map = getattr(src_info, ROW_MAP_ATTR, None)
+        prereduce = bool(self.tuning.prereduce and not with_hook and not use_logfmt and row_map is not None
+                         and row_map.numel() == num_ranks + rows * topk and num_ranks <= regions.capacity.topk)
         groups = max(1, min(regions.groups, -(-self.tuning.send_programs // num_ranks)))
         # receive grid: token tiles x hidden parts; the parts are a constexpr (the chunk loop is unrolled), so
         # they follow T_max, not the token count, to compile one variant per shape
@@ -280,13 +302,16 @@ class TritonLowLatencyBackend(Backend):
             x_ptr=source, x_expert_stride=source.stride(0), x_row_stride=source.stride(1), topk_ptr=topk_idx,
             weights_ptr=topk_weights, num_tokens=num_tokens, out_ptr=out.view(torch.int16), src_info=src_info,
             topk_slot=_or(topk_slot, self._no_i8), layout_range=layout_range,
+            row_map=row_map if prereduce else self._no_i32,
             wait_stats=_or(combine_wait_recv_cost_stats, self._no_i64), num_local=num_local, rows_per_expert=rows,
-            num_groups=groups, off_combine=regions.combine, off_combine_meta=regions.combine_meta,
+            num_groups=groups, off_combine=regions.combine, off_aux=regions.combine_aux, aux_half=regions.aux_half,
             off_flags=regions.combine_flags,
             off_publish=regions.publish, off_publish_flags=regions.publish_flags,
+            off_weights_flags=regions.weights_flags,
             H=hidden, K=topk, K_PAD=_pow2(topk), K_CAP=regions.capacity.topk, G_PAD=_pow2(groups),
             L_PAD=_pow2(num_local),
-            HAS_SLOTS=topk_slot is not None, LOGFMT=bool(use_logfmt), META_STRIDE=regions.meta_stride,
+            HAS_SLOTS=topk_slot is not None, PREREDUCE=prereduce, LOGFMT=bool(use_logfmt),
+            META_STRIDE=regions.meta_stride,
             HAS_WAIT_STATS=combine_wait_recv_cost_stats is not None,
             TILE_T=self.tuning.tile_tokens, TILE_R=self.tuning.combine_tile_rows, BLOCK_H=self.tuning.block_h,
             HIDDEN_PARTS=hidden_parts, PHASE_CODE=PHASE_LL_COMBINE, **self._common(regions))

@@ -330,8 +330,8 @@ def _copy_rows(recv_x, recv_scales, row_msg, data_src, local_expert, row_begin, 
 
 @triton.jit
 def _dispatch_receive(pid, e, recv_x, recv_scales, recv_count, src_info, topk_slot, layout_range, row_msg,
-                      expert_stats, wait_stats, heap_bases, error_address, rank, num_local, rows_per_expert, num_parts,
-                      num_groups, budget, off_data, off_meta, off_flags,
+                      row_map, expert_stats, wait_stats, heap_bases, error_address, rank, num_local, rows_per_expert,
+                      num_parts, num_groups, budget, off_data, off_meta, off_flags,
                       H: tl.constexpr, K: tl.constexpr, K_PAD: tl.constexpr, R: tl.constexpr, R_PAD: tl.constexpr,
                       T_CAP: tl.constexpr, META: tl.constexpr, G_STRIDE: tl.constexpr,
                       G_PAD: tl.constexpr, ROW_BYTES: tl.constexpr, NUM_SCALES: tl.constexpr,
@@ -345,6 +345,7 @@ def _dispatch_receive(pid, e, recv_x, recv_scales, recv_count, src_info, topk_sl
     half = e % 2
     records = R * T_CAP
     expert = rank * num_local + local_expert
+    t_max = rows_per_expert // R
 
     flags = _heap_ptr(heap_bases, rank, off_flags, tl.int64) + half * R * G_STRIDE
     meta_tag = tag(2 * e)
@@ -393,6 +394,14 @@ def _dispatch_receive(pid, e, recv_x, recv_scales, recv_count, src_info, topk_sl
             tl.store(src_info + expert_base + rows, tl.broadcast_to(slot[:, None], rows.shape), mask=mine)
             tl.store(topk_slot + expert_base + rows, tl.broadcast_to(ks[None, :], rows.shape).to(tl.int8), mask=mine)
             tl.store(row_msg + expert_base + rows, tl.broadcast_to(msg[:, None], rows.shape), mask=mine)
+            # the pre-reducing combine's map (source, token, k) -> row: each expert's programs fill the k that
+            # chose it (-1 past the capacity), program 0 also the k that chose no expert of this rank
+            map_at = row_map + R + (src * t_max + slot)[:, None] * K + ks[None, :]
+            tl.store(map_at, tl.where(mine, expert_base + rows, -1).to(tl.int32), mask=match > 0)
+            if pid == 0:
+                elsewhere = (ids < 0) | (ids // num_local != rank)
+                tl.store(map_at, tl.full(ids.shape, -1, tl.int32),
+                         mask=mmask[:, None] & (ks[None, :] < K) & elsewhere)
             rows_per_source += tl.sum(tl.where(src[:, None] == sources[None, :], per_msg[:, None], 0), axis=0)
             num_rows += tl.sum(per_msg, axis=0)
             m0 += SCAN
@@ -400,6 +409,8 @@ def _dispatch_receive(pid, e, recv_x, recv_scales, recv_count, src_info, topk_sl
         begins = tl.minimum(tl.cumsum(rows_per_source, axis=0) - rows_per_source, rows_per_expert)
         ends = tl.minimum(begins + rows_per_source, rows_per_expert)
         num_rows = tl.minimum(num_rows, rows_per_expert)
+        if pid == 0:
+            tl.store(row_map + sources, num_msgs, mask=sources < R)  # each source's token count
         if part == 0:
             tl.store(layout_range + local_expert * R + sources, (begins.to(tl.int64) << 32) | (ends - begins),
                      mask=sources < R)
@@ -441,9 +452,9 @@ def _dispatch_receive(pid, e, recv_x, recv_scales, recv_count, src_info, topk_sl
 
 @triton.jit(do_not_specialize=["num_tokens", "rank", "budget"])
 def ep_ll_dispatch_kernel(x_ptr, topk_ptr, num_tokens, recv_x, recv_scales, recv_count, src_info, topk_slot,
-                          layout_range, row_msg, expert_stats, wait_stats, heap_bases, epoch_ptr, arrivals_ptr,
-                          error_address, stamps_ptr, rank, num_local, rows_per_expert, tokens_per_group, num_groups,
-                          num_parts, num_senders, budget, off_data, off_meta, off_flags,
+                          layout_range, row_msg, row_map, expert_stats, wait_stats, heap_bases, epoch_ptr,
+                          arrivals_ptr, error_address, stamps_ptr, rank, num_local, rows_per_expert,
+                          tokens_per_group, num_groups, num_parts, num_senders, budget, off_data, off_meta, off_flags,
                           PHASE: tl.constexpr, H: tl.constexpr, K: tl.constexpr, K_PAD: tl.constexpr,
                           R: tl.constexpr, R_PAD: tl.constexpr, T_CAP: tl.constexpr, META: tl.constexpr,
                           G_STRIDE: tl.constexpr, G_PAD: tl.constexpr, ROW_BYTES: tl.constexpr,
@@ -460,7 +471,8 @@ def ep_ll_dispatch_kernel(x_ptr, topk_ptr, num_tokens, recv_x, recv_scales, recv
                        ROW_BYTES, USE_FP8, ROUND_SCALE, UE8M0, EXACT_CASTS, TILE_T, BLOCK_H, stamps, STAMPS)
     else:
         _dispatch_receive(pid, e, recv_x, recv_scales, recv_count, src_info,
-                          topk_slot, layout_range, row_msg, expert_stats, wait_stats, heap_bases, error_address,
+                          topk_slot, layout_range, row_msg, row_map, expert_stats, wait_stats, heap_bases,
+                          error_address,
                           rank, num_local, rows_per_expert, num_parts, num_groups, budget, off_data, off_meta,
                           off_flags, H, K, K_PAD, R, R_PAD, T_CAP, META, G_STRIDE, G_PAD, ROW_BYTES,
                           NUM_SCALES, SCALES_PAD, USE_FP8, HAS_EXPERT_STATS, HAS_WAIT_STATS, USE_TIMER, TILE_R,
@@ -617,7 +629,7 @@ def _find_slot(home_topk, src_info, base, row, row_begin, token, expert, mask,
 @triton.jit
 def _combine_send(pid, e, x_ptr, x_expert_stride, x_row_stride, topk_ptr, num_tokens, src_info, topk_slot,
                   layout_range, heap_bases, error_address, rank, num_local, rows_per_expert, num_groups, budget,
-                  off_combine, off_combine_meta, off_flags, off_publish, off_publish_flags,
+                  off_combine, off_aux, aux_half, off_flags, off_publish, off_publish_flags,
                   H: tl.constexpr, K: tl.constexpr, K_PAD: tl.constexpr, R: tl.constexpr, T_CAP: tl.constexpr,
                   K_CAP: tl.constexpr, G_STRIDE: tl.constexpr, ROW_BYTES: tl.constexpr, L_PAD: tl.constexpr,
                   HAS_SLOTS: tl.constexpr, LOGFMT: tl.constexpr, META_STRIDE: tl.constexpr,
@@ -650,7 +662,7 @@ def _combine_send(pid, e, x_ptr, x_expert_stride, x_row_stride, topk_ptr, num_to
         home_topk = _heap_ptr(heap_bases, home, off_publish + half * T_CAP * K_CAP * 4, tl.int32)
     if ok:
         dst = _heap_ptr(heap_bases, home, off_combine + half * T_CAP * K_CAP * ROW_BYTES, tl.bfloat16)
-        dst_meta = _heap_ptr(heap_bases, home, off_combine_meta + half * T_CAP * K_CAP * META_STRIDE * 4, tl.int32)
+        dst_meta = _heap_ptr(heap_bases, home, off_aux + half * aux_half, tl.int32)
         start = i0
         while start < i1:
             idx = start + tl.arange(0, TILE_R)
@@ -685,11 +697,96 @@ def _combine_send(pid, e, x_ptr, x_expert_stride, x_row_stride, topk_ptr, num_to
 
 
 @triton.jit
+def _push_weights(topk_ptr, weights_ptr, num_tokens, heap_bases, rank, dst, half, e, off_aux, aux_half,
+                  off_weights_flags, K: tl.constexpr, K_PAD: tl.constexpr, R: tl.constexpr, T_CAP: tl.constexpr,
+                  K_CAP: tl.constexpr, TILE_T: tl.constexpr):
+    """This rank's combine weights into dst's heap at [half][this rank], one int64 per (token, k): whether
+    the top-k id is valid (bit 32) and the float32 weight's bits (low half); then raise dst's weight flag."""
+    HOME_RECORDS: tl.constexpr = (T_CAP * K_CAP + 1) // 2 * 2  # even: each home's block is 16-byte aligned
+    records = _heap_ptr(heap_bases, dst, off_aux + half * aux_half + rank * HOME_RECORDS * 8, tl.int64)
+    ks = tl.arange(0, K_PAD)
+    t0 = tl.zeros((), tl.int32)
+    while t0 < num_tokens:
+        tokens = t0 + tl.arange(0, TILE_T)
+        mask = (tokens[:, None] < num_tokens) & (ks[None, :] < K)
+        ids = tl.load(topk_ptr + tokens[:, None] * K + ks[None, :], mask=mask, other=-1)
+        w = tl.load(weights_ptr + tokens[:, None] * K + ks[None, :], mask=mask, other=0.0).to(tl.float32)
+        record = ((ids >= 0).to(tl.int64) << 32) | (w.to(tl.int32, bitcast=True).to(tl.int64) & 0xFFFFFFFF)
+        tl.store(records + tokens[:, None] * K_CAP + ks[None, :], record, mask=mask)
+        t0 += TILE_T
+    signal(_heap_ptr(heap_bases, dst, off_weights_flags, tl.int64) + half * R + rank, tag(e) << 32)
+
+
+@triton.jit
+def _combine_send_reduced(pid, e, x_ptr, x_expert_stride, x_row_stride, topk_ptr, weights_ptr, num_tokens,
+                          row_map, heap_bases, error_address, rank, rows_per_expert, num_groups, budget, off_combine,
+                          off_flags, off_aux, aux_half, off_weights_flags, H: tl.constexpr, K: tl.constexpr,
+                          K_PAD: tl.constexpr, R: tl.constexpr, T_CAP: tl.constexpr, K_CAP: tl.constexpr,
+                          G_STRIDE: tl.constexpr, ROW_BYTES: tl.constexpr, EXACT_CASTS: tl.constexpr,
+                          USE_TIMER: tl.constexpr, TILE_T: tl.constexpr, BLOCK_H: tl.constexpr,
+                          PHASE_CODE: tl.constexpr, stamps, STAMPS: tl.constexpr):
+    """Pre-reducing send: program (h, g) takes chunk g of home h's tokens and stores, per token that chose
+    an expert of this rank, one bf16 row into h's combine region at slot (token, this rank): the sum in fp32,
+    in k order, of w[t, k] * y over the k this rank answers. The weights come from h (pushed by h's program
+    (this rank, 0), as this rank's program (h, 0) pushes its own to h)."""
+    _stamp(stamps, 0, STAMPS)
+    home = pid // num_groups
+    group = pid % num_groups
+    half = e % 2
+    if group == 0:
+        _push_weights(topk_ptr, weights_ptr, num_tokens, heap_bases, rank, home, half, e, off_aux, aux_half,
+                      off_weights_flags, K, K_PAD, R, T_CAP, K_CAP, 32)
+    home_tokens = tl.load(row_map + home)
+    per_group = tl.cdiv(home_tokens, num_groups)
+    t_begin = tl.minimum(group * per_group, home_tokens)
+    t_end = tl.minimum(t_begin + per_group, home_tokens)
+    weight_flag = _heap_ptr(heap_bases, rank, off_weights_flags, tl.int64) + half * R + home
+    ok, _, _ = _wait_flags(weight_flag, 1, 1, tag(e), tag(e), budget, error_address, PHASE_CODE, rank, home, 1, 1,
+                           1, USE_TIMER)
+    if ok:
+        HOME_RECORDS: tl.constexpr = (T_CAP * K_CAP + 1) // 2 * 2
+        records = _heap_ptr(heap_bases, rank, off_aux + half * aux_half + home * HOME_RECORDS * 8, tl.int64)
+        dst = _heap_ptr(heap_bases, home, off_combine + half * T_CAP * K_CAP * ROW_BYTES, tl.int16)
+        home_map = row_map + R + home * (rows_per_expert // R) * K
+        ks = tl.arange(0, K_PAD)
+        start = t_begin
+        while start < t_end:
+            tokens = start + tl.arange(0, TILE_T)
+            kmask = (tokens[:, None] < t_end) & (ks[None, :] < K)
+            rows = tl.load(home_map + tokens[:, None] * K + ks[None, :], mask=kmask, other=-1)
+            record = tl.load(records + tokens[:, None] * K_CAP + ks[None, :], mask=kmask, other=0,
+                             cache_modifier=".cg")
+            rows = tl.where((record >> 32) != 0, rows, -1)  # k the home drops at combine time: skipped
+            weights = (record & 0xFFFFFFFF).to(tl.int32).to(tl.float32, bitcast=True)
+            answered = tl.max(rows, axis=1) >= 0
+            slot = (tokens * K_CAP + rank).to(tl.int64)
+            for h0 in tl.static_range(0, H, BLOCK_H):  # unrolled: all loads in flight at once
+                cols = h0 + tl.arange(0, BLOCK_H)
+                cmask = cols < H
+                acc = tl.zeros([TILE_T, BLOCK_H], dtype=tl.float32)
+                for k in tl.static_range(K):
+                    row, w = _topk_column(rows, weights, k, K_PAD)
+                    valid = row >= 0
+                    x_rows = (row // rows_per_expert).to(tl.int64) * x_expert_stride + (
+                        row % rows_per_expert).to(tl.int64) * x_row_stride
+                    y = tl.load(x_ptr + x_rows[:, None] + cols[None, :], mask=valid[:, None] & cmask[None, :],
+                                other=0.0).to(tl.float32)
+                    acc = tl.where(valid[:, None], acc + w[:, None] * y, acc)
+                tl.store(dst + slot[:, None] * (ROW_BYTES // 2) + cols[None, :], _to_bf16_bits(acc, EXACT_CASTS),
+                         mask=answered[:, None] & cmask[None, :])
+            start += TILE_T
+    flags = _heap_ptr(heap_bases, home, off_flags, tl.int64)
+    signal(flags + (half * R + rank) * G_STRIDE + group, (tag(e) << 32) | (t_end - t_begin))
+    _stamp(stamps, 1, STAMPS)
+
+
+@triton.jit
 def _combine_receive(pid_t, pid_h, e, out_ptr, topk_ptr, weights_ptr, num_tokens, wait_stats, heap_bases,
-                     error_address, rank, num_groups, budget, off_combine, off_combine_meta, off_flags,
+                     error_address, rank, num_local, num_groups, budget, off_combine, off_aux, aux_half, off_flags,
                      H: tl.constexpr, K: tl.constexpr, K_PAD: tl.constexpr, R: tl.constexpr, R_PAD: tl.constexpr,
                      G_STRIDE: tl.constexpr, G_PAD: tl.constexpr, T_CAP: tl.constexpr, K_CAP: tl.constexpr,
-                     ROW_BYTES: tl.constexpr, LOGFMT: tl.constexpr, META_STRIDE: tl.constexpr,
+                     ROW_BYTES: tl.constexpr, PREREDUCE: tl.constexpr, LOGFMT: tl.constexpr,
+                     META_STRIDE: tl.constexpr,
                      HAS_WAIT_STATS: tl.constexpr, EXACT_CASTS: tl.constexpr,
                      USE_TIMER: tl.constexpr, TILE_T: tl.constexpr, BLOCK_H: tl.constexpr,
                      HIDDEN_PARTS: tl.constexpr, PHASE_CODE: tl.constexpr, stamps, STAMPS: tl.constexpr):
@@ -705,8 +802,7 @@ def _combine_receive(pid_t, pid_h, e, out_ptr, topk_ptr, weights_ptr, num_tokens
                 owners = tl.arange(0, R_PAD)
                 tl.atomic_add(wait_stats + owners, waited, mask=owners < R, sem="relaxed")
         region = _heap_ptr(heap_bases, rank, off_combine + half * T_CAP * K_CAP * ROW_BYTES, tl.bfloat16)
-        region_meta = _heap_ptr(heap_bases, rank, off_combine_meta + half * T_CAP * K_CAP * META_STRIDE * 4,
-                                tl.int32)
+        region_meta = _heap_ptr(heap_bases, rank, off_aux + half * aux_half, tl.int32)
         tokens = pid_t * TILE_T + tl.arange(0, TILE_T)
         tmask = tokens < num_tokens
         ks = tl.arange(0, K_PAD)
@@ -720,6 +816,23 @@ def _combine_receive(pid_t, pid_h, e, out_ptr, topk_ptr, weights_ptr, num_tokens
                 _logfmt_reduce(region, region_meta, out_ptr, tokens, tmask, all_ids, all_weights,
                                (pid_h + c * HIDDEN_PARTS) * BLOCK_H, H, K, K_PAD, K_CAP, ROW_BYTES, META_STRIDE,
                                TILE_T, BLOCK_H, EXACT_CASTS)
+        elif PREREDUCE:
+            # one bf16 partial per (token, owner) at slot (token, owner), summed in fp32 in owner order
+            owners = tl.arange(0, R_PAD)
+            owner_of = tl.where(all_ids >= 0, all_ids.to(tl.int32) // num_local, -1)
+            answered = tl.max((owner_of[:, :, None] == owners[None, None, :]).to(tl.int32), axis=1)  # [T, R_PAD]
+            for c in tl.static_range(0, CHUNKS):
+                cols = (pid_h + c * HIDDEN_PARTS) * BLOCK_H + tl.arange(0, BLOCK_H)
+                cmask = cols < H
+                acc = tl.zeros([TILE_T, BLOCK_H], dtype=tl.float32)
+                for r in tl.static_range(R):
+                    valid = tl.sum(tl.where(owners[None, :] == r, answered, 0), axis=1) > 0
+                    slot = (tokens * K_CAP + r).to(tl.int64)
+                    y = tl.load(region + slot[:, None] * (ROW_BYTES // 2) + cols[None, :],
+                                mask=valid[:, None] & cmask[None, :], other=0.0, cache_modifier=".cg").to(tl.float32)
+                    acc = tl.where(valid[:, None], acc + y, acc)
+                tl.store(out_ptr + tokens[:, None].to(tl.int64) * H + cols[None, :], _to_bf16_bits(acc, EXACT_CASTS),
+                         mask=tmask[:, None] & cmask[None, :])
         else:
             # chunk c of this program is hidden chunk pid_h + c * HIDDEN_PARTS; loops unrolled so that every
             # load is in flight at once
@@ -741,30 +854,37 @@ def _combine_receive(pid_t, pid_h, e, out_ptr, topk_ptr, weights_ptr, num_tokens
 
 @triton.jit(do_not_specialize=["num_tokens", "rank", "budget"])
 def ep_ll_combine_kernel(x_ptr, x_expert_stride, x_row_stride, topk_ptr, weights_ptr, num_tokens, out_ptr,
-                         src_info, topk_slot, layout_range, wait_stats, heap_bases, epoch_ptr, arrivals_ptr,
+                         src_info, topk_slot, layout_range, row_map, wait_stats, heap_bases, epoch_ptr, arrivals_ptr,
                          error_address, stamps_ptr, rank, num_local, rows_per_expert, num_groups, num_senders, budget,
-                         off_combine, off_combine_meta, off_flags, off_publish, off_publish_flags,
-                         PHASE: tl.constexpr, H: tl.constexpr, K: tl.constexpr, K_PAD: tl.constexpr,
-                         R: tl.constexpr, R_PAD: tl.constexpr, T_CAP: tl.constexpr, K_CAP: tl.constexpr,
-                         G_STRIDE: tl.constexpr, G_PAD: tl.constexpr, ROW_BYTES: tl.constexpr, L_PAD: tl.constexpr,
-                         HAS_SLOTS: tl.constexpr, LOGFMT: tl.constexpr, META_STRIDE: tl.constexpr,
+                         off_combine, off_aux, aux_half, off_flags, off_publish, off_publish_flags,
+                         off_weights_flags, PHASE: tl.constexpr, H: tl.constexpr, K: tl.constexpr,
+                         K_PAD: tl.constexpr, R: tl.constexpr, R_PAD: tl.constexpr, T_CAP: tl.constexpr,
+                         K_CAP: tl.constexpr, G_STRIDE: tl.constexpr, G_PAD: tl.constexpr, ROW_BYTES: tl.constexpr,
+                         L_PAD: tl.constexpr, HAS_SLOTS: tl.constexpr, PREREDUCE: tl.constexpr, LOGFMT: tl.constexpr,
+                         META_STRIDE: tl.constexpr,
                          HAS_WAIT_STATS: tl.constexpr, EXACT_CASTS: tl.constexpr,
                          USE_TIMER: tl.constexpr, TILE_T: tl.constexpr, TILE_R: tl.constexpr,
                          BLOCK_H: tl.constexpr, HIDDEN_PARTS: tl.constexpr, PHASE_CODE: tl.constexpr,
                          STAMPS: tl.constexpr):
     pid, e, sending = _role(epoch_ptr, num_senders, PHASE)
     stamps = _stamp_row(stamps_ptr, num_senders, PHASE)
-    if sending:
+    if sending and PREREDUCE:
+        _combine_send_reduced(pid, e, x_ptr, x_expert_stride, x_row_stride, topk_ptr, weights_ptr, num_tokens,
+                              row_map, heap_bases, error_address, rank, rows_per_expert, num_groups, budget,
+                              off_combine, off_flags, off_aux, aux_half, off_weights_flags, H, K, K_PAD, R, T_CAP,
+                              K_CAP, G_STRIDE, ROW_BYTES, EXACT_CASTS, USE_TIMER, TILE_R, BLOCK_H, PHASE_CODE, stamps,
+                              STAMPS)
+    elif sending:
         _combine_send(pid, e, x_ptr, x_expert_stride, x_row_stride, topk_ptr, num_tokens, src_info, topk_slot,
                       layout_range, heap_bases, error_address, rank, num_local, rows_per_expert, num_groups, budget,
-                      off_combine, off_combine_meta, off_flags, off_publish, off_publish_flags,
+                      off_combine, off_aux, aux_half, off_flags, off_publish, off_publish_flags,
                       H, K, K_PAD, R, T_CAP, K_CAP, G_STRIDE, ROW_BYTES, L_PAD, HAS_SLOTS, LOGFMT, META_STRIDE,
                       USE_TIMER, TILE_R, BLOCK_H, PHASE_CODE, stamps, STAMPS)
     else:
         # receive programs: (token tile, hidden part), part fastest
         _combine_receive(pid // HIDDEN_PARTS, pid % HIDDEN_PARTS, e, out_ptr, topk_ptr, weights_ptr, num_tokens,
-                         wait_stats, heap_bases, error_address, rank, num_groups, budget, off_combine,
-                         off_combine_meta, off_flags, H, K, K_PAD, R, R_PAD, G_STRIDE, G_PAD, T_CAP, K_CAP, ROW_BYTES,
-                         LOGFMT, META_STRIDE, HAS_WAIT_STATS,
+                         wait_stats, heap_bases, error_address, rank, num_local, num_groups, budget, off_combine,
+                         off_aux, aux_half, off_flags, H, K, K_PAD, R, R_PAD, G_STRIDE, G_PAD, T_CAP, K_CAP, ROW_BYTES,
+                         PREREDUCE, LOGFMT, META_STRIDE, HAS_WAIT_STATS,
                          EXACT_CASTS, USE_TIMER, TILE_T, BLOCK_H, HIDDEN_PARTS, PHASE_CODE, stamps, STAMPS)
     _end(epoch_ptr, arrivals_ptr, e, PHASE)
