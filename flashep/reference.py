@@ -232,8 +232,9 @@ def low_latency_combine(expert_outputs: Sequence[torch.Tensor], handles: Sequenc
     """Low-latency combine of every rank -> bf16 [T_r, H]: per token, in fp32, 0 + w[k] * y_k for
     k = 0 .. K-1 with topk_idx >= 0 (a product then a sum, no fused multiply-add), then bf16. With
     `use_logfmt` each row y_k is first replaced by `logfmt.roundtrip(y_k)` (the decoded wire format). With
-    `prereduce` (the expert side sums first) each owner rank's terms are summed alone, in k order, and
-    rounded to bf16, and the token's result is 0 + the partials of the owners it chose, in owner order.
+    `prereduce` (the expert side sums first) each owner rank's terms are summed alone in fp32, 0 + in k order,
+    and the token's result is 0 + those partial sums of the owners it chose, in owner order (the same terms
+    as without, associated differently).
 
     expert_outputs[d] is owner d's [L, R * T_max, H]; handles[d] its low-latency handle, used only to find
     which row holds (expert, source rank, source token)."""
@@ -266,7 +267,7 @@ def low_latency_combine(expert_outputs: Sequence[torch.Tensor], handles: Sequenc
         if prereduce:
             for owner in range(num_ranks):
                 chosen = (owner_of == owner).any(dim=1).nonzero().flatten().to(device)
-                acc[chosen] = acc[chosen] + partials[owner][chosen].to(torch.bfloat16).float()
+                acc[chosen] = acc[chosen] + partials[owner][chosen]
         results.append(acc.to(torch.bfloat16))
     return results
 

@@ -269,3 +269,24 @@ def assert_same(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None
         first = tuple(wrong.nonzero()[0].tolist())
         raise AssertionError(f"{what}: {int(wrong.sum())} of {a.numel()} elements differ; first at {first}: "
                              f"got {a[first].item()}, expected {e[first].item()}")
+
+
+class CombineLaunches:
+    """Records, in this process, whether each low-latency combine launch pre-reduces (its PREREDUCE)."""
+
+    def __init__(self):
+        from flashep.backends import triton_low_latency as module
+
+        self.values = []
+        launch = module.launch
+
+        def spy(kernel, grid, **kwargs):
+            if kernel is module.kernels.ep_ll_combine_kernel:
+                self.values.append(kwargs["PREREDUCE"])
+            return launch(kernel, grid, **kwargs)
+
+        module.launch = spy
+
+    def take(self) -> list:
+        values, self.values = self.values, []
+        return values

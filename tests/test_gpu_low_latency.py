@@ -6,8 +6,8 @@ DeepEP's low-latency test (with its LogFMT inputs and bound), hooks with a large
 CUDA-graph capture of dispatch + combine (BF16 and LogFMT) replayed with new data, 20 reruns bit-identical
 (also with ranks sleeping at random between calls, so that they run apart), 0..T_max tokens per rank
 against the oracle (fixed per rank, and drawn anew every call), and the profiler seeing one kernel name per
-operation. The pre-reducing combine (FLASHEP_LL_PREREDUCE=1) against its oracle, and under DeepEP's
-assertions, CUDA graphs and the reruns.
+operation. The pre-reducing combine (the default) against its oracle; DeepEP's assertions, CUDA graphs and the
+reruns with it and with the plain one (FLASHEP_LL_PREREDUCE=0).
 """
 import os
 import random
@@ -20,7 +20,8 @@ import torch.distributed as dist
 import flashep
 from flashep import logfmt, reference
 from flashep.fp8 import calc_diff, per_token_cast_back
-from harness import TRITON_LOW_LATENCY, TRITON_NORMAL, assert_same, generator, gpu_world, run_ranks, triton_available
+from harness import (TRITON_LOW_LATENCY, TRITON_NORMAL, CombineLaunches, assert_same, generator, gpu_world, run_ranks,
+                     triton_available)
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not triton_available(TRITON_NORMAL, TRITON_LOW_LATENCY),
                                                   reason="Triton backends missing")]
@@ -30,8 +31,8 @@ T_MAX, HIDDEN, TOPK = 128, 7168, 8
 MATMUL = 8192  # the compute between a send and its hook (as DeepEP's benchmark: an 8192^2 fp32 matmul)
 MODES = {"bf16": (False, False, False), "fp8": (True, False, False), "fp8_round": (True, True, False),
          "fp8_ue8m0": (True, True, True)}
-PREREDUCE = {"FLASHEP_LL_PREREDUCE": "1"}
-COMBINES = [pytest.param({}, id="plain"), pytest.param(PREREDUCE, id="prereduce")]
+PREREDUCE, PLAIN = {"FLASHEP_LL_PREREDUCE": "1"}, {"FLASHEP_LL_PREREDUCE": "0"}
+COMBINES = [pytest.param(PLAIN, id="plain"), pytest.param(PREREDUCE, id="prereduce")]
 
 
 def _buffer(group, world, num_experts, t_max=T_MAX, hidden=HIDDEN):
@@ -279,7 +280,7 @@ def _determinism_body(rank, world, group, seed, num_experts, apart=False):
     expect = reference.low_latency_dispatch(_gather(group, world, x), _gather(group, world, idx), num_experts,
                                             *MODES["fp8"])[rank]
     # a pre-reducing combine (no hook) rounds its partial sums: compare each kind of call with its own first
-    prereduce = os.environ.get("FLASHEP_LL_PREREDUCE") == "1"
+    prereduce = os.environ.get("FLASHEP_LL_PREREDUCE", "1") == "1"
     firsts = {}
     for rerun in range(20):
         hook = bool(rerun % 2)
@@ -299,13 +300,13 @@ def _determinism_body(rank, world, group, seed, num_experts, apart=False):
 
 
 def _prereduce_oracle_body(rank, world, group, seed, num_experts):
-    """FLASHEP_LL_PREREDUCE=1, small shapes (the oracle needs every rank's expert outputs): combines without a
-    hook sum on the expert side and match the pre-reducing oracle in all but fused multiply-add roundings
-    (under 1% of the elements, against well over that for the plain oracle, whose sums are not rounded per
-    owner), and DeepEP's bound against the plain weighted sum; the same from the zero-copy buffer; a combine
-    with a hook is the plain one."""
+    """The pre-reducing combine (FLASHEP_LL_PREREDUCE=1), small shapes (the oracle needs every rank's expert
+    outputs): combines without a hook pre-reduce (their launches say so) and match the pre-reducing oracle in
+    all but fused multiply-add roundings (under 1% of the elements), and DeepEP's bound against the plain
+    weighted sum; the same from the zero-copy buffer; a combine with a hook is the plain one."""
     t_max, hidden = 32, 1024
     buffer = _buffer(group, world, num_experts, t_max, hidden)
+    launches = CombineLaunches()
     dev = _device()
     for step in range(3):
         g = generator(seed, rank, step, 3)
@@ -319,24 +320,18 @@ def _prereduce_oracle_body(rank, world, group, seed, num_experts):
         owners = (_gather(group, world, y), handles, _gather(group, world, idx), _gather(group, world, weights))
         pre = reference.low_latency_combine(*owners, num_experts, prereduce=True)[rank]
         plain = reference.low_latency_combine(*owners, num_experts)[rank]
-        for zero_copy in (False, True):
+        for hook, zero_copy in ((False, False), (False, True), (True, False)):
             if zero_copy:
                 buffer.get_next_low_latency_combine_buffer(handle).copy_(y)
-            out = _combine(buffer, y, idx, weights, handle, hook=False, zero_copy=zero_copy)
-            what = f"step {step}, zero_copy={zero_copy}"
-            off_pre = (out != pre).float().mean().item()
-            off_plain = (out != plain).float().mean().item()
-            # one rank: one partial per token, so the two oracles agree
-            assert off_pre < 0.01 and (off_pre < off_plain or torch.equal(pre, plain)), \
-                f"{what}: {off_pre:.4f} off the pre-reducing oracle, {off_plain:.4f} off the plain one"
+            launches.take()
+            out = _combine(buffer, y, idx, weights, handle, hook=hook, zero_copy=zero_copy)
+            what = f"step {step}, hook={hook}, zero_copy={zero_copy}"
+            assert set(launches.take()) == {not hook}, f"{what}: pre-reduced exactly without a hook"
+            off = (out != (plain if hook else pre)).float().mean().item()
+            assert off < 0.01, f"{what}: {off:.4f} of the elements off the oracle"
             assert calc_diff(plain.float(), out.float()) < 1e-5, f"{what}: DeepEP's bound"
-        hooked = _combine(buffer, y, idx, weights, handle, hook=True)
-        off_plain = (hooked != plain).float().mean().item()
-        assert off_plain < 0.01 and (off_plain < (hooked != pre).float().mean().item() or torch.equal(pre, plain)), \
-            f"step {step}: a combine with a hook, {off_plain:.4f} off the plain oracle"
     buffer.destroy()
     return True
-
 
 def _check_counts(recv_count, layout_range, expect, world, what):
     """recv_count against the oracle; a mismatch names, per wrong expert, the rows per source rank as the
@@ -454,7 +449,7 @@ def _kernel_names_body(rank, world, group, seed, num_experts):
 
 # ---- tests ------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("num_experts, env", [pytest.param(256, {}, id="256"), pytest.param(288, {}, id="288"),
-                                              pytest.param(256, PREREDUCE, id="256-prereduce")])
+                                              pytest.param(256, PLAIN, id="256-plain")])
 @pytest.mark.parametrize("world", WORLDS)
 def test_deepep_assertions(world, num_experts, env, seed):
     assert all(run_ranks(world, _deepep_body, seed, num_experts, backend="triton", device="cuda", env=env))
@@ -468,7 +463,8 @@ def test_prereduced_combine_matches_oracle(world, seed):
 
 @pytest.mark.parametrize("world", WORLDS)
 def test_hooks_around_a_large_matmul(world, seed):
-    assert all(run_ranks(world, _hook_overlap_body, seed, 256, backend="triton", device="cuda"))
+    # the plain combine without a hook: bit for bit the one with a hook (which never pre-reduces)
+    assert all(run_ranks(world, _hook_overlap_body, seed, 256, backend="triton", device="cuda", env=PLAIN))
 
 
 @pytest.mark.parametrize("env", COMBINES)

@@ -3,7 +3,7 @@
 The backend is driven directly (not through Buffer), so these tests cover the kernels and their protocol:
 exact FP8/BF16 payloads and scales, the packed layout in canonical (source rank, token, k) order,
 statistics, the weighted combine (bit-exact here: the interpreter does not fuse multiply-adds), the
-pre-reducing combine (FLASHEP_LL_PREREDUCE=1: partial sums per owner rank), both halves of the double buffer
+pre-reducing combine (the default; FLASHEP_LL_PREREDUCE=0 sums every row at the home), both halves of the double buffer
 with ranks out of step, the combine fallback without the per-row top-k slot, zero-copy combine, heap growth,
 timeouts and recovery with clean_low_latency_buffer.
 """
@@ -17,7 +17,8 @@ import torch.distributed as dist
 
 from flashep import Buffer, reference
 from flashep.backends.triton_low_latency import heap_bytes
-from harness import TRITON_LOW_LATENCY, assert_same, generator, logfmt_rows, run_ranks, triton_available
+from harness import (TRITON_LOW_LATENCY, CombineLaunches, assert_same, generator, logfmt_rows, run_ranks,
+                     triton_available)
 
 pytestmark = pytest.mark.skipif(not triton_available(TRITON_LOW_LATENCY), reason="Triton low-latency backend missing")
 
@@ -30,12 +31,12 @@ MODES = {"bf16": (False, False, False), "fp8": (True, False, False), "fp8_round"
 MANY_PROGRAMS = {"FLASHEP_LL_SEND_PROGRAMS": "8", "FLASHEP_LL_RECV_PROGRAMS": "8", "FLASHEP_LL_TILE_TOKENS": "2",
                  "FLASHEP_LL_COMBINE_RECV_PROGRAMS": "8", "FLASHEP_LL_TILE_ROWS": "2",
                  "FLASHEP_LL_COMBINE_TILE_ROWS": "2"}
-PREREDUCE = {"FLASHEP_LL_PREREDUCE": "1"}
+PLAIN = {"FLASHEP_LL_PREREDUCE": "0"}
 
 
 def _prereduces(hook: bool) -> bool:
-    """Whether the backend pre-reduces this combine: switched on, and no receive hook (LogFMT never does)."""
-    return os.environ.get("FLASHEP_LL_PREREDUCE") == "1" and not hook
+    """Whether the backend pre-reduces this combine: not switched off, and no receive hook (LogFMT never does)."""
+    return os.environ.get("FLASHEP_LL_PREREDUCE", "1") == "1" and not hook
 
 
 def _backend(rank, world, group):
@@ -98,7 +99,7 @@ def _check_dispatch(result, xs, idxs, rank, world, t_max, num_experts, mode):
 def _expected_combine(world, t_max, num_experts, handles, ys, idxs, weights, prereduce=False):
     """Combine from first principles: the n-th row of (expert, source, token) in the owner's canonical
     block answers the n-th k of that token that selects the expert. With `prereduce`, each owner's terms
-    are summed apart (k order), rounded to bf16, and the partials summed in owner order."""
+    are summed apart (fp32, k order), then those sums in owner order."""
     num_local = num_experts // world
     rows = {}
     for owner, (src_info, layout_range) in enumerate(handles):
@@ -126,7 +127,7 @@ def _expected_combine(world, t_max, num_experts, handles, ys, idxs, weights, pre
                 else:
                     acc[t] = acc[t] + term
             for owner in sorted(partials):
-                acc[t] = acc[t] + partials[owner].to(torch.bfloat16).float()
+                acc[t] = acc[t] + partials[owner]
         outs.append(acc.to(torch.bfloat16))
     return outs
 
@@ -142,6 +143,7 @@ def _round_trip_body(rank, world, group, seed, t_max, num_experts, topk, topk_dt
     """Dispatch (stats on) and combine from x, then from the zero-copy buffer, with `out`; every other
     mode with receive hooks (send and receive launched apart), the others in one launch."""
     backend = _backend(rank, world, group)
+    launches = CombineLaunches()
     num_local = num_experts // world
     for step, mode in enumerate(modes):
         hook = step % 2 == 1
@@ -163,13 +165,12 @@ def _round_trip_body(rank, world, group, seed, t_max, num_experts, topk, topk_dt
         owners = ([g[0] for g in everyone], [(g[1], g[2], t_max, HIDDEN, num_experts) for g in everyone])
         expect_all = reference.low_latency_combine(*owners, idxs, weights, num_experts, prereduce=_prereduces(hook))
         expect = expect_all[rank]
-        if _prereduces(hook):  # the partial sums' rounding shows: the test tells the two combines apart
-            plain = reference.low_latency_combine(*owners, idxs, weights, num_experts)
-            assert any(not torch.equal(a, b) for a, b in zip(expect_all, plain)), "pre-reduced = plain combine"
         out = torch.full((idxs[rank].size(0), HIDDEN), float("nan"), dtype=torch.bfloat16)
         combine_wait = torch.zeros(world, dtype=torch.int64)
+        launches.take()
         backend.low_latency_combine(y, idxs[rank], weights[rank], handle, False, out, combine_wait, hook)()
         assert_same(out, expect, f"{mode}: combine")
+        assert set(launches.take()) == {_prereduces(hook)}, f"{mode}: pre-reduced or not, as configured"
         _check_logfmt_combine(backend, group, rank, world, seed, step, t_max, num_experts, idxs, weights, handle,
                               hook)
         if step == 0:
@@ -369,10 +370,10 @@ def test_round_trip_matches_oracle(seed, world, num_experts, topk, topk_dtype):
 
 
 @pytest.mark.parametrize("world, num_experts, topk, env", [
-    (2, 8, 3, PREREDUCE), (3, 12, 4, dict(PREREDUCE, **MANY_PROGRAMS)), (4, 16, 5, PREREDUCE)])
-def test_prereduced_combine_matches_oracle(seed, world, num_experts, topk, env):
-    """FLASHEP_LL_PREREDUCE=1: the combines without a hook (steps 0 and 2) sum on the expert side and equal
-    the pre-reducing oracle bit for bit (and differ from the plain one); the hook steps stay plain."""
+    (2, 8, 3, PLAIN), (3, 12, 4, dict(PLAIN, **MANY_PROGRAMS)), (4, 16, 5, PLAIN)])
+def test_plain_combine_matches_oracle(seed, world, num_experts, topk, env):
+    """FLASHEP_LL_PREREDUCE=0: the combines without a hook (steps 0 and 2) sum every row at the home, as
+    those with a hook always do (test_round_trip_matches_oracle runs the default, pre-reducing one)."""
     assert all(run_ranks(world, _round_trip_body, seed, 6, num_experts, topk, torch.int64,
                          ["bf16", "fp8", "fp8_ue8m0"], backend="triton", env=env))
 
@@ -395,7 +396,7 @@ def test_dispatch_with_late_peers(seed):
     assert all(run_ranks(3, _late_peers_body, seed, 6, 6, 3, backend="triton", env=MANY_PROGRAMS))
 
 
-@pytest.mark.parametrize("env", [MANY_PROGRAMS, dict(MANY_PROGRAMS, **PREREDUCE)], ids=["plain", "prereduce"])
+@pytest.mark.parametrize("env", [dict(MANY_PROGRAMS, **PLAIN), MANY_PROGRAMS], ids=["plain", "prereduce"])
 def test_combine_fallback_and_duplicate_experts(seed, env):
     assert all(run_ranks(3, _fallback_body, seed, 6, 6, 3, backend="triton", env=env))
 
@@ -404,7 +405,7 @@ def test_heap_grows_collectively(seed):
     assert all(run_ranks(2, _growth_body, seed, 8, 3, backend="triton"))
 
 
-@pytest.mark.parametrize("env", [MANY_PROGRAMS, dict(MANY_PROGRAMS, **PREREDUCE)], ids=["plain", "prereduce"])
+@pytest.mark.parametrize("env", [dict(MANY_PROGRAMS, **PLAIN), MANY_PROGRAMS], ids=["plain", "prereduce"])
 def test_flag_tags_wrap(seed, env):
     assert all(run_ranks(2, _epoch_wrap_body, seed, 4, 4, 2, backend="triton", env=env))
 
@@ -417,7 +418,7 @@ def test_timeout_names_rank_peer_and_phase(seed, with_hook):
     assert "low-latency dispatch receive" in messages[0], messages[0]
 
 
-@pytest.mark.parametrize("env", [{}, PREREDUCE], ids=["published_topk", "prereduce"])
+@pytest.mark.parametrize("env", [PLAIN, {}], ids=["published_topk", "prereduce"])
 def test_combine_timeout_names_the_missing_home(seed, env):
     messages = run_ranks(2, _combine_timeout_body, seed, 4, 4, 2, backend="triton",
                          env=dict(env, FLASHEP_TIMEOUT_S="0.3"))

@@ -23,6 +23,10 @@ receive phase), so that a profiler sees exactly one kernel name per operation:
   [half][this rank][g] on h: `tag(e) << 32 | rows`.
   receive, grid (token tiles, hidden parts): waits for every owner's flags, then per token sums
   `w[t, k] * y[t, k]` in fp32 over k in order (entries -1 skipped; LogFMT rows decoded first) and writes bf16.
+  PREREDUCE (no hook, no LogFMT): program (h, 0) first pushes this rank's weights to h; program (h, g) waits
+  for h's weights and, per token of chunk g of h's tokens, stores at slots (token, 2 * this rank) of h's region
+  the one row this rank answers (bf16) or the fp32 sum of its weighted rows; the receive adds, owner by owner,
+  the weighted row or the sum.
 
 Epochs: the send phase (and a fused launch) uses e = epoch + 1 and its last program stores e into `epoch`
 (`sync.end_operation`); a separate receive phase, launched after it, reads e = epoch. Regions are
@@ -722,13 +726,14 @@ def _combine_send_reduced(pid, e, x_ptr, x_expert_stride, x_row_stride, topk_ptr
                           row_map, heap_bases, error_address, rank, rows_per_expert, num_groups, budget, off_combine,
                           off_flags, off_aux, aux_half, off_weights_flags, H: tl.constexpr, K: tl.constexpr,
                           K_PAD: tl.constexpr, R: tl.constexpr, T_CAP: tl.constexpr, K_CAP: tl.constexpr,
-                          G_STRIDE: tl.constexpr, ROW_BYTES: tl.constexpr, EXACT_CASTS: tl.constexpr,
-                          USE_TIMER: tl.constexpr, TILE_T: tl.constexpr, BLOCK_H: tl.constexpr,
-                          PHASE_CODE: tl.constexpr, stamps, STAMPS: tl.constexpr):
-    """Pre-reducing send: program (h, g) takes chunk g of home h's tokens and stores, per token that chose
-    an expert of this rank, one bf16 row into h's combine region at slot (token, this rank): the sum in fp32,
-    in k order, of w[t, k] * y over the k this rank answers. The weights come from h (pushed by h's program
-    (this rank, 0), as this rank's program (h, 0) pushes its own to h)."""
+                          G_STRIDE: tl.constexpr, ROW_BYTES: tl.constexpr, USE_TIMER: tl.constexpr,
+                          TILE_T: tl.constexpr, BLOCK_H: tl.constexpr, PHASE_CODE: tl.constexpr, stamps,
+                          STAMPS: tl.constexpr):
+    """Pre-reducing send: program (h, g) takes chunk g of home h's tokens; per token, the m of its top-k
+    entries this rank answers decide what goes to h's combine region at slots (token, 2 * this rank) and the
+    next one (4H bytes): m = 1: that row as it is (bf16, the home weights it); m >= 2: the fp32 sum, in k
+    order, of w[t, k] * y over those k. The weights come from h (pushed by h's program (this rank, 0), as this
+    rank's program (h, 0) pushes its own to h)."""
     _stamp(stamps, 0, STAMPS)
     home = pid // num_groups
     group = pid % num_groups
@@ -746,7 +751,8 @@ def _combine_send_reduced(pid, e, x_ptr, x_expert_stride, x_row_stride, topk_ptr
     if ok:
         HOME_RECORDS: tl.constexpr = (T_CAP * K_CAP + 1) // 2 * 2
         records = _heap_ptr(heap_bases, rank, off_aux + half * aux_half + home * HOME_RECORDS * 8, tl.int64)
-        dst = _heap_ptr(heap_bases, home, off_combine + half * T_CAP * K_CAP * ROW_BYTES, tl.int16)
+        dst_row = _heap_ptr(heap_bases, home, off_combine + half * T_CAP * K_CAP * ROW_BYTES, tl.bfloat16)
+        dst_sum = _heap_ptr(heap_bases, home, off_combine + half * T_CAP * K_CAP * ROW_BYTES, tl.float32)
         home_map = row_map + R + home * (rows_per_expert // R) * K
         ks = tl.arange(0, K_PAD)
         start = t_begin
@@ -758,12 +764,13 @@ def _combine_send_reduced(pid, e, x_ptr, x_expert_stride, x_row_stride, topk_ptr
                              cache_modifier=".cg")
             rows = tl.where((record >> 32) != 0, rows, -1)  # k the home drops at combine time: skipped
             weights = (record & 0xFFFFFFFF).to(tl.int32).to(tl.float32, bitcast=True)
-            answered = tl.max(rows, axis=1) >= 0
-            slot = (tokens * K_CAP + rank).to(tl.int64)
+            answered = tl.sum((rows >= 0).to(tl.int32), axis=1)
+            slot = (tokens * K_CAP + 2 * rank).to(tl.int64)
             for h0 in tl.static_range(0, H, BLOCK_H):  # unrolled: all loads in flight at once
                 cols = h0 + tl.arange(0, BLOCK_H)
                 cmask = cols < H
                 acc = tl.zeros([TILE_T, BLOCK_H], dtype=tl.float32)
+                row_as_is = tl.zeros([TILE_T, BLOCK_H], dtype=tl.float32)
                 for k in tl.static_range(K):
                     row, w = _topk_column(rows, weights, k, K_PAD)
                     valid = row >= 0
@@ -772,8 +779,11 @@ def _combine_send_reduced(pid, e, x_ptr, x_expert_stride, x_row_stride, topk_ptr
                     y = tl.load(x_ptr + x_rows[:, None] + cols[None, :], mask=valid[:, None] & cmask[None, :],
                                 other=0.0).to(tl.float32)
                     acc = tl.where(valid[:, None], acc + w[:, None] * y, acc)
-                tl.store(dst + slot[:, None] * (ROW_BYTES // 2) + cols[None, :], _to_bf16_bits(acc, EXACT_CASTS),
-                         mask=answered[:, None] & cmask[None, :])
+                    row_as_is = tl.where(valid[:, None], y, row_as_is)
+                tl.store(dst_row + slot[:, None] * (ROW_BYTES // 2) + cols[None, :], row_as_is.to(tl.bfloat16),
+                         mask=(answered == 1)[:, None] & cmask[None, :])
+                tl.store(dst_sum + slot[:, None] * (ROW_BYTES // 4) + cols[None, :], acc,
+                         mask=(answered >= 2)[:, None] & cmask[None, :])
             start += TILE_T
     flags = _heap_ptr(heap_bases, home, off_flags, tl.int64)
     signal(flags + (half * R + rank) * G_STRIDE + group, (tag(e) << 32) | (t_end - t_begin))
@@ -817,20 +827,28 @@ def _combine_receive(pid_t, pid_h, e, out_ptr, topk_ptr, weights_ptr, num_tokens
                                (pid_h + c * HIDDEN_PARTS) * BLOCK_H, H, K, K_PAD, K_CAP, ROW_BYTES, META_STRIDE,
                                TILE_T, BLOCK_H, EXACT_CASTS)
         elif PREREDUCE:
-            # one bf16 partial per (token, owner) at slot (token, owner), summed in fp32 in owner order
+            # per owner r, in order: the m of the token's entries it answers say what its slots (token, 2r..2r+1)
+            # hold: m = 1 its row as it is (weighted here), m >= 2 its fp32 sum
             owners = tl.arange(0, R_PAD)
             owner_of = tl.where(all_ids >= 0, all_ids.to(tl.int32) // num_local, -1)
-            answered = tl.max((owner_of[:, :, None] == owners[None, None, :]).to(tl.int32), axis=1)  # [T, R_PAD]
+            hits = owner_of[:, :, None] == owners[None, None, :]  # [TILE_T, K_PAD, R_PAD]
+            answered = tl.sum(hits.to(tl.int32), axis=1)
+            single_weight = tl.sum(tl.where(hits, all_weights[:, :, None], 0.0), axis=1)  # used where m = 1
+            sums = _heap_ptr(heap_bases, rank, off_combine + half * T_CAP * K_CAP * ROW_BYTES, tl.float32)
             for c in tl.static_range(0, CHUNKS):
                 cols = (pid_h + c * HIDDEN_PARTS) * BLOCK_H + tl.arange(0, BLOCK_H)
                 cmask = cols < H
                 acc = tl.zeros([TILE_T, BLOCK_H], dtype=tl.float32)
                 for r in tl.static_range(R):
-                    valid = tl.sum(tl.where(owners[None, :] == r, answered, 0), axis=1) > 0
-                    slot = (tokens * K_CAP + r).to(tl.int64)
+                    m = tl.sum(tl.where(owners[None, :] == r, answered, 0), axis=1)
+                    w = tl.sum(tl.where(owners[None, :] == r, single_weight, 0.0), axis=1)
+                    slot = (tokens * K_CAP + 2 * r).to(tl.int64)
                     y = tl.load(region + slot[:, None] * (ROW_BYTES // 2) + cols[None, :],
-                                mask=valid[:, None] & cmask[None, :], other=0.0, cache_modifier=".cg").to(tl.float32)
-                    acc = tl.where(valid[:, None], acc + y, acc)
+                                mask=(m == 1)[:, None] & cmask[None, :], other=0.0, cache_modifier=".cg")
+                    partial = tl.load(sums + slot[:, None] * (ROW_BYTES // 4) + cols[None, :],
+                                      mask=(m >= 2)[:, None] & cmask[None, :], other=0.0, cache_modifier=".cg")
+                    acc = tl.where((m == 1)[:, None], acc + w[:, None] * y.to(tl.float32), acc)
+                    acc = tl.where((m >= 2)[:, None], acc + partial, acc)
                 tl.store(out_ptr + tokens[:, None].to(tl.int64) * H + cols[None, :], _to_bf16_bits(acc, EXACT_CASTS),
                          mask=tmask[:, None] & cmask[None, :])
         else:
@@ -872,8 +890,7 @@ def ep_ll_combine_kernel(x_ptr, x_expert_stride, x_row_stride, topk_ptr, weights
         _combine_send_reduced(pid, e, x_ptr, x_expert_stride, x_row_stride, topk_ptr, weights_ptr, num_tokens,
                               row_map, heap_bases, error_address, rank, rows_per_expert, num_groups, budget,
                               off_combine, off_flags, off_aux, aux_half, off_weights_flags, H, K, K_PAD, R, T_CAP,
-                              K_CAP, G_STRIDE, ROW_BYTES, EXACT_CASTS, USE_TIMER, TILE_R, BLOCK_H, PHASE_CODE, stamps,
-                              STAMPS)
+                              K_CAP, G_STRIDE, ROW_BYTES, USE_TIMER, TILE_R, BLOCK_H, PHASE_CODE, stamps, STAMPS)
     elif sending:
         _combine_send(pid, e, x_ptr, x_expert_stride, x_row_stride, topk_ptr, num_tokens, src_info, topk_slot,
                       layout_range, heap_bases, error_address, rank, num_local, rows_per_expert, num_groups, budget,
