@@ -301,17 +301,22 @@ def _dispatch_send(pid, e, x_ptr, topk_ptr, num_tokens, heap_bases, rank, num_lo
 
 
 @triton.jit
-def _copy_rows(recv_x, recv_scales, row_msg, data_src, local_expert, row_begin, row_end, skip_begin, skip_end, part,
-               num_parts, rows_per_expert, H: tl.constexpr, ROW_BYTES: tl.constexpr, NUM_SCALES: tl.constexpr,
+def _copy_rows(recv_x, recv_scales, row_msg, topk_slot, row_map, data_src, local_expert, row_begin, row_end,
+               skip_begin, skip_end, part, num_parts, rows_per_expert, H: tl.constexpr, K: tl.constexpr,
+               R: tl.constexpr, T_CAP: tl.constexpr, ROW_BYTES: tl.constexpr, NUM_SCALES: tl.constexpr,
                SCALES_PAD: tl.constexpr, USE_FP8: tl.constexpr, TILE_R: tl.constexpr, BLOCK_H: tl.constexpr):
     """Copy this part's tiles of rows [row_begin, row_end) of one local expert from the data records, all
-    but rows [skip_begin, skip_end)."""
+    but rows [skip_begin, skip_end); note each row in the pre-reducing combine's map, at (source rank, token,
+    k): expert * R * T_max + row (here, off the scan's critical path and its registers: 1-d stores per tile)."""
     expert_base = local_expert.to(tl.int64) * rows_per_expert
     tile = part
     while row_begin + tile * TILE_R < row_end:
         rows = row_begin + tile * TILE_R + tl.arange(0, TILE_R)
         rmask = (rows < row_end) & ((rows < skip_begin) | (rows >= skip_end))
         msg = tl.load(row_msg + expert_base + rows, mask=rmask, other=0).to(tl.int64)
+        k = tl.load(topk_slot + expert_base + rows, mask=rmask, other=0).to(tl.int32)
+        source_token = (msg // T_CAP) * (rows_per_expert // R) + msg % T_CAP
+        tl.store(row_map + R + source_token * K + k, (expert_base + rows).to(tl.int32), mask=rmask)
         for h0 in tl.static_range(0, H, BLOCK_H):  # unrolled: all loads in flight at once
             cols = h0 + tl.arange(0, BLOCK_H)
             mask = rmask[:, None] & (cols[None, :] < H)
@@ -349,7 +354,6 @@ def _dispatch_receive(pid, e, recv_x, recv_scales, recv_count, src_info, topk_sl
     half = e % 2
     records = R * T_CAP
     expert = rank * num_local + local_expert
-    t_max = rows_per_expert // R
 
     flags = _heap_ptr(heap_bases, rank, off_flags, tl.int64) + half * R * G_STRIDE
     meta_tag = tag(2 * e)
@@ -398,14 +402,6 @@ def _dispatch_receive(pid, e, recv_x, recv_scales, recv_count, src_info, topk_sl
             tl.store(src_info + expert_base + rows, tl.broadcast_to(slot[:, None], rows.shape), mask=mine)
             tl.store(topk_slot + expert_base + rows, tl.broadcast_to(ks[None, :], rows.shape).to(tl.int8), mask=mine)
             tl.store(row_msg + expert_base + rows, tl.broadcast_to(msg[:, None], rows.shape), mask=mine)
-            # the pre-reducing combine's map (source, token, k) -> row: each expert's programs fill the k that
-            # chose it (-1 past the capacity), program 0 also the k that chose no expert of this rank
-            map_at = row_map + R + (src * t_max + slot)[:, None] * K + ks[None, :]
-            tl.store(map_at, tl.where(mine, expert_base + rows, -1).to(tl.int32), mask=match > 0)
-            if pid == 0:
-                elsewhere = (ids < 0) | (ids // num_local != rank)
-                tl.store(map_at, tl.full(ids.shape, -1, tl.int32),
-                         mask=mmask[:, None] & (ks[None, :] < K) & elsewhere)
             rows_per_source += tl.sum(tl.where(src[:, None] == sources[None, :], per_msg[:, None], 0), axis=0)
             num_rows += tl.sum(per_msg, axis=0)
             m0 += SCAN
@@ -436,9 +432,9 @@ def _dispatch_receive(pid, e, recv_x, recv_scales, recv_count, src_info, topk_sl
                                                     budget, error_address, PHASE_CODE, rank, rank, 1, G_PAD,
                                                     G_STRIDE, USE_TIMER)
             if ok:
-                _copy_rows(recv_x, recv_scales, row_msg, data_src, local_expert, own_begin, own_end, 0, 0, part,
-                           num_parts, rows_per_expert, H, ROW_BYTES, NUM_SCALES, SCALES_PAD, USE_FP8, TILE_R,
-                           BLOCK_H)
+                _copy_rows(recv_x, recv_scales, row_msg, topk_slot, row_map, data_src, local_expert, own_begin,
+                           own_end, 0, 0, part, num_parts, rows_per_expert, H, K, R, T_CAP, ROW_BYTES, NUM_SCALES,
+                           SCALES_PAD, USE_FP8, TILE_R, BLOCK_H)
                 since = now_ns(USE_TIMER) - start
                 ok, arrival, _all_counts = _wait_flags(flags, R, num_groups, data_tag, data_tag, budget,
                                                        error_address, PHASE_CODE, rank, 0, R_PAD, G_PAD, G_STRIDE,
@@ -446,8 +442,9 @@ def _dispatch_receive(pid, e, recv_x, recv_scales, recv_count, src_info, topk_sl
                 waited = since + arrival
         _stamp(stamps, 3, STAMPS)
         if ok:
-            _copy_rows(recv_x, recv_scales, row_msg, data_src, local_expert, 0, num_rows, own_begin, own_end, part,
-                       num_parts, rows_per_expert, H, ROW_BYTES, NUM_SCALES, SCALES_PAD, USE_FP8, TILE_R, BLOCK_H)
+            _copy_rows(recv_x, recv_scales, row_msg, topk_slot, row_map, data_src, local_expert, 0, num_rows,
+                       own_begin, own_end, part, num_parts, rows_per_expert, H, K, R, T_CAP, ROW_BYTES, NUM_SCALES,
+                       SCALES_PAD, USE_FP8, TILE_R, BLOCK_H)
         if HAS_WAIT_STATS:
             if pid == 0:
                 tl.atomic_add(wait_stats + sources, waited, mask=sources < R, sem="relaxed")
@@ -704,8 +701,8 @@ def _combine_send(pid, e, x_ptr, x_expert_stride, x_row_stride, topk_ptr, num_to
 def _push_weights(topk_ptr, weights_ptr, num_tokens, heap_bases, rank, dst, half, e, off_aux, aux_half,
                   off_weights_flags, K: tl.constexpr, K_PAD: tl.constexpr, R: tl.constexpr, T_CAP: tl.constexpr,
                   K_CAP: tl.constexpr, TILE_T: tl.constexpr):
-    """This rank's combine weights into dst's heap at [half][this rank], one int64 per (token, k): whether
-    the top-k id is valid (bit 32) and the float32 weight's bits (low half); then raise dst's weight flag."""
+    """This rank's combine top-k into dst's heap at [half][this rank], one int64 per (token, k): the expert id
+    (high half, -1 for none) and the float32 weight's bits (low half); then raise dst's weight flag."""
     HOME_RECORDS: tl.constexpr = (T_CAP * K_CAP + 1) // 2 * 2  # even: each home's block is 16-byte aligned
     records = _heap_ptr(heap_bases, dst, off_aux + half * aux_half + rank * HOME_RECORDS * 8, tl.int64)
     ks = tl.arange(0, K_PAD)
@@ -715,7 +712,7 @@ def _push_weights(topk_ptr, weights_ptr, num_tokens, heap_bases, rank, dst, half
         mask = (tokens[:, None] < num_tokens) & (ks[None, :] < K)
         ids = tl.load(topk_ptr + tokens[:, None] * K + ks[None, :], mask=mask, other=-1)
         w = tl.load(weights_ptr + tokens[:, None] * K + ks[None, :], mask=mask, other=0.0).to(tl.float32)
-        record = ((ids >= 0).to(tl.int64) << 32) | (w.to(tl.int32, bitcast=True).to(tl.int64) & 0xFFFFFFFF)
+        record = (ids.to(tl.int64) << 32) | (w.to(tl.int32, bitcast=True).to(tl.int64) & 0xFFFFFFFF)
         tl.store(records + tokens[:, None] * K_CAP + ks[None, :], record, mask=mask)
         t0 += TILE_T
     signal(_heap_ptr(heap_bases, dst, off_weights_flags, tl.int64) + half * R + rank, tag(e) << 32)
@@ -723,7 +720,8 @@ def _push_weights(topk_ptr, weights_ptr, num_tokens, heap_bases, rank, dst, half
 
 @triton.jit
 def _combine_send_reduced(pid, e, x_ptr, x_expert_stride, x_row_stride, topk_ptr, weights_ptr, num_tokens,
-                          row_map, heap_bases, error_address, rank, rows_per_expert, num_groups, budget, off_combine,
+                          row_map, heap_bases, error_address, rank, num_local, rows_per_expert, num_groups, budget,
+                          off_combine,
                           off_flags, off_aux, aux_half, off_weights_flags, H: tl.constexpr, K: tl.constexpr,
                           K_PAD: tl.constexpr, R: tl.constexpr, T_CAP: tl.constexpr, K_CAP: tl.constexpr,
                           G_STRIDE: tl.constexpr, ROW_BYTES: tl.constexpr, USE_TIMER: tl.constexpr,
@@ -759,10 +757,13 @@ def _combine_send_reduced(pid, e, x_ptr, x_expert_stride, x_row_stride, topk_ptr
         while start < t_end:
             tokens = start + tl.arange(0, TILE_T)
             kmask = (tokens[:, None] < t_end) & (ks[None, :] < K)
-            rows = tl.load(home_map + tokens[:, None] * K + ks[None, :], mask=kmask, other=-1)
-            record = tl.load(records + tokens[:, None] * K_CAP + ks[None, :], mask=kmask, other=0,
+            record = tl.load(records + tokens[:, None] * K_CAP + ks[None, :], mask=kmask, other=-1 << 32,
                              cache_modifier=".cg")
-            rows = tl.where((record >> 32) != 0, rows, -1)  # k the home drops at combine time: skipped
+            ids = (record >> 32).to(tl.int32)  # the home's combine-time ids: -1 entries are skipped
+            mine = (ids >= 0) & (ids // num_local == rank)
+            rows = tl.load(home_map + tokens[:, None] * K + ks[None, :], mask=mine, other=-1)
+            # a row outside the outputs (a map entry no dispatch wrote: ids changed since) is skipped too
+            rows = tl.where((rows >= 0) & (rows < num_local * rows_per_expert), rows, -1)
             weights = (record & 0xFFFFFFFF).to(tl.int32).to(tl.float32, bitcast=True)
             answered = tl.sum((rows >= 0).to(tl.int32), axis=1)
             slot = (tokens * K_CAP + 2 * rank).to(tl.int64)
@@ -888,9 +889,9 @@ def ep_ll_combine_kernel(x_ptr, x_expert_stride, x_row_stride, topk_ptr, weights
     stamps = _stamp_row(stamps_ptr, num_senders, PHASE)
     if sending and PREREDUCE:
         _combine_send_reduced(pid, e, x_ptr, x_expert_stride, x_row_stride, topk_ptr, weights_ptr, num_tokens,
-                              row_map, heap_bases, error_address, rank, rows_per_expert, num_groups, budget,
-                              off_combine, off_flags, off_aux, aux_half, off_weights_flags, H, K, K_PAD, R, T_CAP,
-                              K_CAP, G_STRIDE, ROW_BYTES, USE_TIMER, TILE_R, BLOCK_H, PHASE_CODE, stamps, STAMPS)
+                              row_map, heap_bases, error_address, rank, num_local, rows_per_expert, num_groups,
+                              budget, off_combine, off_flags, off_aux, aux_half, off_weights_flags, H, K, K_PAD, R,
+                              T_CAP, K_CAP, G_STRIDE, ROW_BYTES, USE_TIMER, TILE_R, BLOCK_H, PHASE_CODE, stamps, STAMPS)
     elif sending:
         _combine_send(pid, e, x_ptr, x_expert_stride, x_row_stride, topk_ptr, num_tokens, src_info, topk_slot,
                       layout_range, heap_bases, error_address, rank, num_local, rows_per_expert, num_groups, budget,
