@@ -30,7 +30,7 @@ MODES = {"bf16": (False, False, False), "fp8": (True, False, False), "fp8_round"
 # tiles that straddle source blocks, as on the GPU.
 MANY_PROGRAMS = {"FLASHEP_LL_SEND_PROGRAMS": "8", "FLASHEP_LL_RECV_PROGRAMS": "8", "FLASHEP_LL_TILE_TOKENS": "2",
                  "FLASHEP_LL_COMBINE_RECV_PROGRAMS": "8", "FLASHEP_LL_TILE_ROWS": "2",
-                 "FLASHEP_LL_COMBINE_TILE_ROWS": "2"}
+                 "FLASHEP_LL_COMBINE_TILE_ROWS": "2", "FLASHEP_LL_PREREDUCE_TOKENS": "2"}
 PLAIN = {"FLASHEP_LL_PREREDUCE": "0"}
 
 
@@ -382,7 +382,8 @@ def test_round_trip_other_launch_shapes(seed):
     """One token and one row per tile, a token group per token, many parts per expert, two hidden chunks."""
     env = {"FLASHEP_LL_SEND_PROGRAMS": "64", "FLASHEP_LL_RECV_PROGRAMS": "16",
            "FLASHEP_LL_COMBINE_RECV_PROGRAMS": "16", "FLASHEP_LL_TILE_ROWS": "1",
-           "FLASHEP_LL_COMBINE_TILE_ROWS": "1", "FLASHEP_LL_TILE_TOKENS": "1", "FLASHEP_LL_BLOCK_H": "512"}
+           "FLASHEP_LL_COMBINE_TILE_ROWS": "1", "FLASHEP_LL_TILE_TOKENS": "1", "FLASHEP_LL_BLOCK_H": "512",
+           "FLASHEP_LL_PREREDUCE_TOKENS": "1"}
     assert all(run_ranks(2, _round_trip_body, seed, 5, 4, 2, torch.int64, ["bf16", "fp8_round"], backend="triton",
                          env=env))
 

@@ -37,7 +37,7 @@ ROW_MAP_ATTR = "_flashep_row_map"
 class Tuning:
     """Launch shapes. Env: FLASHEP_LL_SEND_PROGRAMS, FLASHEP_LL_RECV_PROGRAMS, FLASHEP_LL_COMBINE_RECV_PROGRAMS,
     FLASHEP_LL_BLOCK_H, FLASHEP_LL_TILE_TOKENS, FLASHEP_LL_TILE_ROWS, FLASHEP_LL_COMBINE_TILE_ROWS,
-    FLASHEP_LL_SCAN_ROWS, FLASHEP_LL_NUM_WARPS, FLASHEP_LL_FUSED, FLASHEP_LL_PREREDUCE.
+    FLASHEP_LL_SCAN_ROWS, FLASHEP_LL_NUM_WARPS, FLASHEP_LL_FUSED, FLASHEP_LL_PREREDUCE, FLASHEP_LL_PREREDUCE_TOKENS.
     Every rank must use the same FLASHEP_LL_SEND_PROGRAMS (it fixes how many flags a receiver waits for)."""
 
     send_programs: int  # programs of each send kernel, spread over the destination ranks
@@ -47,6 +47,9 @@ class Tuning:
     tile_tokens: int  # tokens per tile in the dispatch send and the combine receive
     tile_rows: int  # rows per tile in the dispatch receive
     combine_tile_rows: int  # rows per tile in the combine send
+    # home tokens per tile in the pre-reducing combine send. 2x H200, session 20 (quick runs): 2 -> 25.7 us,
+    # 4 -> 30-38 us (215 registers and spills in the offline sm_90 compile; 2: 188, none), 8 -> 79.9 us
+    prereduce_tokens: int
     scan_rows: int  # received top-k rows the dispatch receive reads per step when it packs the rows
     num_warps: int
     fused: int  # 1: a call without a hook launches both phases at once; 0: two launches, as with a hook
@@ -58,18 +61,20 @@ class Tuning:
     # GPU: spread the stores over many SMs. Interpreter: programs run one after another, so few programs
     # with large tiles are fastest.
     GPU_DEFAULTS = dict(send_programs=128, recv_programs=128, combine_recv_programs=128, block_h=1024,
-                        tile_tokens=4, tile_rows=16, combine_tile_rows=4, scan_rows=256, num_warps=8, fused=1,
-                        prereduce=1)
+                        tile_tokens=4, tile_rows=16, combine_tile_rows=4, prereduce_tokens=2, scan_rows=256,
+                        num_warps=8, fused=1, prereduce=1)
     INTERPRETER_DEFAULTS = dict(send_programs=1, recv_programs=1, combine_recv_programs=1, block_h=1024,
-                                tile_tokens=16, tile_rows=16, combine_tile_rows=16, scan_rows=128, num_warps=4,
-                                fused=1, prereduce=1)
+                                tile_tokens=16, tile_rows=16, combine_tile_rows=16, prereduce_tokens=16,
+                                scan_rows=128, num_warps=4, fused=1, prereduce=1)
     ENV = dict(send_programs="FLASHEP_LL_SEND_PROGRAMS", recv_programs="FLASHEP_LL_RECV_PROGRAMS",
                combine_recv_programs="FLASHEP_LL_COMBINE_RECV_PROGRAMS",
                block_h="FLASHEP_LL_BLOCK_H", tile_tokens="FLASHEP_LL_TILE_TOKENS", tile_rows="FLASHEP_LL_TILE_ROWS",
-               combine_tile_rows="FLASHEP_LL_COMBINE_TILE_ROWS", scan_rows="FLASHEP_LL_SCAN_ROWS",
+               combine_tile_rows="FLASHEP_LL_COMBINE_TILE_ROWS", prereduce_tokens="FLASHEP_LL_PREREDUCE_TOKENS",
+               scan_rows="FLASHEP_LL_SCAN_ROWS",
                num_warps="FLASHEP_LL_NUM_WARPS", fused="FLASHEP_LL_FUSED", prereduce="FLASHEP_LL_PREREDUCE")
 
-    POWERS_OF_TWO = ("block_h", "tile_tokens", "tile_rows", "combine_tile_rows", "scan_rows", "num_warps")
+    POWERS_OF_TWO = ("block_h", "tile_tokens", "tile_rows", "combine_tile_rows", "prereduce_tokens", "scan_rows",
+                     "num_warps")
 
     @staticmethod
     def from_env() -> "Tuning":
@@ -314,7 +319,9 @@ class TritonLowLatencyBackend(Backend):
             HAS_SLOTS=topk_slot is not None, PREREDUCE=prereduce, LOGFMT=bool(use_logfmt),
             META_STRIDE=regions.meta_stride,
             HAS_WAIT_STATS=combine_wait_recv_cost_stats is not None,
-            TILE_T=self.tuning.tile_tokens, TILE_R=self.tuning.combine_tile_rows, BLOCK_H=self.tuning.block_h,
+            TILE_T=self.tuning.tile_tokens,
+            TILE_R=self.tuning.prereduce_tokens if prereduce else self.tuning.combine_tile_rows,  # the send's tile
+            BLOCK_H=self.tuning.block_h,
             HIDDEN_PARTS=hidden_parts, PHASE_CODE=PHASE_LL_COMBINE, **self._common(regions))
         return self._launch(kernels.ep_ll_combine_kernel, args, num_ranks * groups, token_tiles * hidden_parts,
                             with_hook)
