@@ -146,7 +146,7 @@ class Regions:
         aux_half = max(records * self.meta_stride * 4, num_ranks * (records + records % 2) * 8)
         self.aux_half = -(-aux_half // 16) * 16  # each half 16-byte aligned (the kernels' vector accesses)
         self.combine_aux = layout.add("combine_aux", 2 * self.aux_half)
-        self.publish = layout.add("publish", 2 * records * 4)
+        self.publish = layout.add("publish", 2 * ((records + 3) // 4 * 4) * 4)  # halves 16-byte aligned
         self.nbytes = layout.size
 
 

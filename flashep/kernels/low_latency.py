@@ -596,7 +596,8 @@ def _publish_topk(topk_ptr, num_tokens, heap_bases, rank, half, e, off_publish, 
                   K: tl.constexpr, K_PAD: tl.constexpr, T_CAP: tl.constexpr, K_CAP: tl.constexpr,
                   TILE_T: tl.constexpr):
     """Copy this rank's top-k rows into its own heap for the owners, then raise its publish flag."""
-    own = _heap_ptr(heap_bases, rank, off_publish + half * T_CAP * K_CAP * 4, tl.int32)
+    PUBLISHED: tl.constexpr = (T_CAP * K_CAP + 3) // 4 * 4  # ids per half, rounded: halves 16-byte aligned
+    own = _heap_ptr(heap_bases, rank, off_publish + half * PUBLISHED * 4, tl.int32)
     ks = tl.arange(0, K_PAD)
     t0 = tl.zeros((), tl.int32)
     while t0 < num_tokens:
@@ -660,7 +661,8 @@ def _combine_send(pid, e, x_ptr, x_expert_stride, x_row_stride, topk_ptr, num_to
         publish_flag = _heap_ptr(heap_bases, home, off_publish_flags, tl.int64) + half
         ok, _, _ = _wait_flags(publish_flag, 1, 1, tag(e), tag(e), budget, error_address, PHASE_CODE, rank,
                                home, 1, 1, 1, USE_TIMER)
-        home_topk = _heap_ptr(heap_bases, home, off_publish + half * T_CAP * K_CAP * 4, tl.int32)
+        PUBLISHED: tl.constexpr = (T_CAP * K_CAP + 3) // 4 * 4
+        home_topk = _heap_ptr(heap_bases, home, off_publish + half * PUBLISHED * 4, tl.int32)
     if ok:
         dst = _heap_ptr(heap_bases, home, off_combine + half * T_CAP * K_CAP * ROW_BYTES, tl.bfloat16)
         dst_meta = _heap_ptr(heap_bases, home, off_aux + half * aux_half, tl.int32)
