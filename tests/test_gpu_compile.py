@@ -81,6 +81,8 @@ def _low_latency_calls(rank, world, group, hidden, num_tokens, record_path):
                 h()
     buffer.get_next_low_latency_combine_buffer(handle).copy_(expert_out)
     buffer.low_latency_combine(expert_out, topk_idx, weights, handle, zero_copy=True)
+    # a copied handle (no per-row top-k slots, no row map): the plain combine that reads the published top-k
+    buffer.low_latency_combine(expert_out, topk_idx, weights, (handle[0].clone(), *handle[1:]))
     return True
 
 

@@ -592,20 +592,33 @@ def _logfmt_reduce(region, region_meta, out_ptr, tokens, tmask, all_ids, all_wei
 
 
 @triton.jit
-def _publish_topk(topk_ptr, num_tokens, heap_bases, rank, half, e, off_publish, off_publish_flags,
-                  K: tl.constexpr, K_PAD: tl.constexpr, T_CAP: tl.constexpr, K_CAP: tl.constexpr,
-                  TILE_T: tl.constexpr):
-    """Copy this rank's top-k rows into its own heap for the owners, then raise its publish flag."""
-    PUBLISHED: tl.constexpr = (T_CAP * K_CAP + 3) // 4 * 4  # ids per half, rounded: halves 16-byte aligned
-    own = _heap_ptr(heap_bases, rank, off_publish + half * PUBLISHED * 4, tl.int32)
+def _store_topk(topk_ptr, weights_ptr, num_tokens, dst, K: tl.constexpr, K_PAD: tl.constexpr, K_CAP: tl.constexpr,
+                TILE_T: tl.constexpr, WITH_WEIGHTS: tl.constexpr):
+    """This rank's top-k rows into dst [tokens, K_CAP]: int32 expert ids, or WITH_WEIGHTS int64 records (the id
+    in the high half, -1 for none; the float32 weight's bits in the low half)."""
     ks = tl.arange(0, K_PAD)
     t0 = tl.zeros((), tl.int32)
     while t0 < num_tokens:
         tokens = t0 + tl.arange(0, TILE_T)
         mask = (tokens[:, None] < num_tokens) & (ks[None, :] < K)
         ids = tl.load(topk_ptr + tokens[:, None] * K + ks[None, :], mask=mask, other=-1)
-        tl.store(own + tokens[:, None] * K_CAP + ks[None, :], ids.to(tl.int32), mask=mask)
+        if WITH_WEIGHTS:
+            w = tl.load(weights_ptr + tokens[:, None] * K + ks[None, :], mask=mask, other=0.0).to(tl.float32)
+            value = (ids.to(tl.int64) << 32) | (w.to(tl.int32, bitcast=True).to(tl.int64) & 0xFFFFFFFF)
+        else:
+            value = ids.to(tl.int32)
+        tl.store(dst + tokens[:, None] * K_CAP + ks[None, :], value, mask=mask)
         t0 += TILE_T
+
+
+@triton.jit
+def _publish_topk(topk_ptr, num_tokens, heap_bases, rank, half, e, off_publish, off_publish_flags,
+                  K: tl.constexpr, K_PAD: tl.constexpr, T_CAP: tl.constexpr, K_CAP: tl.constexpr,
+                  TILE_T: tl.constexpr):
+    """Copy this rank's top-k rows into its own heap for the owners, then raise its publish flag."""
+    PUBLISHED: tl.constexpr = (T_CAP * K_CAP + 3) // 4 * 4  # ids per half, rounded: halves 16-byte aligned
+    own = _heap_ptr(heap_bases, rank, off_publish + half * PUBLISHED * 4, tl.int32)
+    _store_topk(topk_ptr, topk_ptr, num_tokens, own, K, K_PAD, K_CAP, TILE_T, False)
     signal(_heap_ptr(heap_bases, rank, off_publish_flags, tl.int64) + half, tag(e) << 32)
 
 
@@ -623,7 +636,10 @@ def _find_slot(home_topk, src_info, base, row, row_begin, token, expert, mask,
     ids = tl.load(home_topk + token[:, None] * K_CAP + ks[None, :], mask=mask[:, None] & (ks[None, :] < K),
                   other=-1, cache_modifier=".cg")
     match = (ids == expert[:, None]).to(tl.int32)
-    occurrence = tl.cumsum(match, axis=1) - match
+    # matches before each k, as a sum over a [rows, k, j < k] tile: tl.cumsum along this axis of a small tile
+    # hits an assertion in Triton 3.6's scan lowering for sm_90 (interpreter-sized tiles, 4 warps)
+    earlier_k = ks[None, None, :] < ks[None, :, None]
+    occurrence = tl.sum(tl.where(earlier_k, match[:, None, :], 0), axis=2)
     hit = (match > 0) & (occurrence == n[:, None])
     return tl.max(tl.where(hit, ks[None, :], -1), axis=1)
 
@@ -703,20 +719,11 @@ def _combine_send(pid, e, x_ptr, x_expert_stride, x_row_stride, topk_ptr, num_to
 def _push_weights(topk_ptr, weights_ptr, num_tokens, heap_bases, rank, dst, half, e, off_aux, aux_half,
                   off_weights_flags, K: tl.constexpr, K_PAD: tl.constexpr, R: tl.constexpr, T_CAP: tl.constexpr,
                   K_CAP: tl.constexpr, TILE_T: tl.constexpr):
-    """This rank's combine top-k into dst's heap at [half][this rank], one int64 per (token, k): the expert id
-    (high half, -1 for none) and the float32 weight's bits (low half); then raise dst's weight flag."""
+    """This rank's combine top-k (ids and weights) into dst's heap at [half][this rank], then raise dst's
+    weight flag."""
     HOME_RECORDS: tl.constexpr = (T_CAP * K_CAP + 1) // 2 * 2  # even: each home's block is 16-byte aligned
     records = _heap_ptr(heap_bases, dst, off_aux + half * aux_half + rank * HOME_RECORDS * 8, tl.int64)
-    ks = tl.arange(0, K_PAD)
-    t0 = tl.zeros((), tl.int32)
-    while t0 < num_tokens:
-        tokens = t0 + tl.arange(0, TILE_T)
-        mask = (tokens[:, None] < num_tokens) & (ks[None, :] < K)
-        ids = tl.load(topk_ptr + tokens[:, None] * K + ks[None, :], mask=mask, other=-1)
-        w = tl.load(weights_ptr + tokens[:, None] * K + ks[None, :], mask=mask, other=0.0).to(tl.float32)
-        record = (ids.to(tl.int64) << 32) | (w.to(tl.int32, bitcast=True).to(tl.int64) & 0xFFFFFFFF)
-        tl.store(records + tokens[:, None] * K_CAP + ks[None, :], record, mask=mask)
-        t0 += TILE_T
+    _store_topk(topk_ptr, weights_ptr, num_tokens, records, K, K_PAD, K_CAP, TILE_T, True)
     signal(_heap_ptr(heap_bases, dst, off_weights_flags, tl.int64) + half * R + rank, tag(e) << 32)
 
 
