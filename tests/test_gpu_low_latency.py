@@ -333,6 +333,24 @@ def _prereduce_oracle_body(rank, world, group, seed, num_experts):
     buffer.destroy()
     return True
 
+def _copied_handle_body(rank, world, group, seed, num_experts):
+    """A handle whose src_info is a copy (it lost the per-row top-k slots and the row map): the combine's owners
+    read the home's published top-k instead; with FLASHEP_LL_PREREDUCE=0 the result equals the one through the
+    original handle bit for bit (the same rows into the same slots)."""
+    buffer = _buffer(group, world, num_experts)
+    dev = _device()
+    for step in range(2):
+        x = torch.randn(T_MAX, HIDDEN, generator=generator(seed, rank, step)).to(dev, torch.bfloat16)
+        idx, weights = _routing(seed, rank, T_MAX, num_experts, step)
+        recv_x, _, handle = _dispatch(buffer, x, idx, num_experts, "bf16", hook=bool(step))
+        want = _combine(buffer, recv_x, idx, weights, handle, hook=bool(step)).clone()
+        copied = (handle[0].clone(), *handle[1:])
+        got = _combine(buffer, recv_x, idx, weights, copied, hook=bool(step))
+        assert_same(got, want, f"step {step}: combine through a copied handle")
+    buffer.destroy()
+    return True
+
+
 def _check_counts(recv_count, layout_range, expect, world, what):
     """recv_count against the oracle; a mismatch names, per wrong expert, the rows per source rank as the
     dispatch laid them out (layout_range) and as the oracle has them."""
@@ -459,6 +477,11 @@ def test_deepep_assertions(world, num_experts, env, seed):
 def test_prereduced_combine_matches_oracle(world, seed):
     assert all(run_ranks(world, _prereduce_oracle_body, seed, 8 * world, backend="triton", device="cuda",
                          env=PREREDUCE))
+
+
+@pytest.mark.parametrize("world", WORLDS)
+def test_combine_through_a_copied_handle(world, seed):
+    assert all(run_ranks(world, _copied_handle_body, seed, 256, backend="triton", device="cuda", env=PLAIN))
 
 
 @pytest.mark.parametrize("world", WORLDS)
