@@ -731,8 +731,8 @@ def _push_weights(topk_ptr, weights_ptr, num_tokens, heap_bases, rank, dst, half
 def _combine_send_reduced(pid, e, x_ptr, x_expert_stride, x_row_stride, topk_ptr, weights_ptr, num_tokens,
                           row_map, heap_bases, error_address, rank, num_local, rows_per_expert, num_groups, budget,
                           off_combine, off_flags, off_aux, aux_half, off_weights_flags, H: tl.constexpr,
-                          K: tl.constexpr, K_PAD: tl.constexpr, R: tl.constexpr, T_CAP: tl.constexpr, K_CAP: tl.constexpr,
-                          G_STRIDE: tl.constexpr, ROW_BYTES: tl.constexpr, USE_TIMER: tl.constexpr,
+                          K: tl.constexpr, K_PAD: tl.constexpr, R: tl.constexpr, T_CAP: tl.constexpr,
+                          K_CAP: tl.constexpr, G_STRIDE: tl.constexpr, ROW_BYTES: tl.constexpr, USE_TIMER: tl.constexpr,
                           TILE_T: tl.constexpr, BLOCK_H: tl.constexpr, PHASE_CODE: tl.constexpr, stamps,
                           STAMPS: tl.constexpr):
     """Pre-reducing send: program (h, g) takes chunk g of home h's tokens; per token, the m of its top-k
