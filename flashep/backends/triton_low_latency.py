@@ -29,7 +29,8 @@ TOPK_LIMIT = 32  # largest top-k the message slots hold
 MAX_GROUPS = kernels.MAX_GROUPS.value  # flags per (half, source rank): upper bound of programs per peer
 SLOT_ATTR = "_flashep_topk_slot"  # int8 [L, R * T_max] attached to src_info: k of each received row
 # int32 [R + R * T_max * K] attached to src_info: tokens per source, then per (source, token, k) the received
-# row (local expert * R * T_max + row) or -1: what a pre-reducing combine sums per token
+# row (local expert * R * T_max + row), written for the k whose expert lives here (the others are never read):
+# what a pre-reducing combine sums per token
 ROW_MAP_ATTR = "_flashep_row_map"
 
 
@@ -117,10 +118,11 @@ class Regions:
     data: per dispatch message (source rank, token < T) a record of 2 * hidden bytes: the BF16 row, or the
     FP8 row followed by its 4-byte scales. meta: per message `meta` int32: the top-k expert ids. combine: per
     (token, k) a BF16 row, or with LogFMT per group of 128 channels its plain BF16 or its codes (see
-    flashep/logfmt.py); a pre-reducing combine uses the slots (token, r < R), one partial sum per owner rank r.
+    flashep/logfmt.py); a pre-reducing combine uses slots (token, 2r) and (token, 2r + 1) per owner rank r: the
+    one row r answers (bf16), or the fp32 sum of its several.
     combine_aux, for a combine's side data: with LogFMT per (token, k) one int32 per 128-channel group; in a
-    pre-reducing combine per (home rank, token, k) an int64 the home pushed: bit 32 says the top-k id is valid,
-    the low half holds the float32 weight (blocks of T * K words rounded up to even per home). A combine uses
+    pre-reducing combine per (home rank, token, k) an int64 the home pushed: the top-k id in the high half (-1 for
+    none), the float32 weight's bits in the low half (blocks of T * K words rounded up to even per home). A combine uses
     one of the two, so they share the region. publish: per (token, k) this rank's expert ids, read by the
     owners when a handle lost its per-row top-k slots.
     """

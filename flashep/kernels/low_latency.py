@@ -23,8 +23,8 @@ receive phase), so that a profiler sees exactly one kernel name per operation:
   [half][this rank][g] on h: `tag(e) << 32 | rows`.
   receive, grid (token tiles, hidden parts): waits for every owner's flags, then per token sums
   `w[t, k] * y[t, k]` in fp32 over k in order (entries -1 skipped; LogFMT rows decoded first) and writes bf16.
-  PREREDUCE (no hook, no LogFMT): program (h, 0) first pushes this rank's weights to h; program (h, g) waits
-  for h's weights and, per token of chunk g of h's tokens, stores at slots (token, 2 * this rank) of h's region
+  PREREDUCE (no hook, no LogFMT): program (h, 0) first pushes this rank's top-k (ids, weights) to h; program
+  (h, g) waits for h's and, per token of chunk g of h's tokens, stores at slots (token, 2 * this rank) of h's region
   the one row this rank answers (bf16) or the fp32 sum of its weighted rows; the receive adds, owner by owner,
   the weighted row or the sum.
 
@@ -716,9 +716,9 @@ def _combine_send(pid, e, x_ptr, x_expert_stride, x_row_stride, topk_ptr, num_to
 
 
 @triton.jit
-def _push_weights(topk_ptr, weights_ptr, num_tokens, heap_bases, rank, dst, half, e, off_aux, aux_half,
-                  off_weights_flags, K: tl.constexpr, K_PAD: tl.constexpr, R: tl.constexpr, T_CAP: tl.constexpr,
-                  K_CAP: tl.constexpr, TILE_T: tl.constexpr):
+def _push_topk(topk_ptr, weights_ptr, num_tokens, heap_bases, rank, dst, half, e, off_aux, aux_half,
+               off_weights_flags, K: tl.constexpr, K_PAD: tl.constexpr, R: tl.constexpr, T_CAP: tl.constexpr,
+               K_CAP: tl.constexpr, TILE_T: tl.constexpr):
     """This rank's combine top-k (ids and weights) into dst's heap at [half][this rank], then raise dst's
     weight flag."""
     HOME_RECORDS: tl.constexpr = (T_CAP * K_CAP + 1) // 2 * 2  # even: each home's block is 16-byte aligned
@@ -745,8 +745,8 @@ def _combine_send_reduced(pid, e, x_ptr, x_expert_stride, x_row_stride, topk_ptr
     group = pid % num_groups
     half = e % 2
     if group == 0:
-        _push_weights(topk_ptr, weights_ptr, num_tokens, heap_bases, rank, home, half, e, off_aux, aux_half,
-                      off_weights_flags, K, K_PAD, R, T_CAP, K_CAP, 32)
+        _push_topk(topk_ptr, weights_ptr, num_tokens, heap_bases, rank, home, half, e, off_aux, aux_half,
+                   off_weights_flags, K, K_PAD, R, T_CAP, K_CAP, 32)
     home_tokens = tl.load(row_map + home)
     per_group = tl.cdiv(home_tokens, num_groups)
     t_begin = tl.minimum(group * per_group, home_tokens)
