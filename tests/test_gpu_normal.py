@@ -120,6 +120,10 @@ def _shapes(rank: int, num_ranks: int, group, seed: int, shapes: tuple = SHAPES)
             assert nbytes <= DEEPEP_NVL_BYTES, f"{nbytes} bytes per rank at the DeepSeek-V3 shape"
     backend = buffer._normal
     assert backend.direct_dispatches == (dispatches if backend.direct else 0), backend.direct_dispatches
+    if not backend.direct:  # dispatches launched ahead of the host sync: kept (same or fewer rows than before)
+        # and launched again (more rows than any recent call: 8192 tokens after 1 and 3)
+        kept, again = backend.ahead_launches
+        assert kept > 0 and again > 0, backend.ahead_launches
     return report
 
 

@@ -53,6 +53,9 @@ Tuning knobs (environment at construction; they must be equal on every rank):
   host synchronisation can (the copies' sizes come from the host), and none while a CUDA graph is being
   captured; the others use the pushers. FLASHEP_COPY_PARTS: parts of such a combine, each followed by
   a flag the reduction waits for (default 4, at most 16 and the number of channels).
+- FLASHEP_DISPATCH_AHEAD: 1 (default) launches a non-cached dispatch before its host sync, with outputs of
+  a guessed size, and launches it again in the rare call where some rank's rows overflowed (`_row_guesses`,
+  docs/design.md); 0 reads the counts first;
 - FLASHEP_DIRECT_DISPATCH: 1 lets dispatches without num_worst_tokens (non-cached and cached) write
   directly: a rank whose symmetric output pool (`transport.pool`) has room carves its outputs there, and
   every program of every rank stores straight into them; a rank without room takes records, which its
@@ -65,6 +68,7 @@ Tuning knobs (environment at construction; they must be equal on every rank):
 from __future__ import annotations
 
 import math
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -83,6 +87,7 @@ from .base import Backend, DispatchResult, Routing
 
 _LAYOUT_BLOCK_T = 128
 _NOTIFY_BLOCK_T = 256
+_ROW_HISTORY = 8  # non-cached dispatches whose received rows size the next guesses
 OUTPUT_POOL_BLOCKS = 3  # a new output pool holds this many of the largest outputs that made it grow
 
 
@@ -115,6 +120,11 @@ class TritonNormalBackend(Backend):
         self.direct = _env.integer("FLASHEP_DIRECT_DISPATCH", 0, minimum=0) != 0
         self.output_pool: Optional[OutputPool] = None  # where direct-write dispatches carve their outputs
         self.direct_dispatches = 0  # dispatches whose outputs this rank took by direct writes (tests, benchmark)
+        # 1: a non-cached dispatch launches before its host sync, with outputs of a guessed size (_row_guesses)
+        self.dispatch_ahead = _env.integer("FLASHEP_DISPATCH_AHEAD", 1, minimum=0) != 0
+        self._recent_rows = deque(maxlen=_ROW_HISTORY)  # rows each rank received, last non-cached dispatches
+        self._summary_copy = _SummaryCopy()
+        self.ahead_launches = [0, 0]  # dispatches launched ahead of the sync: [kept, launched again] (tests)
         self.copy_parts = min(_env.integer("FLASHEP_COPY_PARTS", 4, minimum=1), kernels.MAX_COPY_PARTS)
         self.signal_layout = _SignalLayout(self.num_ranks)
         self.signal_heap = SymmetricHeap(self.group, self.signal_layout.nbytes, self.device, self.meeting,
@@ -224,14 +234,29 @@ class TritonNormalBackend(Backend):
         rank_prefix, send_prefix, recv_prefix, summary = self._notify(is_token_in_rank, num_tokens_per_expert,
                                                                       num_channels)
         send_head = torch.empty(x.size(0), num_ranks, dtype=torch.int32, device=self.device)  # before the sync
-        block = None  # this rank's outputs in its output pool: (offset, tensor)
+        fresh = _FreshDispatch(x, x_scales, topk_idx, topk_weights, is_token_in_rank.view(torch.uint8), send_head,
+                               rank_prefix, recv_prefix, send_prefix, num_local, num_channels, record)
         if num_worst_tokens > 0:
-            num_rows, counts, per_expert_list = num_worst_tokens, None, []
+            out = self._launch_fresh(fresh, num_worst_tokens, worst=True)
+            counts, per_expert_list = None, []
         else:
-            host = summary.tolist()  # the one host synchronisation of normal mode
+            guesses = self._row_guesses()
+            if guesses is not None:  # the kernel runs while the host waits for the counts and checks them
+                summary_copy = self._summary_copy.start(summary)
+                capacity = self._half() // record
+                out = self._launch_fresh(fresh, guesses[self.rank])
+                host = summary_copy.wait()  # the one host synchronisation of normal mode (notify only)
+            else:
+                out, host = None, summary.tolist()  # the one host synchronisation of normal mode
             self.errors.check()
             counts = _HostCounts.from_summary(host, self.rank, num_ranks, num_local, num_channels)
             num_rows = counts.received_by(self.rank)
+            if out is not None:
+                held = counts.fit(guesses, capacity)
+                self.ahead_launches[0 if held else 1] += 1
+                if not held:
+                    out = None  # some rank's rows overflowed its guess: every rank sees it, all dispatch again
+            self._recent_rows.append([counts.received_by(r) for r in range(num_ranks)])
             worst_rows = max(counts.tokens) * num_ranks  # DeepEP's num_worst_tokens = T * R
             self._reserve(worst_rows * max(record, bf16_record, combine_record), agreed=True, what="dispatch")
             if self.use_copy_engine:
@@ -239,19 +264,15 @@ class TritonNormalBackend(Backend):
                 self._reserve_copy(_copy_weights_at(rows, hidden) + rows * num_topk * 4)
             per_expert_list = [-(-int(c) // expert_alignment) * expert_alignment
                                for c in host[num_ranks * num_ranks:num_ranks * num_ranks + num_local]]
-            if self.direct:
-                self._size_output_pool([_output_block_bytes(counts.received_by(r), x, x_scales, topk_idx)
-                                        for r in range(num_ranks)])
-                block = self._carve(_output_block_bytes(num_rows, x, x_scales, topk_idx))
-        out = _DispatchOutputs(x, x_scales, topk_idx, num_rows, self.device, block)
-        swaps = self._dispatch_swaps(x, x_scales, topk_idx, topk_weights, out, is_token_in_rank.view(torch.uint8),
-                                     send_head, rank_prefix, recv_prefix, send_prefix, num_rows)
-        worst = num_worst_tokens > 0
-        replay_key = self._dispatch_key(x, x_scales, topk_idx, num_local, num_channels, True, worst)
-        if not self._replayed(replay_key, swaps):
-            self._launch_dispatch(swaps, x, x_scales, topk_idx, num_local, num_channels, record,
-                                  write_send_head=True, worst=worst,
-                                  may_write_directly=self.direct and not worst, block=block, replay_key=replay_key)
+            if out is not None:
+                out.narrow(num_rows)
+            else:
+                block = None  # this rank's outputs in its output pool: (offset, tensor)
+                if self.direct:
+                    self._size_output_pool([_output_block_bytes(counts.received_by(r), x, x_scales, topk_idx)
+                                            for r in range(num_ranks)])
+                    block = self._carve(_output_block_bytes(num_rows, x, x_scales, topk_idx))
+                out = self._launch_fresh(fresh, num_rows, block=block)
         rank_prefix._flashep_full = True  # read back by handles.from_tuple
         rank_prefix._flashep_counts = counts  # the routing's counts on the host, when known (a combine uses them)
         routing = Routing(rank_prefix, send_prefix, recv_prefix, out.src_idx, is_token_in_rank, send_head,
@@ -278,6 +299,35 @@ class TritonNormalBackend(Backend):
         if pool is None or pool.largest_free() < _round_up(max(nbytes, 1), OUTPUT_UNIT):  # as carve rounds it
             return None
         return pool.carve(nbytes)
+
+    def _row_guesses(self) -> Optional[list]:
+        """Output rows for each rank with which a non-cached dispatch launches before its host sync: the most
+        each rank received in the last few such dispatches, plus a sixteenth and 64 rows, rounded up to 16.
+        Every rank holds the same history (counts from the same summaries), hence the same guesses. None: sync
+        first (no history yet, FLASHEP_DISPATCH_AHEAD=0, direct writes or copy-engine combines, which size buffers from the
+        counts, or inside CUDA-graph capture, where a non-cached dispatch refuses anyway)."""
+        if (not self._recent_rows or not self.dispatch_ahead or self.direct or self.use_copy_engine
+                or (self.device.type == "cuda" and torch.cuda.is_current_stream_capturing())):
+            return None
+        most = [max(rows) for rows in zip(*self._recent_rows)]
+        # multiples of 16: the launch of every guess is of one specialisation class, so it replays
+        return [_round_up(m + m // 16 + 64, 16) for m in most]
+
+    def _launch_fresh(self, fresh: "_FreshDispatch", num_rows: int, worst: bool = False,
+                      block=None) -> "_DispatchOutputs":
+        """Launch a non-cached dispatch into new outputs of `num_rows` rows (`block`: see _launch_dispatch)."""
+        out = _DispatchOutputs(fresh.x, fresh.x_scales, fresh.topk_idx, num_rows, self.device, block)
+        swaps = self._dispatch_swaps(fresh.x, fresh.x_scales, fresh.topk_idx, fresh.topk_weights, out,
+                                     fresh.in_rank, fresh.send_head, fresh.rank_prefix, fresh.recv_prefix,
+                                     fresh.send_prefix, num_rows)
+        replay_key = self._dispatch_key(fresh.x, fresh.x_scales, fresh.topk_idx, fresh.num_local,
+                                        fresh.num_channels, True, worst)
+        if not self._replayed(replay_key, swaps):
+            self._launch_dispatch(swaps, fresh.x, fresh.x_scales, fresh.topk_idx, fresh.num_local,
+                                  fresh.num_channels, fresh.record_bytes, write_send_head=True, worst=worst,
+                                  may_write_directly=self.direct and not worst, block=block,
+                                  replay_key=replay_key)
+        return out
 
     def _cached_dispatch(self, x, x_scales, routing: Routing, num_channels: int) -> DispatchResult:
         _check_routing(routing)
@@ -627,6 +677,11 @@ class _HostCounts:
     def received_by(self, rank: int) -> int:
         return sum(row[rank] for row in self.sends)
 
+    def fit(self, guesses: list, capacity: int) -> bool:
+        """Whether every rank's received rows fit its guessed outputs and a heap half of `capacity` records
+        (else a dispatch launched with them dropped rows somewhere)."""
+        return all(self.received_by(r) <= min(guess, capacity) for r, guess in enumerate(guesses))
+
     def sent_by(self, rank: int) -> int:
         return sum(self.sends[rank])
 
@@ -653,6 +708,55 @@ class _HostCounts:
         return self.recv_prefix[source][channel]
 
 
+@dataclass
+class _FreshDispatch:
+    """What every launch of one non-cached dispatch takes: inputs, notify's matrices, the record size."""
+    x: torch.Tensor
+    x_scales: Optional[torch.Tensor]
+    topk_idx: Optional[torch.Tensor]
+    topk_weights: Optional[torch.Tensor]
+    in_rank: torch.Tensor  # is_token_in_rank as bytes
+    send_head: torch.Tensor
+    rank_prefix: torch.Tensor
+    recv_prefix: torch.Tensor
+    send_prefix: torch.Tensor
+    num_local: int
+    num_channels: int
+    record_bytes: int
+
+
+class _SummaryCopy:
+    """The notify summary on the host without waiting for what the stream runs after notify: a copy into
+    pinned memory and an event behind it (on CPU, under the interpreter, the summary itself: kernels there
+    have finished when their launch returns). Each dispatch waits for its copy before it returns, so one
+    pinned buffer serves every call."""
+
+    def __init__(self):
+        self._pinned: Optional[torch.Tensor] = None
+        self._event = None
+        self._summary: Optional[torch.Tensor] = None
+        self._copying = False
+
+    def start(self, summary: torch.Tensor) -> "_SummaryCopy":
+        self._copying = summary.is_cuda
+        if not self._copying:
+            self._summary = summary
+            return self
+        if self._pinned is None or self._pinned.numel() < summary.numel():
+            self._pinned = torch.empty(summary.numel(), dtype=summary.dtype, pin_memory=True)
+            self._event = torch.cuda.Event()
+        self._summary = self._pinned[:summary.numel()]
+        self._summary.copy_(summary, non_blocking=True)
+        self._event.record()
+        return self
+
+    def wait(self) -> list:
+        if self._copying:
+            self._event.synchronize()
+        host, self._summary = self._summary.tolist(), None
+        return host
+
+
 class _DispatchOutputs:
     """Output tensors of one dispatch with `num_rows` rows: new tensors, or views of an output-pool block."""
 
@@ -669,6 +773,12 @@ class _DispatchOutputs:
             self.topk_idx = torch.empty(num_rows, topk_idx.size(1), dtype=topk_idx.dtype, device=device)
             self.topk_weights = torch.empty(num_rows, topk_idx.size(1), dtype=torch.float32, device=device)
         self.src_idx = torch.empty(num_rows, dtype=torch.int32, device=device)
+
+    def narrow(self, num_rows: int) -> None:
+        """Keep the first `num_rows` rows of every output (views)."""
+        self.x, self.scales, self.topk_idx, self.topk_weights, self.src_idx = (
+            t[:num_rows] if t is not None else None
+            for t in (self.x, self.scales, self.topk_idx, self.topk_weights, self.src_idx))
 
     def _carve_from(self, block: torch.Tensor, x, x_scales, topk_idx, num_rows: int) -> None:
         """The outputs as views of one output-pool block (uint8), fields where `_output_block_bytes` and the

@@ -628,6 +628,10 @@ def ep_dispatch_kernel(x_ptr, scales_ptr, scale_stride_t, scale_stride_s, topk_p
             caps = tl.where(direct != 0, out_rows, caps)
             if failed != 0:  # no flag either: the peers time out too, naming this rank
                 segment = num_channels
+        elif failed_before(err_addr_ptr) != 0:
+            # a dispatch launched ahead of the host sync behind a notify that timed out: no peer is known
+            # to be in this operation, so nothing is stored into their buffers
+            segment = num_channels
         while segment < num_channels:
             segment_end = _segment_end(segment, publish_every, num_channels)
             lo, hi = _channel_tokens(segment, segment_end, tokens_per_channel, num_tokens)
