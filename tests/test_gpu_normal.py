@@ -120,8 +120,9 @@ def _shapes(rank: int, num_ranks: int, group, seed: int, shapes: tuple = SHAPES)
             assert nbytes <= DEEPEP_NVL_BYTES, f"{nbytes} bytes per rank at the DeepSeek-V3 shape"
     backend = buffer._normal
     assert backend.direct_dispatches == (dispatches if backend.direct else 0), backend.direct_dispatches
-    if not backend.direct:  # dispatches launched ahead of the host sync: kept (same or fewer rows than before)
-        # and launched again (more rows than any recent call: 8192 tokens after 1 and 3)
+    if shapes is SHAPES and backend.dispatch_ahead and not backend.direct and not backend.use_copy_engine:
+        # dispatches launched ahead of the host sync: kept (same or fewer rows than before) and launched again
+        # (more rows than any recent call: 8192 tokens after 1 and 3)
         kept, again = backend.ahead_launches
         assert kept > 0 and again > 0, backend.ahead_launches
     return report
