@@ -234,17 +234,18 @@ class TritonNormalBackend(Backend):
         rank_prefix, send_prefix, recv_prefix, summary = self._notify(is_token_in_rank, num_tokens_per_expert,
                                                                       num_channels)
         send_head = torch.empty(x.size(0), num_ranks, dtype=torch.int32, device=self.device)  # before the sync
-        fresh = _FreshDispatch(x, x_scales, topk_idx, topk_weights, is_token_in_rank.view(torch.uint8), send_head,
-                               rank_prefix, recv_prefix, send_prefix, num_local, num_channels, record)
+        inputs = _DispatchInputs(x, x_scales, topk_idx, topk_weights, is_token_in_rank.view(torch.uint8), send_head,
+                                 rank_prefix, recv_prefix, send_prefix, num_local, num_channels, record,
+                                 write_send_head=True)
         if num_worst_tokens > 0:
-            out = self._launch_fresh(fresh, num_worst_tokens, worst=True)
+            out = self._dispatch_into_new(inputs, num_worst_tokens, worst=True)
             counts, per_expert_list = None, []
         else:
             guesses = self._row_guesses()
             if guesses is not None:  # the kernel runs while the host waits for the counts and checks them
                 summary_copy = self._summary_copy.start(summary)
                 capacity = self._half() // record
-                out = self._launch_fresh(fresh, guesses[self.rank])
+                out = self._dispatch_into_new(inputs, guesses[self.rank])
                 host = summary_copy.wait()  # the one host synchronisation of normal mode (notify only)
             else:
                 out, host = None, summary.tolist()  # the one host synchronisation of normal mode
@@ -272,7 +273,7 @@ class TritonNormalBackend(Backend):
                     self._size_output_pool([_output_block_bytes(counts.received_by(r), x, x_scales, topk_idx)
                                             for r in range(num_ranks)])
                     block = self._carve(_output_block_bytes(num_rows, x, x_scales, topk_idx))
-                out = self._launch_fresh(fresh, num_rows, block=block)
+                out = self._dispatch_into_new(inputs, num_rows, block=block)
         rank_prefix._flashep_full = True  # read back by handles.from_tuple
         rank_prefix._flashep_counts = counts  # the routing's counts on the host, when known (a combine uses them)
         routing = Routing(rank_prefix, send_prefix, recv_prefix, out.src_idx, is_token_in_rank, send_head,
@@ -304,8 +305,8 @@ class TritonNormalBackend(Backend):
         """Output rows for each rank with which a non-cached dispatch launches before its host sync: the most
         each rank received in the last few such dispatches, plus a sixteenth and 64 rows, rounded up to 16.
         Every rank holds the same history (counts from the same summaries), hence the same guesses. None: sync
-        first (no history yet, FLASHEP_DISPATCH_AHEAD=0, direct writes or copy-engine combines, which size buffers from the
-        counts, or inside CUDA-graph capture, where a non-cached dispatch refuses anyway)."""
+        first (no history yet, FLASHEP_DISPATCH_AHEAD=0, direct writes or copy-engine combines, which size
+        buffers from the counts, or inside CUDA-graph capture, where a non-cached dispatch refuses anyway)."""
         if (not self._recent_rows or not self.dispatch_ahead or self.direct or self.use_copy_engine
                 or (self.device.type == "cuda" and torch.cuda.is_current_stream_capturing())):
             return None
@@ -313,19 +314,20 @@ class TritonNormalBackend(Backend):
         # multiples of 16: the launch of every guess is of one specialisation class, so it replays
         return [_round_up(m + m // 16 + 64, 16) for m in most]
 
-    def _launch_fresh(self, fresh: "_FreshDispatch", num_rows: int, worst: bool = False,
-                      block=None) -> "_DispatchOutputs":
-        """Launch a non-cached dispatch into new outputs of `num_rows` rows (`block`: see _launch_dispatch)."""
-        out = _DispatchOutputs(fresh.x, fresh.x_scales, fresh.topk_idx, num_rows, self.device, block)
-        swaps = self._dispatch_swaps(fresh.x, fresh.x_scales, fresh.topk_idx, fresh.topk_weights, out,
-                                     fresh.in_rank, fresh.send_head, fresh.rank_prefix, fresh.recv_prefix,
-                                     fresh.send_prefix, num_rows)
-        replay_key = self._dispatch_key(fresh.x, fresh.x_scales, fresh.topk_idx, fresh.num_local,
-                                        fresh.num_channels, True, worst)
+    def _dispatch_into_new(self, inputs: "_DispatchInputs", num_rows: int, worst: bool = False,
+                           block=None) -> "_DispatchOutputs":
+        """Launch a dispatch (by replay where one is kept) into new outputs of `num_rows` rows (`block`: see
+        _launch_dispatch)."""
+        out = _DispatchOutputs(inputs.x, inputs.x_scales, inputs.topk_idx, num_rows, self.device, block)
+        swaps = self._dispatch_swaps(inputs.x, inputs.x_scales, inputs.topk_idx, inputs.topk_weights, out,
+                                     inputs.in_rank, inputs.send_head, inputs.rank_prefix, inputs.recv_prefix,
+                                     inputs.send_prefix, num_rows)
+        replay_key = self._dispatch_key(inputs.x, inputs.x_scales, inputs.topk_idx, inputs.num_local,
+                                        inputs.num_channels, inputs.write_send_head, worst)
         if not self._replayed(replay_key, swaps):
-            self._launch_dispatch(swaps, fresh.x, fresh.x_scales, fresh.topk_idx, fresh.num_local,
-                                  fresh.num_channels, fresh.record_bytes, write_send_head=True, worst=worst,
-                                  may_write_directly=self.direct and not worst, block=block,
+            self._launch_dispatch(swaps, inputs.x, inputs.x_scales, inputs.topk_idx, inputs.num_local,
+                                  inputs.num_channels, inputs.record_bytes, write_send_head=inputs.write_send_head,
+                                  worst=worst, may_write_directly=self.direct and not worst, block=block,
                                   replay_key=replay_key)
         return out
 
@@ -335,13 +337,9 @@ class TritonNormalBackend(Backend):
         record = _dispatch_record_bytes(x, x_scales, 0)
         self._reserve(num_rows * record, agreed=False, what="cached dispatch")
         block = self._carve(_output_block_bytes(num_rows, x, x_scales, None)) if self.direct else None
-        out = _DispatchOutputs(x, x_scales, None, num_rows, self.device, block)
-        swaps = self._dispatch_swaps(x, x_scales, None, None, out, *_handle_swaps(routing), num_rows)
-        num_local = 1  # no top-k to rewrite
-        replay_key = self._dispatch_key(x, x_scales, None, num_local, num_channels, False, False)
-        if not self._replayed(replay_key, swaps):
-            self._launch_dispatch(swaps, x, x_scales, None, num_local, num_channels, record, write_send_head=False,
-                                  worst=False, may_write_directly=self.direct, block=block, replay_key=replay_key)
+        inputs = _DispatchInputs(x, x_scales, None, None, *_handle_swaps(routing), num_local=1,  # no top-k to rewrite
+                                 num_channels=num_channels, record_bytes=record, write_send_head=False)
+        out = self._dispatch_into_new(inputs, num_rows, block=block)
         return DispatchResult(out.x, out.scales, None, None, None, None)
 
     def _dispatch_swaps(self, x, x_scales, topk_idx, topk_weights, out: "_DispatchOutputs", in_rank, send_head,
@@ -709,8 +707,9 @@ class _HostCounts:
 
 
 @dataclass
-class _FreshDispatch:
-    """What every launch of one non-cached dispatch takes: inputs, notify's matrices, the record size."""
+class _DispatchInputs:
+    """What a dispatch launch takes besides its outputs: the rows and their top-k, the routing (notify's
+    matrices and send_head, or a handle's), the record size; a non-cached dispatch writes send_head."""
     x: torch.Tensor
     x_scales: Optional[torch.Tensor]
     topk_idx: Optional[torch.Tensor]
@@ -723,6 +722,7 @@ class _FreshDispatch:
     num_local: int
     num_channels: int
     record_bytes: int
+    write_send_head: bool
 
 
 class _SummaryCopy:
