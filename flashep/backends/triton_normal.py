@@ -251,13 +251,14 @@ class TritonNormalBackend(Backend):
                 out, host = None, summary.tolist()  # the one host synchronisation of normal mode
             self.errors.check()
             counts = _HostCounts.from_summary(host, self.rank, num_ranks, num_local, num_channels)
-            num_rows = counts.received_by(self.rank)
-            if out is not None:
-                held = counts.fit(guesses, capacity)
+            received = [counts.received_by(r) for r in range(num_ranks)]
+            num_rows = received[self.rank]
+            if out is not None:  # rows past a rank's guess or past a heap half were dropped by the kernel
+                held = all(rows <= min(guess, capacity) for rows, guess in zip(received, guesses))
                 self.ahead_launches[0 if held else 1] += 1
                 if not held:
                     out = None  # some rank's rows overflowed its guess: every rank sees it, all dispatch again
-            self._recent_rows.append([counts.received_by(r) for r in range(num_ranks)])
+            self._recent_rows.append(received)
             worst_rows = max(counts.tokens) * num_ranks  # DeepEP's num_worst_tokens = T * R
             self._reserve(worst_rows * max(record, bf16_record, combine_record), agreed=True, what="dispatch")
             if self.use_copy_engine:
@@ -270,8 +271,7 @@ class TritonNormalBackend(Backend):
             else:
                 block = None  # this rank's outputs in its output pool: (offset, tensor)
                 if self.direct:
-                    self._size_output_pool([_output_block_bytes(counts.received_by(r), x, x_scales, topk_idx)
-                                            for r in range(num_ranks)])
+                    self._size_output_pool([_output_block_bytes(rows, x, x_scales, topk_idx) for rows in received])
                     block = self._carve(_output_block_bytes(num_rows, x, x_scales, topk_idx))
                 out = self._dispatch_into_new(inputs, num_rows, block=block)
         rank_prefix._flashep_full = True  # read back by handles.from_tuple
@@ -674,11 +674,6 @@ class _HostCounts:
 
     def received_by(self, rank: int) -> int:
         return sum(row[rank] for row in self.sends)
-
-    def fit(self, guesses: list, capacity: int) -> bool:
-        """Whether every rank's received rows fit its guessed outputs and a heap half of `capacity` records
-        (else a dispatch launched with them dropped rows somewhere)."""
-        return all(self.received_by(r) <= min(guess, capacity) for r, guess in enumerate(guesses))
 
     def sent_by(self, rank: int) -> int:
         return sum(self.sends[rank])
